@@ -1,0 +1,33 @@
+"""refany3d: 3D asset-referenced image generation (RefAny3D) as a library, a CLI and an app.
+
+The data path, one module per step: `mesh` (load an asset) -> `views` (render reference views)
+-> `conditions` (turn views into model inputs) -> `pipeline` (sample image + point map)
+-> `outputs` (point clouds, files) -> `alignment` (measure the result).
+
+Attributes are imported lazily so that `import refany3d` stays light (no torch for rendering).
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "RefAny3DError": "errors",
+    "MeshError": "errors",
+    "InputError": "errors",
+    "ModelLoadError": "errors",
+    "AlignmentError": "errors",
+}
+
+
+def __getattr__(name: str):
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'refany3d' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"refany3d.{module}"), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
