@@ -19,6 +19,19 @@ _EXPORTS = {
     "InputError": "errors",
     "ModelLoadError": "errors",
     "AlignmentError": "errors",
+    # issue 3: meshes, cameras, reference views
+    "Camera": "cameras",
+    "look_at": "cameras",
+    "orbit_camera": "cameras",
+    "reference_azimuths": "cameras",
+    "load_mesh": "mesh",
+    "Normalization": "mesh",
+    "normalization_of": "mesh",
+    "Renderer": "views",
+    "RenderedView": "views",
+    "ReferenceViews": "views",
+    "render_views": "views",
+    "render_at": "views",
 }
 
 
