@@ -19,6 +19,9 @@ _EXPORTS = {
     "InputError": "errors",
     "ModelLoadError": "errors",
     "AlignmentError": "errors",
+    "RefAny3DPipeline": "pipeline",
+    "RefAny3DOutput": "pipeline",
+    "build_tiny_model": "tiny",
     # issue 3: meshes, cameras, reference views
     "Camera": "cameras",
     "look_at": "cameras",

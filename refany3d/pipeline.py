@@ -1,0 +1,332 @@
+"""RefAny3DPipeline: generate an image of a 3D asset in a described scene, plus its point map.
+
+It wraps a diffusers FluxPipeline (text encoders, VAE, transformer, scheduler) with the RefAny3D
+weights (LoRA adapters "default" and "coord", and the domain embedder) and samples both targets
+with the joint multi-branch pass of `refany3d.transformer`.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from refany3d.conditions import (
+    ImageLike,
+    black_like,
+    condition_tokens,
+    latent_position_ids,
+    pack_latents,
+    to_rgb_image,
+    unpack_latents,
+)
+from refany3d.errors import InputError, ModelLoadError
+from refany3d.transformer import POINTMAP_DOMAIN, RGB_DOMAIN, Branch, joint_forward, refany3d_group_mask
+
+DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
+DEFAULT_REF_MODEL = "JudgementH/RefAny3D"
+REF_WEIGHT_FILES = ("coord.safetensors", "default.safetensors", "domain_embedder.pth")
+
+# LoRA adapters of each branch kind, as the release trained them.
+TARGET_RGB_ADAPTERS: tuple[str, ...] = ()
+TARGET_POINTMAP_ADAPTERS = ("coord",)
+CONDITION_RGB_ADAPTERS = ("default",)
+CONDITION_POINTMAP_ADAPTERS = ("default", "coord")
+
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class RefAny3DOutput:
+    """The generated image and its pixel-aligned point map (PIL images, or float HxWx3 in [0,1])."""
+
+    image: Image.Image | np.ndarray
+    pointmap: Image.Image | np.ndarray
+    settings: dict = field(default_factory=dict)
+
+
+def resolve_ref_weights(ref_model: str | Path) -> dict[str, Path]:
+    """Local paths of the RefAny3D weight files, from a folder or a Hugging Face repo id."""
+    folder = Path(ref_model).expanduser()
+    if folder.is_dir():
+        missing = [name for name in REF_WEIGHT_FILES if not (folder / name).is_file()]
+        if missing:
+            raise ModelLoadError(
+                f"RefAny3D weights folder {str(folder)!r} lacks {', '.join(missing)}; it must hold "
+                f"{', '.join(REF_WEIGHT_FILES)} (the layout of {DEFAULT_REF_MODEL})."
+            )
+        return {name: folder / name for name in REF_WEIGHT_FILES}
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return {name: Path(hf_hub_download(str(ref_model), name)) for name in REF_WEIGHT_FILES}
+    except Exception as err:  # hub errors come in many types: network, auth, not found, offline
+        raise ModelLoadError(
+            f"could not get RefAny3D weights {', '.join(REF_WEIGHT_FILES)} from {str(ref_model)!r} "
+            f"(not a local folder, and the Hugging Face Hub said: {type(err).__name__}: {err}). "
+            "Download them and pass the folder as ref_model (CLI: --ref-model DIR)."
+        ) from None
+
+
+def load_domain_embedder(path: Path, inner_dim: int) -> torch.nn.Sequential:
+    from refany3d.tiny import new_domain_embedder
+
+    embedder = new_domain_embedder(inner_dim)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        embedder.load_state_dict(state)
+    except Exception as err:
+        raise ModelLoadError(f"cannot load the domain embedder {str(path)!r}: {err}") from None
+    return embedder
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _as_images(views: Sequence[ImageLike], what: str) -> list[Image.Image]:
+    if isinstance(views, (Image.Image, np.ndarray, str, Path)):
+        views = [views]
+    return [to_rgb_image(v, f"{what} {i}") for i, v in enumerate(views)]
+
+
+class RefAny3DPipeline:
+    """RefAny3D sampler. Build it with `from_pretrained`; call it with a prompt and reference views."""
+
+    def __init__(self, flux, domain_embedder: torch.nn.Module):
+        self.flux = flux
+        self.domain_embedder = domain_embedder.to(device=flux.transformer.device, dtype=flux.transformer.dtype)
+        self._offloaded = False
+
+    # ----------------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        base_model: str | Path = DEFAULT_BASE_MODEL,
+        ref_model: str | Path = DEFAULT_REF_MODEL,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        cpu_offload: bool = False,
+    ) -> RefAny3DPipeline:
+        """Load a diffusers FLUX base (hub id or folder) and RefAny3D weights (hub id or folder).
+
+        bf16 on GPU and float32 on CPU unless `dtype` is given. `cpu_offload` keeps weights in CPU
+        memory and moves each model to the GPU only while it runs (for GPUs with little memory).
+        """
+        from diffusers import FluxPipeline
+
+        device = torch.device(device) if device is not None else default_device()
+        dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        ref_files = resolve_ref_weights(ref_model)
+        try:
+            flux = FluxPipeline.from_pretrained(str(base_model), dtype=dtype)
+        except Exception as err:
+            raise ModelLoadError(
+                f"could not load the FLUX base model {str(base_model)!r} ({type(err).__name__}: {err}). "
+                "Give a local diffusers FluxPipeline folder as base_model (CLI: --base-model DIR); "
+                f"{DEFAULT_BASE_MODEL} is gated on the Hub and needs an access token."
+            ) from None
+        for name in ("default", "coord"):
+            path = ref_files[f"{name}.safetensors"]
+            try:
+                flux.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+            except Exception as err:
+                raise ModelLoadError(f"cannot load LoRA {str(path)!r} as adapter {name!r}: {err}") from None
+        inner = flux.transformer.config.num_attention_heads * flux.transformer.config.attention_head_dim
+        embedder = load_domain_embedder(ref_files["domain_embedder.pth"], inner)
+        flux.transformer.requires_grad_(False)
+        pipe = cls(flux, embedder.to(dtype))
+        if cpu_offload and device.type != "cpu":
+            flux.enable_model_cpu_offload(device=device)
+            pipe.domain_embedder.to(device)
+            pipe._offloaded = True
+        else:
+            pipe.to(device)
+        return pipe
+
+    def to(self, device: str | torch.device) -> RefAny3DPipeline:
+        self.flux.to(device)
+        self.domain_embedder.to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        return self.flux._execution_device if self._offloaded else self.flux.transformer.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.flux.transformer.dtype
+
+    @property
+    def latent_channels(self) -> int:
+        return self.flux.transformer.config.in_channels // 4
+
+    # ----------------------------------------------------------------------------------- encoding
+    def encode_prompt(self, prompt: str, max_sequence_length: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 token embeddings (1, L, D) and the pooled CLIP embedding (1, P)."""
+        max_len = min(max_sequence_length, self.flux.tokenizer_2.model_max_length)
+        embeds, pooled, _ = self.flux.encode_prompt(
+            prompt=prompt, prompt_2=None, device=self.device, max_sequence_length=max_len
+        )
+        return embeds, pooled
+
+    def encode_views(self, images: Sequence[Image.Image], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return condition_tokens(self.flux.vae, self.flux.image_processor, images, size)
+
+    def decode(self, tokens: torch.Tensor, height: int, width: int, output_type: str):
+        vae = self.flux.vae
+        lat_h, lat_w = self._latent_size(height, width)
+        latents = unpack_latents(tokens, lat_h, lat_w)
+        latents = latents / vae.config.scaling_factor + vae.config.shift_factor
+        pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        return self.flux.image_processor.postprocess(pixels, output_type=output_type)[0]
+
+    def _latent_size(self, height: int, width: int) -> tuple[int, int]:
+        factor = self.flux.vae_scale_factor
+        return 2 * (height // (factor * 2)), 2 * (width // (factor * 2))
+
+    # ----------------------------------------------------------------------------------- sampling
+    def _check(self, prompt, rgb_views, pointmap_views, height, width, condition_size, steps, output_type):
+        if not isinstance(prompt, str):
+            raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        if len(rgb_views) == 0:
+            raise InputError("at least one reference view is needed (got 0 RGB views)")
+        if len(rgb_views) != len(pointmap_views):
+            raise InputError(
+                f"rgb_views and pointmap_views must have the same length, got {len(rgb_views)} and {len(pointmap_views)}"
+            )
+        multiple = self.flux.vae_scale_factor * 2
+        for name, value in (("height", height), ("width", width), ("condition_size", condition_size)):
+            if not isinstance(value, int) or value <= 0:
+                raise InputError(f"{name} must be a positive integer, got {value!r}")
+            if value % multiple:
+                raise InputError(f"{name} must be a multiple of {multiple}, got {value}")
+        if not isinstance(steps, int) or steps < 1:
+            raise InputError(f"num_inference_steps must be a positive integer, got {steps!r}")
+        if output_type not in ("pil", "np"):
+            raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+
+    def _timesteps(self, steps: int, image_tokens: int):
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
+
+        scheduler = self.flux.scheduler
+        mu = calculate_shift(
+            image_tokens,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.15),
+        )
+        sigmas = np.linspace(1.0, 1.0 / steps, steps)
+        timesteps, _ = retrieve_timesteps(scheduler, steps, self.device, sigmas=sigmas, mu=mu)
+        # The point-map target steps with a scheduler of its own (same schedule, own step index).
+        return timesteps, scheduler, copy.deepcopy(scheduler)
+
+    def _branches(self, text, pooled, targets, target_ids, cond, t, guidance) -> list[Branch]:
+        """[text, rgb target, point-map target, N rgb views, N point-map views]."""
+        rgb_cond, pm_cond, cond_ids = cond
+        zero, one = torch.zeros_like(t), torch.ones_like(guidance) if guidance is not None else None
+        text_ids = torch.zeros(text.shape[1], 3, device=text.device, dtype=target_ids.dtype)
+        branches = [
+            Branch(text, text_ids, t, guidance, pooled, is_text=True),
+            Branch(targets[0], target_ids, t, guidance, pooled, TARGET_RGB_ADAPTERS, RGB_DOMAIN),
+            Branch(targets[1], target_ids, t, guidance, pooled, TARGET_POINTMAP_ADAPTERS, POINTMAP_DOMAIN),
+        ]
+        branches += [
+            Branch(tok[None], cond_ids, zero, one, pooled, CONDITION_RGB_ADAPTERS, RGB_DOMAIN) for tok in rgb_cond
+        ]
+        branches += [
+            Branch(tok[None], cond_ids, zero, one, pooled, CONDITION_POINTMAP_ADAPTERS, POINTMAP_DOMAIN)
+            for tok in pm_cond
+        ]
+        return branches
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str,
+        rgb_views: Sequence[ImageLike],
+        pointmap_views: Sequence[ImageLike],
+        height: int = 512,
+        width: int = 512,
+        condition_size: int = 512,
+        num_inference_steps: int = 28,
+        guidance_scale: float = 3.5,
+        image_guidance_scale: float = 2.0,
+        generator: torch.Generator | None = None,
+        max_sequence_length: int = 512,
+        callback: StepCallback | None = None,
+        output_type: str = "pil",
+    ) -> RefAny3DOutput:
+        """Sample the RGB image and the point map of `prompt`, referencing the given views.
+
+        rgb_views / pointmap_views: equal-length lists (N >= 1) of images (PIL, arrays or paths),
+        resized to condition_size. `callback(step, total)` runs after every denoising step.
+        """
+        rgb_images = _as_images(rgb_views, "RGB view")
+        pm_images = _as_images(pointmap_views, "point-map view")
+        self._check(prompt, rgb_images, pm_images, height, width, condition_size, num_inference_steps, output_type)
+        device, dtype = self.device, self.dtype
+
+        text, pooled = self.encode_prompt(prompt, max_sequence_length)
+        lat_h, lat_w = self._latent_size(height, width)
+        shape = (1, self.latent_channels, lat_h, lat_w)
+        # Noise: RGB target first, then the point-map target, from the same generator.
+        noise = [torch.randn(shape, generator=generator, device=generator.device if generator else "cpu") for _ in range(2)]
+        targets = [pack_latents(n).to(device=device, dtype=dtype) for n in noise]
+        target_ids = latent_position_ids(lat_h, lat_w).to(device)
+
+        n = len(rgb_images)
+        tokens, cond_ids = self.encode_views(rgb_images + pm_images, condition_size)
+        cond = (tokens[:n], tokens[n:], cond_ids)
+        use_image_guidance = not math.isclose(image_guidance_scale, 1.0)
+        if use_image_guidance:
+            black, _ = self.encode_views(black_like(rgb_images[:1]), condition_size)
+            black = black.expand(n, -1, -1)
+            uncond = (black, black, cond_ids)
+        group_mask = refany3d_group_mask(n).to(device)
+
+        timesteps, rgb_scheduler, pm_scheduler = self._timesteps(num_inference_steps, targets[0].shape[1])
+        guidance = torch.full((1,), guidance_scale, device=device, dtype=torch.float32)
+        for i, t in enumerate(timesteps):
+            tt = (t / 1000).expand(1).to(dtype)
+            preds = joint_forward(
+                self.flux.transformer,
+                self._branches(text, pooled, targets, target_ids, cond, tt, guidance),
+                self.domain_embedder,
+                group_mask,
+            )
+            if use_image_guidance:
+                uncond_preds = joint_forward(
+                    self.flux.transformer,
+                    self._branches(text, pooled, targets, target_ids, uncond, tt, guidance),
+                    self.domain_embedder,
+                    None,
+                )
+                preds = [u + image_guidance_scale * (c - u) for c, u in zip(preds, uncond_preds)]
+            targets = [
+                rgb_scheduler.step(preds[0], t, targets[0], return_dict=False)[0],
+                pm_scheduler.step(preds[1], t, targets[1], return_dict=False)[0],
+            ]
+            if callback is not None:
+                callback(i + 1, len(timesteps))
+
+        image = self.decode(targets[0], height, width, output_type)
+        pointmap = self.decode(targets[1], height, width, output_type)
+        settings = dict(
+            prompt=prompt,
+            n_views=n,
+            height=height,
+            width=width,
+            condition_size=condition_size,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            image_guidance_scale=image_guidance_scale,
+            max_sequence_length=max_sequence_length,
+        )
+        return RefAny3DOutput(image=image, pointmap=pointmap, settings=settings)
