@@ -1,0 +1,202 @@
+"""What a generation leaves behind: a point cloud from the predicted point map, files, a figure.
+
+A predicted point map names, for every foreground pixel, the asset point that pixel shows (per-axis
+min-max normalized own-frame coordinates, white background). Undoing the normalization turns the
+foreground pixels into a coloured 3D point cloud in the asset's own frame, which can be laid over
+the asset's own surface to see how well the generated image agrees with it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from refany3d.errors import InputError
+
+# A pixel is background when every channel is at least 1 - this (the white of the point map).
+BACKGROUND_TOLERANCE = 0.05
+FIGURE_MAX_POINTS = 20_000
+ASSET_OVERLAY_POINTS = 5_000
+
+
+@dataclass
+class PointCloud:
+    """Points (N, 3) float32 with colours (N, 3) uint8."""
+
+    points: np.ndarray
+    colors: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.points = np.asarray(self.points, dtype=np.float32).reshape(-1, 3)
+        self.colors = np.asarray(self.colors, dtype=np.uint8).reshape(-1, 3)
+        if len(self.points) != len(self.colors):
+            raise InputError(f"{len(self.points)} points but {len(self.colors)} colours")
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+
+def _float_rgb(image: Image.Image | np.ndarray, what: str) -> np.ndarray:
+    """HxWx3 float in [0, 1] from a PIL image, a uint8 array or a float array in [0, 1]."""
+    if isinstance(image, Image.Image):
+        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] < 3:
+        raise InputError(f"{what} must be an HxWx3 image, got shape {array.shape}")
+    array = array[..., :3]
+    if array.dtype == np.uint8:
+        return array.astype(np.float32) / 255.0
+    array = array.astype(np.float32)
+    if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
+        raise InputError(f"{what} as a float array must hold finite values in [0, 1]")
+    return array
+
+
+def foreground_mask(pointmap: np.ndarray, tolerance: float = BACKGROUND_TOLERANCE) -> np.ndarray:
+    """True where the point map is not (near-)white background."""
+    return (np.asarray(pointmap)[..., :3] < 1.0 - tolerance).any(axis=-1)
+
+
+def pointcloud_from_pointmap(
+    pointmap: Image.Image | np.ndarray,
+    image: Image.Image | np.ndarray,
+    normalization: Any | None = None,
+    y_rotation: float = 0.0,
+    tolerance: float = BACKGROUND_TOLERANCE,
+) -> PointCloud:
+    """Foreground pixels of a point map as 3D points coloured by the generated image.
+
+    With the asset's `normalization` (refany3d.mesh.Normalization) and the views' `y_rotation`,
+    points are in the asset's own frame, so they overlay its surface; without, they stay in the
+    point map's [0, 1]^3 cube.
+    """
+    P = _float_rgb(pointmap, "point map")
+    rgb = _float_rgb(image, "image")
+    if P.shape[:2] != rgb.shape[:2]:
+        raise InputError(f"point map {P.shape[1]}x{P.shape[0]} and image {rgb.shape[1]}x{rgb.shape[0]} differ in size")
+    mask = foreground_mask(P, tolerance)
+    points = P[mask].astype(np.float64)
+    if normalization is not None:
+        points = normalization.own_from_pointmap(points, y_rotation)
+    colors = np.clip(np.rint(rgb[mask] * 255.0), 0, 255)
+    return PointCloud(points, colors)
+
+
+def subsample(cloud: PointCloud, max_points: int, seed: int = 0) -> PointCloud:
+    """At most `max_points` points, drawn without replacement (keeps plots responsive)."""
+    if len(cloud) <= max_points:
+        return cloud
+    keep = np.sort(np.random.default_rng(seed).choice(len(cloud), size=max_points, replace=False))
+    return PointCloud(cloud.points[keep], cloud.colors[keep])
+
+
+def surface_points(mesh, count: int = ASSET_OVERLAY_POINTS, seed: int = 0) -> PointCloud:
+    """Points sampled uniformly (by area) on a trimesh surface, neutral gray: the comparison overlay."""
+    import trimesh
+
+    if len(mesh.faces) == 0:
+        raise InputError("the mesh has no faces to sample")
+    points, _ = trimesh.sample.sample_surface(mesh, count, seed=seed)
+    return PointCloud(points, np.full((len(points), 3), 150, dtype=np.uint8))
+
+
+def write_ply(cloud: PointCloud, path: str | Path) -> Path:
+    """Binary little-endian PLY with float x, y, z and uchar red, green, blue per vertex."""
+    path = Path(path)
+    vertex = np.empty(
+        len(cloud),
+        dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")],
+    )
+    for i, axis in enumerate("xyz"):
+        vertex[axis] = cloud.points[:, i]
+    for i, channel in enumerate(("red", "green", "blue")):
+        vertex[channel] = cloud.colors[:, i]
+    header = (
+        "ply\nformat binary_little_endian 1.0\ncomment refany3d predicted point cloud\n"
+        f"element vertex {len(cloud)}\n"
+        "property float x\nproperty float y\nproperty float z\n"
+        "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n"
+    )
+    with path.open("wb") as f:
+        f.write(header.encode("ascii"))
+        f.write(vertex.tobytes())
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def settings_record(settings: dict[str, Any], mesh_path: str | Path | None = None) -> dict[str, Any]:
+    """Every setting of a run plus what identifies the mesh (name, SHA-256), so it can be redone."""
+    from refany3d import __version__
+
+    record: dict[str, Any] = {"refany3d_version": __version__, "settings": dict(settings)}
+    if mesh_path is not None:
+        record["mesh"] = {"name": Path(mesh_path).name, "sha256": file_sha256(mesh_path)}
+    return record
+
+
+def write_settings_json(settings: dict[str, Any], path: str | Path, mesh_path: str | Path | None = None) -> Path:
+    """Write `settings_record` as indented JSON (numpy scalars become plain numbers)."""
+    path = Path(path)
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, np.generic):
+            return value.item()
+        if isinstance(value, Path):
+            return str(value)
+        raise TypeError(f"setting of type {type(value).__name__} cannot go into JSON")
+
+    path.write_text(json.dumps(settings_record(settings, mesh_path), indent=2, default=plain) + "\n")
+    return path
+
+
+def _rgb_strings(colors: np.ndarray) -> list[str]:
+    return [f"rgb({r},{g},{b})" for r, g, b in colors.tolist()]
+
+
+def pointcloud_figure(
+    cloud: PointCloud,
+    asset: PointCloud | None = None,
+    max_points: int = FIGURE_MAX_POINTS,
+    seed: int = 0,
+):
+    """Interactive Plotly 3D scatter of the predicted points (and the asset's surface), equal axes."""
+    import plotly.graph_objects as go
+
+    shown = subsample(cloud, max_points, seed)
+    traces = [
+        go.Scatter3d(
+            x=shown.points[:, 0], y=shown.points[:, 1], z=shown.points[:, 2],
+            mode="markers",
+            marker={"size": 2, "color": _rgb_strings(shown.colors)},
+            name=f"predicted ({len(cloud)} points)",
+        )
+    ]
+    if asset is not None:
+        traces.append(
+            go.Scatter3d(
+                x=asset.points[:, 0], y=asset.points[:, 1], z=asset.points[:, 2],
+                mode="markers",
+                marker={"size": 1.5, "color": "rgb(150,150,150)", "opacity": 0.35},
+                name="asset surface",
+            )
+        )
+    figure = go.Figure(traces)
+    figure.update_layout(
+        scene={"aspectmode": "data", "camera": {"up": {"x": 0, "y": 1, "z": 0}}},
+        margin={"l": 0, "r": 0, "t": 0, "b": 0},
+        legend={"x": 0, "y": 1},
+        height=420,
+    )
+    return figure
