@@ -1,0 +1,599 @@
+"""Alignment analysis: does the generated image show *this* asset, in one consistent pose?
+
+The predicted point map names, for every foreground pixel, the point of the asset it shows
+(per-axis min-max normalized coordinates, white background). Undoing that normalization gives
+2D-3D correspondences, RANSAC PnP recovers the camera of the generated image from them, and the
+asset is re-rendered at that camera so the result can be scored: inlier ratio, median reprojection
+error, silhouette IoU, IoU with the object segmented in the generated image, colour agreement.
+
+Why OpenCV (headless): PnP with RANSAC, its LM refinement and joint focal refinement
+(`calibrateCamera`) are numerically delicate and need degenerate-case handling (planar point sets,
+near-minimal samples); `cv2.solvePnPRansac` / `solvePnPRefineLM` are decades-tested, fast C++,
+ship as one pip wheel without GUI dependencies, and the pipeline already needs OpenCV-style
+intrinsics (cameras.py uses its pixel convention). GrabCut, contours and morphology come with it.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from refany3d.cameras import DEFAULT_FOV_Y_DEG, Camera, focal_from_fov
+from refany3d.errors import AlignmentError, InputError
+from refany3d.outputs import BACKGROUND_TOLERANCE, foreground_mask
+
+# OpenGL camera axes (x right, y up, -z forward) <-> OpenCV axes (x right, y down, +z forward).
+_GL_TO_CV = np.diag([1.0, -1.0, -1.0])
+
+MIN_FOREGROUND_PIXELS = 64
+MIN_INLIER_RATIO = 0.3  # below: the point map is not one view of this asset
+MAX_POINTMAP_ERROR = 0.15  # median point-map disagreement (fraction of the bbox) above: wrong asset
+_RANSAC_POINTS = 4000  # correspondences RANSAC looks at; all of them are scored afterwards
+_FOCAL_SEARCH_FOVS = np.geomspace(8.0, 110.0, 18)  # vertical FOV candidates (degrees) for the search
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+def as_float_image(image: Any, what: str = "image") -> np.ndarray:
+    """PIL image, path, uint8 or [0,1] float array -> float32 HxWx3 in [0,1] (alpha dropped)."""
+    if isinstance(image, (str, Path)):
+        try:
+            with Image.open(image) as img:
+                image = img.convert("RGB")
+        except (OSError, ValueError) as err:
+            raise InputError(f"cannot read {what} {str(image)!r}: {err}") from None
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or min(arr.shape[:2]) < 1:
+        raise InputError(f"{what} must be an HxWx3 image, got shape {arr.shape}")
+    arr = arr[..., :3]
+    if arr.dtype == np.uint8:
+        return arr.astype(np.float32) / 255.0
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise InputError(f"{what} must be uint8 or float in [0,1], got {arr.dtype}")
+    arr = arr.astype(np.float32)
+    if not np.all(np.isfinite(arr)) or arr.min() < -1e-3 or arr.max() > 1 + 1e-3:
+        raise InputError(f"{what} values must be finite and within [0,1]")
+    return np.clip(arr, 0.0, 1.0)
+
+
+def default_intrinsics(width: int, height: int, fov_y_deg: float = DEFAULT_FOV_Y_DEG) -> np.ndarray:
+    """The reference views' intrinsics: square pixels, vertical FOV `fov_y_deg`, centred."""
+    focal = focal_from_fov(fov_y_deg, height)
+    return np.array([[focal, 0.0, (width - 1) / 2.0], [0.0, focal, (height - 1) / 2.0], [0, 0, 1.0]])
+
+
+# --------------------------------------------------------------------------------------------
+# Pose from 2D-3D correspondences
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class PoseEstimate:
+    """A camera recovered from correspondences, with how well it explains them."""
+
+    rotation: np.ndarray  # 3x3 world->camera, OpenCV axes
+    translation: np.ndarray  # (3,) x_cv = rotation @ X + translation
+    camera: Camera
+    inlier_ratio: float  # fraction of correspondences within the inlier threshold
+    reprojection_error_px: float  # median over all correspondences
+    inlier_threshold_px: float
+    n_correspondences: int
+
+
+def camera_from_opencv(rotation: np.ndarray, translation: np.ndarray, K: np.ndarray,
+                       width: int, height: int) -> Camera:
+    """Camera (OpenGL pose) from OpenCV world->camera R, t and intrinsics K.
+
+    The clipping planes are chosen to enclose the normalized asset (radius <= sqrt(3)).
+    """
+    rot_c2w = np.asarray(rotation, dtype=np.float64).T
+    centre = -rot_c2w @ np.asarray(translation, dtype=np.float64)
+    pose = np.eye(4)
+    pose[:3, :3] = rot_c2w @ _GL_TO_CV
+    pose[:3, 3] = centre
+    depth = float(np.linalg.norm(centre))
+    znear = max(1e-3, 0.5 * (depth - math.sqrt(3.0))) if depth > 1.8 else 1e-3
+    return Camera(pose=pose, fx=K[0, 0], fy=K[1, 1], cx=K[0, 2], cy=K[1, 2], width=width,
+                  height=height, znear=znear, zfar=depth + 4.0)
+
+
+def _reprojection_errors(points: np.ndarray, pixels: np.ndarray, rvec: np.ndarray,
+                         tvec: np.ndarray, K: np.ndarray) -> np.ndarray:
+    """Pixel distance per correspondence; points behind the camera get +inf."""
+    rot = cv2.Rodrigues(rvec)[0]
+    cam = points @ rot.T + tvec.reshape(1, 3)
+    z = cam[:, 2]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        uv = cam[:, :2] / z[:, None] * np.array([K[0, 0], K[1, 1]]) + np.array([K[0, 2], K[1, 2]])
+    err = np.linalg.norm(uv - pixels, axis=1)
+    err[~(z > 1e-9) | ~np.isfinite(err)] = np.inf
+    return err
+
+
+def _check_spread(points: np.ndarray, estimate_focal: bool) -> None:
+    """Refuse point sets no camera can be recovered from (a blob of one colour, a line)."""
+    spread = np.linalg.svd(points - points.mean(axis=0), compute_uv=False) / math.sqrt(len(points))
+    if spread[0] < 0.01:
+        raise AlignmentError("the point map's foreground shows nearly a single 3D point "
+                             "(one flat colour), so no camera can be recovered")
+    if spread[1] < 0.02 * spread[0]:
+        raise AlignmentError("the visible part of the asset is a line in 3D; no camera can be recovered")
+    if estimate_focal and spread[2] < 0.02 * spread[0]:
+        raise AlignmentError("the visible part of the asset is flat, which leaves the focal length "
+                             "undetermined; give the field of view instead of estimating it")
+
+
+def _ransac(points: np.ndarray, pixels: np.ndarray, K: np.ndarray, threshold: float,
+            rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """RANSAC PnP on a subsample, then LM refinement on all inliers; None when it finds nothing."""
+    sample = rng.choice(len(points), size=min(len(points), _RANSAC_POINTS), replace=False)
+    try:
+        ok, rvec, tvec, _ = cv2.solvePnPRansac(
+            points[sample], pixels[sample], K, None, iterationsCount=300,
+            reprojectionError=threshold, confidence=0.9999, flags=cv2.SOLVEPNP_SQPNP)
+    except cv2.error:
+        return None
+    if not ok or rvec is None:
+        return None
+    for _ in range(2):  # refine on the inliers among *all* correspondences, twice (set grows)
+        inliers = _reprojection_errors(points, pixels, rvec, tvec, K) < threshold
+        if inliers.sum() < 6:
+            return None
+        rvec, tvec = cv2.solvePnPRefineLM(points[inliers], pixels[inliers], K, None, rvec, tvec)
+    return rvec, tvec, _reprojection_errors(points, pixels, rvec, tvec, K)
+
+
+def _estimate_focal(points: np.ndarray, pixels: np.ndarray, K: np.ndarray, width: int,
+                    height: int, threshold: float, rng: np.random.Generator) -> np.ndarray:
+    """Focal length by a coarse FOV search (RANSAC at each), then a joint LM refinement.
+
+    The search ranks candidates by inlier count; `cv2.calibrateCamera` then refines focal and pose
+    together on the inliers, with square pixels, the principal point fixed and no distortion.
+    """
+    best = None
+    for fov in _FOCAL_SEARCH_FOVS:
+        K_try = K.copy()
+        K_try[0, 0] = K_try[1, 1] = focal_from_fov(float(fov), height)
+        found = _ransac(points, pixels, K_try, threshold, rng)
+        if found is None:
+            continue
+        err = found[2]
+        score = (int((err < threshold).sum()), -float(np.median(err)))
+        if best is None or score > best[0]:
+            best = (score, K_try, found)
+    if best is None:
+        raise AlignmentError("no focal length explains the point map")
+    _, K_best, (rvec, tvec, err) = best
+    inliers = err < threshold
+    flags = (cv2.CALIB_USE_INTRINSIC_GUESS | cv2.CALIB_USE_EXTRINSIC_GUESS
+             | cv2.CALIB_FIX_PRINCIPAL_POINT | cv2.CALIB_FIX_ASPECT_RATIO
+             | cv2.CALIB_ZERO_TANGENT_DIST | cv2.CALIB_FIX_K1 | cv2.CALIB_FIX_K2 | cv2.CALIB_FIX_K3)
+    obj = points[inliers].astype(np.float32)
+    img = pixels[inliers].astype(np.float32)
+    try:
+        _, K_ref, _, _, _ = cv2.calibrateCamera(
+            [obj], [img], (width, height), K_best.copy(), np.zeros(5), [rvec.copy()], [tvec.copy()],
+            flags=flags, criteria=(cv2.TERM_CRITERIA_COUNT | cv2.TERM_CRITERIA_EPS, 100, 1e-10))
+    except cv2.error:
+        return K_best
+    if not (np.isfinite(K_ref).all() and K_ref[0, 0] > 0):
+        return K_best
+    return K_ref
+
+
+def estimate_pose(
+    pixels: np.ndarray,
+    points: np.ndarray,
+    width: int,
+    height: int,
+    *,
+    intrinsics: np.ndarray | None = None,
+    fov_y_deg: float = DEFAULT_FOV_Y_DEG,
+    estimate_focal: bool = False,
+    inlier_threshold_px: float | None = None,
+    seed: int = 0,
+) -> PoseEstimate:
+    """Recover the camera that maps 3D `points` (normalized frame) to `pixels` (u, v).
+
+    Intrinsics: `intrinsics` (3x3) if given, else square pixels with vertical FOV `fov_y_deg`
+    centred in the image; `estimate_focal=True` searches the focal length instead (principal point
+    stays where the intrinsics put it). The inlier threshold defaults to 1% of the larger image
+    side (at least 1.5 px). Raises AlignmentError when no camera can be recovered.
+    """
+    pixels = np.asarray(pixels, dtype=np.float64).reshape(-1, 2)
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    if len(pixels) != len(points):
+        raise InputError(f"{len(pixels)} pixels but {len(points)} points")
+    if len(points) < MIN_FOREGROUND_PIXELS:
+        raise AlignmentError(f"only {len(points)} foreground pixels; at least "
+                             f"{MIN_FOREGROUND_PIXELS} are needed to recover a camera")
+    _check_spread(points, estimate_focal)
+    K = default_intrinsics(width, height, fov_y_deg) if intrinsics is None else np.asarray(
+        intrinsics, dtype=np.float64)
+    if K.shape != (3, 3) or not (K[0, 0] > 0 and K[1, 1] > 0):
+        raise InputError("intrinsics must be a 3x3 matrix with positive focal lengths")
+    threshold = inlier_threshold_px or max(1.5, 0.01 * max(width, height))
+    rng = np.random.default_rng(seed)
+    if estimate_focal:
+        K = _estimate_focal(points, pixels, K, width, height, threshold, rng)
+    found = _ransac(points, pixels, K, threshold, rng)
+    if found is None:
+        raise AlignmentError("RANSAC found no camera consistent with the point map")
+    rvec, tvec, err = found
+    rotation = cv2.Rodrigues(rvec)[0]
+    translation = tvec.reshape(3).astype(np.float64)
+    return PoseEstimate(
+        rotation=rotation,
+        translation=translation,
+        camera=camera_from_opencv(rotation, translation, K, width, height),
+        inlier_ratio=float(np.mean(err < threshold)),
+        reprojection_error_px=float(np.median(err)),
+        inlier_threshold_px=float(threshold),
+        n_correspondences=len(points),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Segmenting the generated image
+# --------------------------------------------------------------------------------------------
+
+_PLAIN_BORDER_SPREAD = 0.08  # 95th-percentile colour distance of border pixels to their median
+_OBJECT_COLOUR_DISTANCE = 0.12  # a pixel this far from a plain background's colour is object
+_GRABCUT_SIDE = 256
+
+
+def segment_object(image: np.ndarray, hint: np.ndarray) -> tuple[np.ndarray | None, str]:
+    """The object's region in a generated image, and how it was found (or why it was not).
+
+    A plain background (the image border is one colour) is separated by colour distance. Otherwise
+    GrabCut runs with only a rectangle: the bounding box of `hint` (the point map's foreground)
+    grown by 10%; inside it, colour statistics alone decide the shape, so the IoU with `hint` still
+    measures whether the image shows the object where the point map says.
+    """
+    height, width = image.shape[:2]
+    border = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3),
+                             image[:, :2].reshape(-1, 3), image[:, -2:].reshape(-1, 3)])
+    background = np.median(border, axis=0)
+    if np.percentile(np.linalg.norm(border - background, axis=1), 95) < _PLAIN_BORDER_SPREAD:
+        mask = np.linalg.norm(image - background, axis=2) > _OBJECT_COLOUR_DISTANCE
+        mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
+        if not mask.any():
+            return None, "plain background but no object found in the image"
+        return mask, "plain background (colour distance to the border colour)"
+    rows, cols = np.nonzero(hint)
+    if len(rows) == 0:
+        return None, "no point-map foreground to place the object"
+    grow_r, grow_c = 0.1 * (rows.max() - rows.min() + 1), 0.1 * (cols.max() - cols.min() + 1)
+    top, bottom = max(0, int(rows.min() - grow_r)), min(height - 1, int(rows.max() + grow_r))
+    left, right = max(0, int(cols.min() - grow_c)), min(width - 1, int(cols.max() + grow_c))
+    if (bottom - top + 1) * (right - left + 1) > 0.95 * height * width:
+        return None, "the object fills the frame; no background to segment against"
+    scale = min(1.0, _GRABCUT_SIDE / max(height, width))
+    small = cv2.resize((image * 255).astype(np.uint8), None, fx=scale, fy=scale,
+                       interpolation=cv2.INTER_AREA) if scale < 1 else (image * 255).astype(np.uint8)
+    rect = (int(left * scale), int(top * scale), max(1, int((right - left + 1) * scale)),
+            max(1, int((bottom - top + 1) * scale)))
+    labels = np.zeros(small.shape[:2], np.uint8)
+    try:
+        cv2.grabCut(small, labels, rect, np.zeros((1, 65)), np.zeros((1, 65)), 5,
+                    cv2.GC_INIT_WITH_RECT)
+    except cv2.error as err:
+        return None, f"GrabCut failed ({err.msg.strip() if hasattr(err, 'msg') else err})"
+    fg = np.isin(labels, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.uint8)
+    mask = cv2.resize(fg, (width, height), interpolation=cv2.INTER_NEAREST) > 0
+    if not mask.any():
+        return None, "GrabCut found no object in the image"
+    return mask, "GrabCut inside the point map's bounding box"
+
+
+def mask_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two boolean masks (0 when both are empty)."""
+    union = np.logical_or(a, b).sum()
+    return float(np.logical_and(a, b).sum() / union) if union else 0.0
+
+
+def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float | None:
+    """PSNR (dB) of two [0,1] images inside `mask`; None for an empty mask, capped at 100 dB."""
+    if not mask.any():
+        return None
+    mse = float(np.mean((a[mask] - b[mask]) ** 2))
+    return 100.0 if mse <= 1e-10 else min(100.0, 10.0 * math.log10(1.0 / mse))
+
+
+# --------------------------------------------------------------------------------------------
+# The report
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class AlignmentReport:
+    """How well a generated (image, point map) pair shows the asset.
+
+    `measurable` is False when no camera of this asset explains the point map; `reason` says why
+    (and, when measurable, notes anything that could not be scored). The scores that could be
+    computed are filled in either way, so a wrong asset still shows how badly it fits.
+    """
+
+    measurable: bool
+    reason: str
+    camera: Camera | None = None
+    rotation: np.ndarray | None = None  # world->camera, OpenCV axes (x right, y down, z forward)
+    translation: np.ndarray | None = None
+    inlier_ratio: float | None = None
+    reprojection_error_px: float | None = None
+    iou: float | None = None  # re-rendered silhouette vs point-map foreground
+    image_iou: float | None = None  # generated image's object region vs point-map foreground
+    colour_psnr: float | None = None  # dB, generated image vs re-rendered asset inside both masks
+    pointmap_error: float | None = None  # median |predicted - re-rendered| point, fraction of size
+    foreground_pixels: int = 0
+    image_segmentation: str = ""
+    foreground: np.ndarray | None = field(default=None, repr=False)
+    rendered: Any = field(default=None, repr=False)  # views.RenderedView at the recovered camera
+    image: np.ndarray | None = field(default=None, repr=False)  # generated image, float [0,1]
+    normalization: Any = field(default=None, repr=False)
+    y_rotation: float = 0.0
+
+    @property
+    def orbit(self) -> dict[str, float] | None:
+        """The recovered camera in orbit terms: azimuth, pitch, distance (as orbit_camera) and roll.
+
+        Roll is the angle (degrees) from the orbit camera's right axis at that azimuth and pitch to
+        the recovered right axis, positive when it turns towards the orbit camera's up axis.
+        """
+        if self.camera is None:
+            return None
+        pos = self.camera.position
+        distance = float(np.linalg.norm(pos))
+        if distance < 1e-9:
+            return None
+        azimuth = math.degrees(math.atan2(pos[2], pos[0]))
+        pitch = math.degrees(math.asin(np.clip(pos[1] / distance, -1.0, 1.0)))
+        a = math.radians(azimuth)
+        right = np.array([math.sin(a), 0.0, -math.cos(a)])
+        up = np.cross(pos / distance, right)
+        cam_right = self.camera.pose[:3, 0]
+        roll = math.degrees(math.atan2(cam_right @ up, cam_right @ right))
+        return {"azimuth_deg": azimuth % 360.0, "pitch_deg": pitch, "distance": distance,
+                "roll_deg": roll}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready numbers (None where not computed); colour_agreement is the PSNR in dB."""
+        def num(x: float | None) -> float | None:
+            return None if x is None or not math.isfinite(x) else float(x)
+
+        return {
+            "measurable": self.measurable,
+            "reason": self.reason,
+            "rotation": None if self.rotation is None else self.rotation.tolist(),
+            "translation": None if self.translation is None else self.translation.tolist(),
+            "inlier_ratio": num(self.inlier_ratio),
+            "reprojection_error_px": num(self.reprojection_error_px),
+            "iou": num(self.iou),
+            "image_iou": num(self.image_iou),
+            "colour_agreement": num(self.colour_psnr),
+            "pointmap_error": num(self.pointmap_error),
+            "foreground_pixels": self.foreground_pixels,
+            "image_segmentation": self.image_segmentation,
+            "orbit": self.orbit,
+            "camera": None if self.camera is None else self.camera.to_dict(),
+        }
+
+    def summary(self) -> str:
+        """A few human-readable lines (the CLI prints these, the app shows them)."""
+        def fmt(x: float | None, spec: str, unit: str = "") -> str:
+            return "n/a" if x is None else f"{x:{spec}}{unit}"
+
+        lines = [f"measurable: {'yes' if self.measurable else 'no'}" + (f" ({self.reason})" if self.reason else "")]
+        if self.rotation is not None:
+            rvec = cv2.Rodrigues(self.rotation)[0].ravel()
+            lines.append("rotation (world->camera, OpenCV): " + np.array2string(
+                self.rotation, precision=4, suppress_small=True).replace("\n", ""))
+            lines.append(f"rotation angle: {math.degrees(np.linalg.norm(rvec)):.2f} deg")
+            lines.append("translation: " + np.array2string(self.translation, precision=4))
+        if self.orbit is not None:
+            o = self.orbit
+            lines.append(f"camera: azimuth {o['azimuth_deg']:.1f} deg, pitch {o['pitch_deg']:.1f} deg, "
+                         f"distance {o['distance']:.3f}, roll {o['roll_deg']:.1f} deg, "
+                         f"focal {self.camera.fy:.1f} px")
+        lines += [
+            f"inlier_ratio: {fmt(self.inlier_ratio, '.3f')}",
+            f"reprojection_error_px: {fmt(self.reprojection_error_px, '.2f')}",
+            f"iou: {fmt(self.iou, '.3f')}",
+            f"image_iou: {fmt(self.image_iou, '.3f')}"
+            + (f" ({self.image_segmentation})" if self.image_segmentation else ""),
+            f"colour_agreement: {fmt(self.colour_psnr, '.2f', ' dB PSNR')}",
+            f"pointmap_error: {fmt(self.pointmap_error, '.4f')}",
+        ]
+        return "\n".join(lines)
+
+    def overlay(self, alpha: float = 0.5) -> Image.Image | None:
+        """The re-rendered asset blended over the generated image (or the point map when there is
+        no image), with the re-rendered silhouette outlined; None when nothing was re-rendered."""
+        if self.rendered is None:
+            return None
+        base = self.image if self.image is not None else None
+        return overlay_image(base, self.rendered.rgb, self.rendered.mask, alpha)
+
+    def frustum(self, depth: float | None = None, frame: str = "normalized") -> np.ndarray | None:
+        """Line segments (S,2,3) of the recovered camera's frustum in `frame`; see frustum_segments."""
+        if self.camera is None:
+            return None
+        segments = frustum_segments(self.camera, depth)
+        return to_frame(segments, frame, self.normalization, self.y_rotation)
+
+
+def overlay_image(image: np.ndarray | None, rendered_rgb: np.ndarray, mask: np.ndarray,
+                  alpha: float = 0.5) -> Image.Image:
+    """Blend `rendered_rgb` over `image` inside `mask` with weight `alpha`, outline the mask.
+
+    `image` may be None (blends over white); it is resized to the render when sizes differ.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise InputError(f"overlay alpha must be within [0, 1], got {alpha}")
+    rendered = np.asarray(rendered_rgb).astype(np.float32) / 255.0
+    height, width = rendered.shape[:2]
+    base = np.ones_like(rendered) if image is None else as_float_image(image)
+    if base.shape[:2] != (height, width):
+        base = cv2.resize(base, (width, height), interpolation=cv2.INTER_AREA)
+    mask = np.asarray(mask, dtype=bool)
+    out = base.copy()
+    out[mask] = (1.0 - alpha) * base[mask] + alpha * rendered[mask]
+    out8 = (np.clip(out, 0, 1) * 255 + 0.5).astype(np.uint8)
+    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    cv2.drawContours(out8, contours, -1, (0, 255, 0), max(1, round(max(height, width) / 256)))
+    return Image.fromarray(out8)
+
+
+def frustum_segments(camera: Camera, depth: float | None = None) -> np.ndarray:
+    """The camera's viewing pyramid as line segments (8,2,3) in the normalized frame.
+
+    Four edges from the centre to the image-plane corners at `depth` (default: 40% of the
+    distance to the origin) and the four sides of that image rectangle. Plain numbers, so any
+    plotting library can draw them.
+    """
+    if depth is None:
+        depth = 0.4 * max(float(np.linalg.norm(camera.position)), 1e-3)
+    corners_px = np.array([[-0.5, -0.5], [camera.width - 0.5, -0.5],
+                           [camera.width - 0.5, camera.height - 0.5], [-0.5, camera.height - 0.5]])
+    rays_cv = np.column_stack([(corners_px[:, 0] - camera.cx) / camera.fx,
+                               (corners_px[:, 1] - camera.cy) / camera.fy, np.ones(4)])
+    rotation, translation = camera.world_to_camera_cv()
+    corners = (rays_cv * depth - translation) @ rotation  # R^T (x - t), row-wise
+    centre = camera.position
+    edges = [(centre, c) for c in corners] + [(corners[i], corners[(i + 1) % 4]) for i in range(4)]
+    return np.array(edges)
+
+
+def to_frame(points: np.ndarray, frame: str, normalization: Any, y_rotation: float = 0.0) -> np.ndarray:
+    """Normalized-frame points -> `frame`: "normalized", "own" (the mesh file's coordinates) or
+    "pointmap" (point-map colour space, unclamped, with `y_rotation` applied).
+
+    All three are affine maps, so line segments stay line segments.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    if frame == "normalized":
+        return points
+    if normalization is None:
+        raise InputError(f"frame {frame!r} needs the asset's normalization")
+    own = normalization.from_normalized(points)
+    if frame == "own":
+        return own
+    if frame == "pointmap":
+        # own_from_pointmap is affine and never clamps: invert it from its values at the unit basis
+        basis = normalization.own_from_pointmap(np.vstack([np.zeros(3), np.eye(3)]), y_rotation)
+        linear = (basis[1:] - basis[0]).T
+        return (own - basis[0]) @ np.linalg.pinv(linear).T
+    raise InputError(f"unknown frame {frame!r}; use 'normalized', 'own' or 'pointmap'")
+
+
+# --------------------------------------------------------------------------------------------
+# The whole measurement
+# --------------------------------------------------------------------------------------------
+
+
+def _same_size(image: np.ndarray, height: int, width: int) -> np.ndarray:
+    """The generated image at the point map's size (they come out of one sampler, so only a
+    uniform rescale is plausible; other shapes are refused)."""
+    h, w = image.shape[:2]
+    if (h, w) == (height, width):
+        return image
+    if abs(w / h - width / height) > 0.01 * width / height:
+        raise InputError(f"image {w}x{h} and point map {width}x{height} have different aspect ratios")
+    return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
+
+
+def align(
+    mesh: Any,
+    pointmap: Any,
+    image: Any = None,
+    *,
+    y_rotation: float = 0.0,
+    fov_y_deg: float = DEFAULT_FOV_Y_DEG,
+    intrinsics: np.ndarray | None = None,
+    estimate_focal: bool = False,
+    inlier_threshold_px: float | None = None,
+    renderer: Any = None,
+    tolerance: float = BACKGROUND_TOLERANCE,
+    seed: int = 0,
+) -> AlignmentReport:
+    """Recover the generated image's camera from its point map and score the match.
+
+    `mesh` is a trimesh mesh or a path; `pointmap` and `image` are PIL images, arrays or paths;
+    `y_rotation` is the one the reference views were made with. See `estimate_pose` for the
+    intrinsics options. A `views.Renderer` can be passed to reuse its GL context. Inputs that
+    cannot be measured give a report with `measurable=False` and a reason, not an exception;
+    unreadable files and invalid settings raise MeshError / InputError.
+    """
+    from refany3d.mesh import load_mesh, normalization_of
+    from refany3d.views import Renderer
+
+    if isinstance(mesh, (str, Path)):
+        mesh = load_mesh(mesh)
+    normalization = normalization_of(mesh)
+    P = as_float_image(pointmap, "point map")
+    height, width = P.shape[:2]
+    img = None if image is None else _same_size(as_float_image(image, "image"), height, width)
+    fg = foreground_mask(P, tolerance)
+    report = AlignmentReport(measurable=False, reason="", foreground_pixels=int(fg.sum()),
+                             foreground=fg, image=img, normalization=normalization,
+                             y_rotation=float(y_rotation))
+    if img is not None and fg.any():
+        region, report.image_segmentation = segment_object(img, fg)
+        report.image_iou = None if region is None else mask_iou(region, fg)
+
+    rows, cols = np.nonzero(fg)
+    pixels = np.column_stack([cols, rows]).astype(np.float64)
+    points = normalization.to_normalized(normalization.own_from_pointmap(P[fg], y_rotation))
+    try:
+        pose = estimate_pose(pixels, points, width, height, intrinsics=intrinsics,
+                             fov_y_deg=fov_y_deg, estimate_focal=estimate_focal,
+                             inlier_threshold_px=inlier_threshold_px, seed=seed)
+    except AlignmentError as err:
+        report.reason = str(err)
+        return report
+    report.camera, report.rotation, report.translation = pose.camera, pose.rotation, pose.translation
+    report.inlier_ratio, report.reprojection_error_px = pose.inlier_ratio, pose.reprojection_error_px
+
+    own_renderer = renderer is None
+    renderer = Renderer() if own_renderer else renderer
+    try:
+        rendered = renderer.render(mesh, pose.camera)
+    finally:
+        if own_renderer:
+            renderer.close()
+    report.rendered = rendered
+    report.iou = mask_iou(rendered.mask, fg)
+    both = rendered.mask & fg
+    if both.any():
+        rerendered = normalization.to_normalized(normalization.own_from_pointmap(rendered.pointmap_xyz[both]))
+        predicted = normalization.to_normalized(normalization.own_from_pointmap(P[both], y_rotation))
+        # the normalized frame's largest axis spans 2, so /2 makes it a fraction of the asset size
+        report.pointmap_error = float(np.median(np.linalg.norm(rerendered - predicted, axis=1)) / 2.0)
+    if img is not None:
+        report.colour_psnr = masked_psnr(img, rendered.rgb.astype(np.float32) / 255.0, both)
+
+    if pose.inlier_ratio < MIN_INLIER_RATIO:
+        report.reason = (f"only {pose.inlier_ratio:.0%} of the foreground pixels fit one camera "
+                         f"(at least {MIN_INLIER_RATIO:.0%} needed): the point map is not a view of "
+                         "this asset")
+    elif report.pointmap_error is None or report.pointmap_error > MAX_POINTMAP_ERROR:
+        report.reason = ("the re-rendered asset does not overlap the point map's foreground"
+                         if report.pointmap_error is None else
+                         f"the point map's coordinates differ from the asset's surface by "
+                         f"{report.pointmap_error:.0%} of its size (median; at most "
+                         f"{MAX_POINTMAP_ERROR:.0%} expected): likely a different asset")
+    else:
+        report.measurable = True
+        if img is not None and report.image_iou is None:
+            report.reason = f"image IoU not measured: {report.image_segmentation}"
+    return report
