@@ -35,3 +35,173 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 # Subcommands register themselves below, one section each.
 _SUBCOMMANDS: list = []
+
+
+# ---------------------------------------------------------------------------------- generate
+def _add_generate(sub) -> None:
+    from refany3d.batch import Job
+
+    p = sub.add_parser(
+        "generate",
+        help="generate an image of a mesh in a described scene, with its point map",
+        description="Render the mesh's reference views and sample an image + point map. "
+        "With --jobs, run a JSONL batch (data-parallel under `accelerate launch`).",
+    )
+    p.add_argument("mesh", nargs="?", help="mesh file (GLB, glTF, OBJ, PLY, STL, OFF or a .zip)")
+    p.add_argument("--prompt", help="what the scene should show")
+    p.add_argument("--out", required=True, help="output folder (a batch writes one subfolder per job)")
+    p.add_argument("--jobs", help="JSONL file, one job per line: {\"mesh\": ..., \"prompt\": ..., \"seed\": ...}")
+    p.add_argument("--seed", type=int, help="random seed (default: a random one, recorded in settings.json)")
+    defaults = Job(mesh="", prompt="")
+    for flag, field_name, kind in (
+        ("--views", "n_views", int),
+        ("--radius", "radius", float),
+        ("--pitch", "pitch", float),
+        ("--y-rotation", "y_rotation", float),
+        ("--height", "height", int),
+        ("--width", "width", int),
+        ("--condition-size", "condition_size", int),
+        ("--steps", "num_inference_steps", int),
+        ("--guidance", "guidance_scale", float),
+        ("--image-guidance", "image_guidance_scale", float),
+        ("--max-sequence-length", "max_sequence_length", int),
+    ):
+        default = getattr(defaults, field_name)
+        p.add_argument(flag, dest=field_name, type=kind, default=default, help=f"default {default}")
+    p.add_argument("--base-model", help="diffusers FLUX folder or hub id (default: $REFANY3D_BASE_MODEL, "
+                   "else the embedded model, else black-forest-labs/FLUX.1-dev)")
+    p.add_argument("--ref-model", help="RefAny3D weights folder or hub id (default: $REFANY3D_REF_MODEL, "
+                   "else the embedded model, else JudgementH/RefAny3D)")
+    p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
+    p.add_argument("--cpu-offload", action="store_true", help="keep weights on the CPU between uses (small GPUs)")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> int:
+    from dataclasses import fields
+
+    from tqdm.auto import tqdm
+
+    from refany3d.batch import Job, read_jobs, run_job, run_jobs
+    from refany3d.errors import InputError
+    from refany3d.pipeline import RefAny3DPipeline, default_model
+
+    if args.jobs and args.mesh:
+        raise InputError("give either a MESH or --jobs, not both")
+    if not args.jobs and not (args.mesh and args.prompt):
+        raise InputError("give a MESH and --prompt (or --jobs FILE)")
+    settings = {f.name: getattr(args, f.name) for f in fields(Job) if hasattr(args, f.name) and f.name not in ("mesh", "name")}
+    jobs = read_jobs(args.jobs) if args.jobs else [Job(mesh=args.mesh, **settings)]
+
+    from accelerate import PartialState
+
+    state = PartialState(cpu=args.device == "cpu")
+    device = args.device if args.device and state.num_processes == 1 else state.device
+    base, ref = default_model()
+    pipe = RefAny3DPipeline.from_pretrained(args.base_model or base, args.ref_model or ref, device=device,
+                                            cpu_offload=args.cpu_offload)
+    if args.jobs:
+        run_jobs(pipe, jobs, args.out, state.process_index, state.num_processes,
+                 log=lambda line: print(f"[process {state.process_index}] {line}"))
+        return 0
+    with tqdm(total=jobs[0].num_inference_steps, desc="sampling", unit="step") as bar:
+        folder = run_job(pipe, jobs[0], args.out, callback=lambda step, total: bar.update(1))
+    print(f"wrote {folder / 'image.png'}, {folder / 'pointmap.png'}, {folder / 'settings.json'}")
+    return 0
+
+
+_SUBCOMMANDS.append(_add_generate)
+
+
+# ---------------------------------------------------------------------------------- render
+def _add_render(sub) -> None:
+    p = sub.add_parser(
+        "render",
+        help="render a mesh's reference views (RGB + point maps) as the model sees them",
+        description="Write rgb_XX.png, pointmap_XX.png, contact_sheet.png and views.json.",
+    )
+    p.add_argument("mesh", help="mesh file (GLB, glTF, OBJ, PLY, STL, OFF or a .zip)")
+    p.add_argument("--views", type=int, default=8, help="number of reference views (default 8)")
+    p.add_argument("--resolution", type=int, default=512, help="square image size in pixels (default 512)")
+    p.add_argument("--radius", type=float, default=4.0, help="camera distance in normalized units (default 4)")
+    p.add_argument("--pitch", type=float, default=0.0, help="camera elevation in degrees (default 0)")
+    p.add_argument("--y-rotation", type=float, default=0.0, help="point-map rotation about +y in degrees")
+    p.add_argument("--out", required=True, help="output folder")
+    p.set_defaults(run=_run_render)
+
+
+def _run_render(args) -> int:
+    from refany3d.views import render_views
+
+    views = render_views(args.mesh, n_views=args.views, resolution=args.resolution, radius=args.radius,
+                         pitch=args.pitch, y_rotation=args.y_rotation)
+    views.save(args.out)
+    print(f"wrote {len(views.rgb)} views of {args.mesh} to {args.out} (contact_sheet.png, views.json)")
+    return 0
+
+
+_SUBCOMMANDS.append(_add_render)
+
+
+# --- eval (issue 6: alignment analysis) -----------------------------------------------------
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="recover the camera from a predicted point map and score the match",
+                       description="Recover the generated image's camera from its point map (RANSAC "
+                       "PnP) and score it against the asset re-rendered there.")
+    p.add_argument("mesh", nargs="?", help="the asset's mesh file (with --batch: overrides settings.json)")
+    p.add_argument("pointmap", nargs="?", help="the predicted point map (PNG)")
+    p.add_argument("--image", help="the generated image (PNG), for image IoU and colour agreement")
+    p.add_argument("--y-rotation", type=float, default=0.0, help="y rotation the views were made with (deg)")
+    p.add_argument("--fov", type=float, default=45.0, help="vertical field of view (deg) of the image")
+    p.add_argument("--estimate-focal", action="store_true", help="estimate the focal length instead")
+    p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT ('-' for stdout)")
+    p.add_argument("--overlay", metavar="PNG", help="write the re-rendered asset over the image")
+    p.add_argument("--batch", metavar="DIR", help="evaluate every run folder in DIR (image.png, "
+                   "pointmap.png, settings.json); writes DIR/alignment.csv unless --csv")
+    p.add_argument("--csv", metavar="OUT", help="with --batch: where to write the CSV")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> int:
+    import csv
+    import json
+    from pathlib import Path
+
+    from refany3d import alignment
+    from refany3d.errors import InputError
+
+    options = {"fov_y_deg": args.fov, "estimate_focal": args.estimate_focal}
+    if args.batch:
+        if args.pointmap:
+            raise InputError("with --batch give at most a MESH, not a point map")
+        results = alignment.align_runs(args.batch, mesh=args.mesh, **options)
+        out = Path(args.csv) if args.csv else Path(args.batch) / "alignment.csv"
+        with out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=alignment.BATCH_COLUMNS)
+            writer.writeheader()
+            writer.writerows(alignment.batch_row(run, report) for run, report in results)
+        print(alignment.batch_summary(results))
+        print(f"wrote {out}")
+        return 0
+    if not (args.mesh and args.pointmap):
+        raise InputError("eval needs MESH and POINTMAP_PNG, or --batch DIR")
+    report = alignment.align(args.mesh, args.pointmap, args.image, y_rotation=args.y_rotation, **options)
+    if args.overlay:
+        overlay = report.overlay()
+        if overlay is None:
+            print(f"no overlay: {report.reason}", file=sys.stderr)
+        else:
+            overlay.save(args.overlay)
+    if args.json == "-":
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.summary())
+        if args.json:
+            Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            print(f"wrote {args.json}")
+    return 0
+
+
+_SUBCOMMANDS.append(_add_eval)
