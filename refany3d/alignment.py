@@ -14,6 +14,7 @@ intrinsics (cameras.py uses its pixel convention). GrabCut, contours and morphol
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,7 @@ import numpy as np
 from PIL import Image
 
 from refany3d.cameras import DEFAULT_FOV_Y_DEG, Camera, focal_from_fov
-from refany3d.errors import AlignmentError, InputError
+from refany3d.errors import AlignmentError, InputError, RefAny3DError
 from refany3d.outputs import BACKGROUND_TOLERANCE, foreground_mask
 
 # OpenGL camera axes (x right, y up, -z forward) <-> OpenCV axes (x right, y down, +z forward).
@@ -597,3 +598,102 @@ def align(
         if img is not None and report.image_iou is None:
             report.reason = f"image IoU not measured: {report.image_segmentation}"
     return report
+
+
+# --------------------------------------------------------------------------------------------
+# Many runs: a folder of generate outputs
+# --------------------------------------------------------------------------------------------
+
+BATCH_COLUMNS = ("run", "measurable", "reason", "inlier_ratio", "reprojection_error_px", "iou",
+                 "image_iou", "colour_agreement", "pointmap_error", "azimuth_deg", "pitch_deg",
+                 "distance", "roll_deg", "foreground_pixels")
+
+
+def _run_settings(run: Path) -> dict[str, Any]:
+    """settings.json of a run, with keys either at the top or under "settings"."""
+    try:
+        record = json.loads((run / "settings.json").read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{run.name}/settings.json cannot be read: {err}") from None
+    if not isinstance(record, dict):
+        raise InputError(f"{run.name}/settings.json is not a JSON object")
+    nested = record.get("settings") if isinstance(record.get("settings"), dict) else {}
+    return {**nested, **{k: v for k, v in record.items() if k != "settings"}}
+
+
+def _run_mesh_path(run: Path, settings: dict[str, Any]) -> Path:
+    """The mesh a run used: its "mesh" setting (a path, or a record with "path"/"name"), looked up
+    as given, then next to the run, then next to the batch folder."""
+    entry = settings.get("mesh")
+    if isinstance(entry, dict):
+        entry = entry.get("path") or entry.get("name")
+    if not isinstance(entry, str) or not entry:
+        raise InputError(f"{run.name}/settings.json names no mesh")
+    for candidate in (Path(entry), run / entry, run.parent / entry):
+        if candidate.is_file():
+            return candidate
+    raise InputError(f"{run.name}: mesh {entry!r} not found (give --mesh)")
+
+
+def align_runs(directory: str | Path, mesh: str | Path | None = None,
+               **align_kwargs: Any) -> list[tuple[str, AlignmentReport]]:
+    """Align every run folder (image.png, pointmap.png, settings.json) under `directory`.
+
+    One renderer and one loaded mesh per path serve all runs; a run that cannot be read becomes a
+    not-measurable report with the reason, so one bad folder does not stop the batch.
+    """
+    from refany3d.mesh import load_mesh
+    from refany3d.views import Renderer
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise InputError(f"not a folder: {directory}")
+    runs = sorted(p for p in directory.iterdir() if (p / "pointmap.png").is_file())
+    if not runs:
+        raise InputError(f"{directory} holds no run folders with a pointmap.png")
+    meshes: dict[Path, Any] = {}
+    results: list[tuple[str, AlignmentReport]] = []
+    renderer = Renderer()
+    try:
+        for run in runs:
+            try:
+                settings = _run_settings(run)
+                mesh_path = Path(mesh) if mesh is not None else _run_mesh_path(run, settings)
+                if mesh_path not in meshes:
+                    meshes[mesh_path] = load_mesh(mesh_path)
+                image = run / "image.png"
+                report = align(meshes[mesh_path], run / "pointmap.png",
+                               image if image.is_file() else None,
+                               y_rotation=float(settings.get("y_rotation", 0.0) or 0.0),
+                               renderer=renderer, **align_kwargs)
+            except RefAny3DError as err:
+                report = AlignmentReport(measurable=False, reason=str(err))
+            results.append((run.name, report))
+    finally:
+        renderer.close()
+    return results
+
+
+def batch_row(run: str, report: AlignmentReport) -> dict[str, Any]:
+    """One CSV row (BATCH_COLUMNS) of a run's report."""
+    values = report.to_dict()
+    orbit = report.orbit or {}
+    row = {"run": run, **{k: values.get(k) for k in BATCH_COLUMNS if k in values}, **orbit}
+    return {k: ("" if row.get(k) is None else row[k]) for k in BATCH_COLUMNS}
+
+
+def batch_summary(results: list[tuple[str, AlignmentReport]]) -> str:
+    """Counts and medians over the measurable runs."""
+    measured = [r for _, r in results if r.measurable]
+    lines = [f"{len(measured)} of {len(results)} runs measurable"]
+    for name in ("inlier_ratio", "reprojection_error_px", "iou", "image_iou", "colour_psnr",
+                 "pointmap_error"):
+        values = [getattr(r, name) for r in measured if getattr(r, name) is not None]
+        if values:
+            label = "colour_agreement" if name == "colour_psnr" else name
+            lines.append(f"{label}: median {np.median(values):.3f}, mean {np.mean(values):.3f}, "
+                         f"min {np.min(values):.3f}, max {np.max(values):.3f} ({len(values)} runs)")
+    reasons = [f"  {run}: {r.reason}" for run, r in results if not r.measurable]
+    if reasons:
+        lines += ["not measurable:", *reasons]
+    return "\n".join(lines)

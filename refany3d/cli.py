@@ -205,3 +205,67 @@ def _run_eval(args) -> int:
 
 
 _SUBCOMMANDS.append(_add_eval)
+
+
+# --- eval (issue 6: alignment analysis) -----------------------------------------------------
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="recover the camera from a predicted point map and score the match",
+                       description="Recover the generated image's camera from its point map (RANSAC "
+                       "PnP) and score it against the asset re-rendered there.")
+    p.add_argument("mesh", nargs="?", help="the asset's mesh file (with --batch: overrides settings.json)")
+    p.add_argument("pointmap", nargs="?", help="the predicted point map (PNG)")
+    p.add_argument("--image", help="the generated image (PNG), for image IoU and colour agreement")
+    p.add_argument("--y-rotation", type=float, default=0.0, help="y rotation the views were made with (deg)")
+    p.add_argument("--fov", type=float, default=45.0, help="vertical field of view (deg) of the image")
+    p.add_argument("--estimate-focal", action="store_true", help="estimate the focal length instead")
+    p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT ('-' for stdout)")
+    p.add_argument("--overlay", metavar="PNG", help="write the re-rendered asset over the image")
+    p.add_argument("--batch", metavar="DIR", help="evaluate every run folder in DIR (image.png, "
+                   "pointmap.png, settings.json); writes DIR/alignment.csv unless --csv")
+    p.add_argument("--csv", metavar="OUT", help="with --batch: where to write the CSV")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> int:
+    import csv
+    import json
+    from pathlib import Path
+
+    from refany3d import alignment
+    from refany3d.errors import InputError
+
+    options = {"fov_y_deg": args.fov, "estimate_focal": args.estimate_focal}
+    if args.batch:
+        if args.pointmap:
+            raise InputError("with --batch give at most a MESH, not a point map")
+        results = alignment.align_runs(args.batch, mesh=args.mesh, **options)
+        out = Path(args.csv) if args.csv else Path(args.batch) / "alignment.csv"
+        with out.open("w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=alignment.BATCH_COLUMNS)
+            writer.writeheader()
+            writer.writerows(alignment.batch_row(run, report) for run, report in results)
+        print(alignment.batch_summary(results))
+        print(f"wrote {out}")
+        return 0
+    if not (args.mesh and args.pointmap):
+        raise InputError("eval needs MESH and POINTMAP_PNG, or --batch DIR")
+    report = alignment.align(args.mesh, args.pointmap, args.image, y_rotation=args.y_rotation, **options)
+    if args.overlay:
+        overlay = report.overlay()
+        if overlay is None:
+            print(f"no overlay: {report.reason}", file=sys.stderr)
+        else:
+            overlay.save(args.overlay)
+    if args.json == "-":
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(report.summary())
+        if args.json:
+            Path(args.json).write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+            print(f"wrote {args.json}")
+    return 0
+
+
+_SUBCOMMANDS.append(_add_eval)
