@@ -137,12 +137,13 @@ def file_sha256(path: str | Path) -> str:
 
 
 def settings_record(settings: dict[str, Any], mesh_path: str | Path | None = None) -> dict[str, Any]:
-    """Every setting of a run plus what identifies the mesh (name, SHA-256), so it can be redone."""
+    """Every setting of a run plus what identifies the mesh (name, path, SHA-256), so it can be redone."""
     from refany3d import __version__
 
     record: dict[str, Any] = {"refany3d_version": __version__, "settings": dict(settings)}
     if mesh_path is not None:
-        record["mesh"] = {"name": Path(mesh_path).name, "sha256": file_sha256(mesh_path)}
+        mesh_path = Path(mesh_path)
+        record["mesh"] = {"name": mesh_path.name, "path": str(mesh_path), "sha256": file_sha256(mesh_path)}
     return record
 
 

@@ -121,7 +121,11 @@ def test_settings_json_records_settings_and_mesh_identity(tmp_path):
     path = write_settings_json(settings, tmp_path / "settings.json", mesh_path=mesh_file)
     record = json.loads(path.read_text())
     assert record["settings"] == {"prompt": "a duck", "seed": 7, "guidance_scale": 3.5, "n_views": 8}
-    assert record["mesh"] == {"name": "thing.obj", "sha256": hashlib.sha256(mesh_file.read_bytes()).hexdigest()}
+    assert record["mesh"] == {
+        "name": "thing.obj",
+        "path": str(mesh_file),
+        "sha256": hashlib.sha256(mesh_file.read_bytes()).hexdigest(),
+    }
     assert record["refany3d_version"]
 
 
