@@ -1,0 +1,679 @@
+"""Training data in the release's format: an asset's reference views plus a target image of it in a scene.
+
+A sample pairs an asset (N unlit RGB views and N point maps on the reference orbit) with a target:
+an image showing the asset somewhere in a scene, the caption of that image, and the *aligned*
+target point map, i.e. the asset's normalized coordinates rendered with the target's own camera
+(white background). Two producers write samples:
+
+- `make_dataset` builds procedural assets (textured primitives) and procedural scenes (patterned
+  floor and wall, distractor shapes, a soft shadow) so that a small model can be trained offline;
+- `write_real_sample` is the paper's route for real photographs: given the image, the mesh, the
+  camera intrinsics and the object pose (what a pose estimator outputs) it renders the aligned
+  point map.
+
+On-disk format (`FORMAT`), one folder per dataset:
+
+    dataset.json                    {"format", "resolution", "n_views", "split", "seed", "count"}
+    assets/<asset_id>/mesh.ply      the asset (vertex colours), or the real mesh's own file
+    assets/<asset_id>/rgb_<k>.png   reference view k (unlit RGB, white background)
+    assets/<asset_id>/pointmap_<k>.png   reference point map k (normalized coordinates as RGB)
+    assets/<asset_id>/meta.json     {"azimuths", "cameras", "normalization", "description"}
+    samples/<sample_id>/image.png   the target image
+    samples/<sample_id>/pointmap.png  the aligned target point map (white background)
+    samples/<sample_id>/mask.png    where the asset is visible in the target
+    samples/<sample_id>/meta.json   {"asset", "caption", "camera", "viewpoint", "scene"}
+
+Several samples share an asset (its reference views are rendered once). `SampleDataset` streams
+the samples of one or more such folders as tensors for training.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import IterableDataset, get_worker_info
+
+from refany3d.cameras import Camera, look_at
+from refany3d.errors import InputError
+
+FORMAT = "refany3d-samples/1"
+
+# Colour names double as caption words, so they must be in the tokenizers' vocabulary.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (205, 45, 40),
+    "green": (50, 160, 60),
+    "blue": (45, 85, 200),
+    "yellow": (235, 205, 50),
+    "orange": (240, 130, 30),
+    "purple": (130, 60, 170),
+    "pink": (240, 140, 180),
+    "brown": (120, 75, 40),
+    "gray": (128, 128, 128),
+    "black": (30, 30, 30),
+    "white": (235, 235, 235),
+    "cyan": (60, 200, 210),
+}
+SHAPES = ("box", "ball", "cylinder", "cone", "capsule", "ring")
+ASSET_PATTERNS = ("plain", "striped", "checkered", "gradient")
+FLOOR_PATTERNS = ("plain", "checkered", "striped")
+WALL_PATTERNS = ("plain", "striped", "gradient")
+DISTRACTOR_SHAPES = ("ball", "block", "pyramid")
+CAPTION_WORDS = (
+    "a an the with and on in of front floor wall next to seen from above left right back side "
+    "object view shape"
+).split()
+
+
+def caption_vocabulary() -> list[str]:
+    """Every word a procedural caption can contain (the word-level tokenizers need them)."""
+    words = [*COLOURS, *SHAPES, *ASSET_PATTERNS, *FLOOR_PATTERNS, *WALL_PATTERNS, *DISTRACTOR_SHAPES, *CAPTION_WORDS]
+    return list(dict.fromkeys(words))
+
+
+# ---------------------------------------------------------------------------------------------
+# Procedural assets
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PartSpec:
+    """One primitive of a procedural asset and its texture."""
+
+    shape: str
+    colour: str
+    second_colour: str
+    pattern: str
+
+
+def _primitive(shape: str, rng: np.random.Generator):
+    """A unit-ish primitive mesh with enough vertices for per-vertex patterns to show."""
+    import trimesh
+
+    c = trimesh.creation
+    if shape == "box":
+        mesh = c.box(extents=rng.uniform(0.5, 1.2, size=3))
+    elif shape == "ball":
+        mesh = c.icosphere(subdivisions=3, radius=rng.uniform(0.35, 0.6))
+    elif shape == "cylinder":
+        mesh = c.cylinder(radius=rng.uniform(0.2, 0.45), height=rng.uniform(0.6, 1.4), sections=24)
+    elif shape == "cone":
+        mesh = c.cone(radius=rng.uniform(0.3, 0.55), height=rng.uniform(0.6, 1.2), sections=24)
+    elif shape == "capsule":
+        mesh = c.capsule(radius=rng.uniform(0.2, 0.35), height=rng.uniform(0.4, 1.0), count=[24, 12])
+    elif shape == "ring":
+        major = rng.uniform(0.35, 0.55)
+        mesh = c.torus(major_radius=major, minor_radius=major * rng.uniform(0.25, 0.45), major_sections=32, minor_sections=12)
+    else:
+        raise InputError(f"unknown primitive {shape!r}")
+    if shape in ("box", "cylinder", "cone"):
+        mesh = mesh.subdivide_to_size(max_edge=0.08, max_iter=6)
+    return mesh
+
+
+def _pattern_colours(local: np.ndarray, part: PartSpec, rng: np.random.Generator) -> np.ndarray:
+    """Per-vertex RGB of a part's procedural texture, evaluated in the part's own frame."""
+    a = np.array(COLOURS[part.colour], dtype=np.float64)
+    b = np.array(COLOURS[part.second_colour], dtype=np.float64)
+    if part.pattern == "plain":
+        w = np.zeros(len(local))
+    elif part.pattern == "striped":
+        freq = rng.uniform(3.0, 6.0)
+        w = (np.floor(local[:, 1] * freq) % 2).astype(np.float64)
+    elif part.pattern == "checkered":
+        freq = rng.uniform(3.0, 5.0)
+        w = (np.floor(local * freq).sum(axis=1) % 2).astype(np.float64)
+    else:  # gradient along the part's height
+        y = local[:, 1]
+        w = (y - y.min()) / max(np.ptp(y), 1e-9)
+    return (a[None] * (1 - w[:, None]) + b[None] * w[:, None]).round().astype(np.uint8)
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    from scipy.spatial.transform import Rotation
+
+    return Rotation.random(random_state=int(rng.integers(2**31))).as_matrix()
+
+
+def random_asset(rng: np.random.Generator):
+    """A procedural asset: 1-3 textured primitives stacked and joined; returns (mesh, parts).
+
+    The first part is the largest and names the asset in captions.
+    """
+    import trimesh
+
+    n_parts = int(rng.choice([1, 2, 2, 3]))
+    colour_names = list(COLOURS)
+    meshes, parts = [], []
+    top = 0.0
+    for i in range(n_parts):
+        shape = str(rng.choice(SHAPES))
+        first, second = rng.choice(colour_names, size=2, replace=False)
+        part = PartSpec(shape, str(first), str(second), str(rng.choice(ASSET_PATTERNS)))
+        mesh = _primitive(shape, rng)
+        if i > 0:  # smaller parts, tilted, resting on top of / beside the previous ones
+            mesh.apply_scale(rng.uniform(0.45, 0.8))
+        local = mesh.vertices.copy()
+        colours = _pattern_colours(local, part, rng)
+        rot = _random_rotation(rng) if i > 0 or rng.random() < 0.3 else np.eye(3)
+        mesh.vertices = mesh.vertices @ rot.T
+        lo, hi = mesh.bounds
+        if i == 0:
+            shift = -0.5 * (lo + hi)
+        else:
+            side = rng.uniform(-0.35, 0.35, size=2)
+            shift = np.array([side[0], top - lo[1] - 0.05, side[1]])
+        mesh.vertices = mesh.vertices + shift
+        top = max(top, float(mesh.bounds[1][1])) if i else float(mesh.bounds[1][1])
+        alpha = np.full((len(colours), 1), 255, dtype=np.uint8)
+        mesh.visual = trimesh.visual.ColorVisuals(mesh, vertex_colors=np.hstack([colours, alpha]))
+        meshes.append(mesh)
+        parts.append(part)
+    joined = trimesh.util.concatenate(meshes)
+    return joined, parts
+
+
+def describe_asset(parts: Sequence[PartSpec]) -> str:
+    """Caption phrase for an asset, e.g. 'a red striped box with a blue ball'."""
+    def phrase(p: PartSpec) -> str:
+        pattern = "" if p.pattern == "plain" else f"{p.pattern} "
+        return f"{p.colour} {pattern}{p.shape}"
+
+    text = f"a {phrase(parts[0])}"
+    if len(parts) > 1:
+        text += f" with a {parts[1].colour} {parts[1].shape}"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Target cameras and viewpoint words
+# ---------------------------------------------------------------------------------------------
+
+
+def viewpoint_phrase(azimuth_deg: float, pitch_deg: float) -> str:
+    """Words for where the target camera is, relative to reference view 0 (azimuth 0 = front).
+
+    Azimuth grows towards the front camera's left (the orbit's eye moves to +z), so 90 = left.
+    """
+    if pitch_deg >= 40.0:
+        return "seen from above"
+    a = azimuth_deg % 360.0
+    if a < 45 or a >= 315:
+        return "seen from the front"
+    if a < 135:
+        return "seen from the left"
+    if a < 225:
+        return "seen from the back"
+    return "seen from the right"
+
+
+def random_target_camera(rng: np.random.Generator, resolution: int, size_range=(0.35, 0.7)) -> tuple[Camera, dict]:
+    """A camera at a random pose, distance (apparent scale) and principal-point offset.
+
+    The asset's normalized bounding sphere (radius <= sqrt(3), usually ~1.2) covers about
+    `size` of the image width; the principal point is shifted so the asset sits off-centre.
+    """
+    azimuth = float(rng.uniform(0.0, 360.0))
+    pitch = float(rng.uniform(-5.0, 55.0))
+    fov = float(rng.uniform(30.0, 60.0))
+    size = float(rng.uniform(*size_range))
+    half = math.tan(math.radians(fov) / 2.0)
+    distance = 1.25 / (size * half)
+    a, p = math.radians(azimuth), math.radians(pitch)
+    eye = distance * np.array([math.cos(p) * math.cos(a), math.sin(p), math.cos(p) * math.sin(a)])
+    focal = (resolution / 2.0) / half
+    room = 0.5 * resolution * (1.0 - size) * 0.8
+    du, dv = rng.uniform(-room, room, size=2)
+    centre = (resolution - 1) / 2.0
+    camera = Camera(
+        pose=look_at(eye), fx=focal, fy=focal, cx=centre + du, cy=centre + dv,
+        width=resolution, height=resolution, znear=0.05, zfar=distance + 10.0,
+    )
+    return camera, {"azimuth": azimuth, "pitch": pitch, "fov_y": fov, "size": size}
+
+
+# ---------------------------------------------------------------------------------------------
+# Procedural scenes (2D, composited behind the rendered asset)
+# ---------------------------------------------------------------------------------------------
+
+
+def _checker(x: np.ndarray, y: np.ndarray, period: float) -> np.ndarray:
+    return ((np.floor(x / period) + np.floor(y / period)) % 2).astype(np.float32)
+
+
+def _scene_background(rng: np.random.Generator, res: int, floor: tuple[str, str, str], wall: tuple[str, str, str]) -> tuple[np.ndarray, int]:
+    """Wall above a horizon, a perspective floor below it; light falls off with distance."""
+    horizon = int(rng.uniform(0.3, 0.6) * res)
+    v, u = np.mgrid[0:res, 0:res].astype(np.float32)
+    img = np.zeros((res, res, 3), np.float32)
+
+    wall_a, wall_b = np.array(COLOURS[wall[0]], np.float32), np.array(COLOURS[wall[1]], np.float32)
+    if wall[2] == "striped":
+        w = (np.floor(u / (res / rng.uniform(4, 10))) % 2)
+    elif wall[2] == "gradient":
+        w = v / max(horizon, 1)
+    else:
+        w = np.zeros_like(u)
+    wall_img = wall_a * (1 - w[..., None]) + wall_b * w[..., None]
+    wall_img *= (0.8 + 0.2 * v / max(horizon, 1))[..., None]
+
+    depth = res * 0.5 / np.maximum(v - horizon + 1.0, 1.0)  # ground distance per row
+    fx = (u - res / 2.0) * depth / (res * 0.5)
+    floor_a, floor_b = np.array(COLOURS[floor[0]], np.float32), np.array(COLOURS[floor[1]], np.float32)
+    if floor[2] == "checkered":
+        f = _checker(fx, depth, rng.uniform(0.3, 0.8))
+    elif floor[2] == "striped":
+        f = (np.floor(depth / rng.uniform(0.25, 0.6)) % 2).astype(np.float32)
+    else:
+        f = np.zeros_like(u)
+    floor_img = floor_a * (1 - f[..., None]) + floor_b * f[..., None]
+    floor_img *= np.clip(1.05 - 0.06 * depth, 0.6, 1.05)[..., None]
+
+    below = (v >= horizon)[..., None]
+    img = np.where(below, floor_img, wall_img)
+    return img, horizon
+
+
+def _draw_distractor(img: np.ndarray, rng: np.random.Generator, shape: str, colour: str, horizon: int) -> None:
+    """A shaded 2D shape standing on the floor (drawn behind the asset)."""
+    import cv2
+
+    res = img.shape[0]
+    r = int(rng.uniform(0.06, 0.14) * res)
+    cx = int(rng.uniform(0.05, 0.95) * res)
+    base = int(rng.uniform(horizon + 0.15 * (res - horizon), res - 1))
+    cy = base - r
+    mask = np.zeros(img.shape[:2], np.uint8)
+    if shape == "ball":
+        cv2.circle(mask, (cx, cy), r, 1, -1, lineType=cv2.LINE_8)
+    elif shape == "block":
+        cv2.rectangle(mask, (cx - r, cy - r), (cx + r, base), 1, -1)
+    else:
+        pts = np.array([[cx - r, base], [cx + r, base], [cx, base - 2 * r]], np.int32)
+        cv2.fillConvexPoly(mask, pts, 1)
+    v, u = np.mgrid[0:res, 0:res].astype(np.float32)
+    shade = np.clip(1.1 - 0.5 * ((u - cx + 0.4 * r) ** 2 + (v - cy + 0.4 * r) ** 2) ** 0.5 / max(r, 1) * 0.6, 0.55, 1.1)
+    col = np.array(COLOURS[colour], np.float32)[None, None] * shade[..., None]
+    img[mask > 0] = col[mask > 0]
+
+
+def _drop_shadow(img: np.ndarray, mask: np.ndarray, strength: float) -> None:
+    """Darken an ellipse on the floor under the asset's lowest visible pixels."""
+    import cv2
+
+    rows, cols = np.nonzero(mask)
+    if len(rows) == 0:
+        return
+    bottom, left, right = rows.max(), cols.min(), cols.max()
+    res = img.shape[0]
+    shadow = np.zeros(mask.shape, np.float32)
+    axes = (max(int((right - left) * 0.6), 1), max(int((right - left) * 0.12), 1))
+    cv2.ellipse(shadow, (int((left + right) / 2), int(bottom)), axes, 0, 0, 360, 1.0, -1)
+    k = max(3, (res // 16) | 1)
+    shadow = cv2.GaussianBlur(shadow, (k, k), 0)
+    img *= (1.0 - strength * shadow)[..., None]
+
+
+@dataclass
+class TargetSample:
+    """A composited target: image, aligned point map (white background), mask, caption, camera."""
+
+    image: np.ndarray  # uint8 HxWx3
+    pointmap: np.ndarray  # float32 HxWx3 in [0, 1], 1.0 where the asset is not visible
+    mask: np.ndarray  # bool HxW
+    caption: str
+    camera: Camera
+    viewpoint: str
+    scene: dict[str, Any]
+
+
+def _scene_choice(rng: np.random.Generator, held_out: bool) -> tuple[tuple[str, str, str], tuple[str, str, str]]:
+    """Floor and wall styles. Pairs whose colour indices sum to 0 mod 5 are reserved for evaluation."""
+    names = list(COLOURS)
+    while True:
+        fi, wi = rng.integers(len(names), size=2)
+        if fi == wi or ((fi + wi) % 5 == 0) != held_out:
+            continue
+        floor = (names[fi], str(rng.choice(names)), str(rng.choice(FLOOR_PATTERNS)))
+        wall = (names[wi], str(rng.choice(names)), str(rng.choice(WALL_PATTERNS)))
+        return floor, wall
+
+
+def compose_target(
+    renderer, mesh, asset_description: str, rng: np.random.Generator, resolution: int, held_out: bool = False
+) -> TargetSample:
+    """Render the asset at a random camera and composite it into a procedural scene."""
+    for attempt in range(8):
+        camera, pose = random_target_camera(rng, resolution, size_range=(0.35, 0.7 - 0.04 * attempt))
+        view = renderer.render(mesh, camera)
+        m = view.mask
+        if m.sum() > 0.02 * m.size and not (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any()):
+            break
+    floor, wall = _scene_choice(rng, held_out)
+    img, horizon = _scene_background(rng, resolution, floor, wall)
+    names = list(COLOURS)
+    distractors = []
+    for _ in range(int(rng.integers(0, 4))):
+        shape, colour = str(rng.choice(DISTRACTOR_SHAPES)), str(rng.choice(names))
+        _draw_distractor(img, rng, shape, colour, horizon)
+        distractors.append({"shape": shape, "colour": colour})
+    _drop_shadow(img, view.mask, float(rng.uniform(0.2, 0.5)))
+    brightness = float(rng.uniform(0.85, 1.1))
+    img = np.where(view.mask[..., None], view.rgb.astype(np.float32) * brightness, img)
+    image = np.clip(img, 0, 255).round().astype(np.uint8)
+
+    viewpoint = viewpoint_phrase(pose["azimuth"], pose["pitch"])
+    floor_words = f"{floor[0]} {floor[2]} floor" if floor[2] != "plain" else f"{floor[0]} floor"
+    wall_words = f"{wall[0]} {wall[2]} wall" if wall[2] != "plain" else f"{wall[0]} wall"
+    caption = f"{asset_description} on a {floor_words} in front of a {wall_words}"
+    if distractors:
+        caption += f" next to a {distractors[0]['colour']} {distractors[0]['shape']}"
+    caption += f", {viewpoint}"
+    scene = {"floor": floor, "wall": wall, "horizon": horizon, "distractors": distractors, "brightness": brightness, **pose}
+    return TargetSample(image, view.pointmap_xyz.astype(np.float32), view.mask.copy(), caption, camera, viewpoint, scene)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def _to_png(array: np.ndarray, path: Path) -> None:
+    if array.dtype != np.uint8:
+        array = np.clip(np.asarray(array) * 255.0, 0, 255).round().astype(np.uint8)
+    Image.fromarray(array).save(path)
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.write_text(json.dumps(data, indent=1))
+
+
+def write_asset(
+    root: Path, asset_id: str, mesh, n_views: int, resolution: int, description: str,
+    mesh_file: Path | None = None, renderer=None,
+) -> Path:
+    """Render and write an asset's reference views (and its mesh) under root/assets/<asset_id>."""
+    from refany3d.views import render_views
+
+    folder = root / "assets" / asset_id
+    folder.mkdir(parents=True, exist_ok=True)
+    views = render_views(mesh, n_views=n_views, resolution=resolution, renderer=renderer)
+    for k in range(n_views):
+        views.rgb[k].save(folder / f"rgb_{k}.png")
+        _to_png(views.pointmap_xyz[k], folder / f"pointmap_{k}.png")
+    if mesh_file is None:
+        mesh.export(folder / "mesh.ply")
+        mesh_name = "mesh.ply"
+    else:
+        mesh_name = str(Path(mesh_file).resolve())
+    norm = views.normalization
+    _write_json(folder / "meta.json", {
+        "mesh": mesh_name,
+        "description": description,
+        "azimuths": list(views.azimuths),
+        "cameras": [c.to_dict() for c in views.cameras],
+        "normalization": {"center": norm.center.tolist(), "scale": float(norm.scale), "bounds": norm.bounds.tolist()},
+    })
+    return folder
+
+
+def write_sample(root: Path, sample_id: str, asset_id: str, target: TargetSample) -> Path:
+    """Write one target (image, aligned point map, mask, meta) under root/samples/<sample_id>."""
+    folder = root / "samples" / sample_id
+    folder.mkdir(parents=True, exist_ok=True)
+    _to_png(target.image, folder / "image.png")
+    _to_png(target.pointmap, folder / "pointmap.png")
+    _to_png(target.mask.astype(np.uint8) * 255, folder / "mask.png")
+    _write_json(folder / "meta.json", {
+        "asset": asset_id,
+        "caption": target.caption,
+        "viewpoint": target.viewpoint,
+        "camera": target.camera.to_dict(),
+        "scene": target.scene,
+    })
+    return folder
+
+
+def _write_manifest(root: Path, **fields: Any) -> None:
+    manifest = root / "dataset.json"
+    data = json.loads(manifest.read_text()) if manifest.exists() else {"format": FORMAT}
+    data.update(fields)
+    data["count"] = len(list((root / "samples").glob("*/meta.json"))) if (root / "samples").exists() else 0
+    _write_json(manifest, data)
+
+
+def make_dataset(
+    out_dir: str | Path,
+    count: int,
+    n_views: int = 4,
+    resolution: int = 64,
+    seed: int = 0,
+    targets_per_asset: int = 4,
+    split: str = "train",
+    progress: bool = False,
+) -> Path:
+    """Write `count` procedural samples. `split="val"` draws held-out assets and scene styles.
+
+    Assets come from a random stream keyed by (split, seed, index), so train and val never share
+    one, and val scenes use floor/wall colour pairs that train never shows.
+    """
+    from refany3d.views import Renderer
+
+    if split not in ("train", "val"):
+        raise InputError(f"split must be 'train' or 'val', got {split!r}")
+    for name, value, low in (("count", count, 1), ("views", n_views, 1), ("resolution", resolution, 16), ("targets per asset", targets_per_asset, 1)):
+        if int(value) < low:
+            raise InputError(f"{name} must be at least {low}, got {value}")
+    root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    held_out = split == "val"
+    renderer = Renderer()
+    n_assets = math.ceil(count / targets_per_asset)
+    done = 0
+    for a in range(n_assets):
+        rng = np.random.default_rng([seed, 1 if held_out else 0, a])
+        mesh, parts = random_asset(rng)
+        description = describe_asset(parts)
+        asset_id = f"{split}-{seed}-a{a:06d}"
+        write_asset(root, asset_id, mesh, n_views, resolution, description, renderer=renderer)
+        for _ in range(min(targets_per_asset, count - done)):
+            target = compose_target(renderer, mesh, description, rng, resolution, held_out)
+            write_sample(root, f"{split}-{seed}-s{done:06d}", asset_id, target)
+            done += 1
+        if progress:
+            print(f"\r{done}/{count} samples", end="", flush=True)
+    if progress:
+        print()
+    _write_manifest(root, resolution=resolution, n_views=n_views, split=split, seed=seed)
+    return root
+
+
+def camera_from_object_pose(K: np.ndarray, rotation: np.ndarray, translation: np.ndarray, width: int, height: int, normalization) -> Camera:
+    """The normalized-frame camera that sees the asset as a pose estimator reports it.
+
+    The pose maps the mesh's own frame to OpenCV camera coordinates: x = R X + t. With
+    X = Xn / s + c (normalized -> own), x = (R Xn + s (R c + t)) / s, and a pinhole projection
+    ignores that overall 1/s, so the camera in the normalized frame has R and t' = s (R c + t).
+    """
+    K = np.asarray(K, dtype=np.float64)
+    R = np.asarray(rotation, dtype=np.float64)
+    t = np.asarray(translation, dtype=np.float64).reshape(3)
+    if K.shape != (3, 3) or R.shape != (3, 3):
+        raise InputError("intrinsics and rotation must be 3x3 matrices")
+    if not np.allclose(R @ R.T, np.eye(3), atol=1e-4) or np.linalg.det(R) < 0:
+        raise InputError("object rotation must be a proper rotation matrix")
+    s = float(normalization.scale)
+    t_norm = s * (R @ np.asarray(normalization.center, dtype=np.float64) + t)
+    if t_norm[2] <= 0:
+        raise InputError("the object is behind the camera (translation z must be positive)")
+    gl_to_cv = np.diag([1.0, -1.0, -1.0])
+    pose = np.eye(4)
+    pose[:3, :3] = (gl_to_cv @ R).T
+    pose[:3, 3] = -R.T @ t_norm
+    depth = float(np.linalg.norm(t_norm))
+    return Camera(pose=pose, fx=K[0, 0], fy=K[1, 1], cx=K[0, 2], cy=K[1, 2], width=width, height=height,
+                  znear=max(1e-3, depth - 2.0) * 0.5, zfar=depth + 4.0)
+
+
+def write_real_sample(
+    out_dir: str | Path,
+    image: str | Path | Image.Image,
+    mesh_path: str | Path,
+    K: np.ndarray,
+    rotation: np.ndarray,
+    translation: np.ndarray,
+    caption: str,
+    n_views: int = 4,
+    resolution: int = 512,
+    sample_id: str | None = None,
+) -> Path:
+    """Add a real photograph to a dataset: render its aligned point map from the object pose.
+
+    `rotation`, `translation` map the mesh's own coordinates to OpenCV camera coordinates
+    (x right, y down, z forward); `K` are the image's pixel intrinsics. The image and point map
+    are written at the image's own size; the trainer resizes both.
+    """
+    from refany3d.mesh import load_mesh
+    from refany3d.views import Renderer
+
+    root = Path(out_dir)
+    picture = image if isinstance(image, Image.Image) else Image.open(image)
+    picture = picture.convert("RGB")
+    mesh = load_mesh(mesh_path)
+    from refany3d.mesh import normalization_of
+
+    norm = normalization_of(mesh)
+    camera = camera_from_object_pose(K, rotation, translation, picture.width, picture.height, norm)
+    view = Renderer().render(mesh, camera)
+    if not view.mask.any():
+        raise InputError("the asset is not visible at the given pose and intrinsics")
+    stem = Path(mesh_path).stem
+    asset_id = f"real-{stem}"
+    if not (root / "assets" / asset_id / "meta.json").exists():
+        write_asset(root, asset_id, mesh, n_views, resolution, description=stem, mesh_file=Path(mesh_path))
+    sample_id = sample_id or f"real-{stem}-{len(list((root / 'samples').glob('real-*'))) if (root / 'samples').exists() else 0:06d}"
+    target = TargetSample(np.asarray(picture), view.pointmap_xyz, view.mask, caption, camera, "", {"source": "real"})
+    folder = write_sample(root, sample_id, asset_id, target)
+    _write_manifest(root, n_views=n_views, resolution=resolution)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading and streaming
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_image(path: Path, size: int) -> np.ndarray:
+    img = Image.open(path).convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.NEAREST if "pointmap" in path.name else Image.BICUBIC)
+    return np.asarray(img)
+
+
+def load_asset_views(folder: Path, size: int, n_views: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(rgb (V,H,W,3) uint8, pointmap (V,H,W,3) uint8, meta) of an asset's reference views."""
+    meta = json.loads((folder / "meta.json").read_text())
+    total = len(meta["azimuths"])
+    if n_views is not None and (n_views > total or total % n_views):
+        raise InputError(f"asset {folder.name} has {total} views, cannot take {n_views} evenly spaced ones")
+    picks = range(0, total, total // (n_views or total))
+    rgb = np.stack([_read_image(folder / f"rgb_{k}.png", size) for k in picks])
+    pm = np.stack([_read_image(folder / f"pointmap_{k}.png", size) for k in picks])
+    return rgb, pm, meta
+
+
+def list_samples(roots: Sequence[str | Path]) -> list[tuple[Path, Path]]:
+    """(dataset root, sample folder) of every sample in some datasets, in a stable order."""
+    found = []
+    for root in map(Path, roots):
+        if not (root / "dataset.json").exists():
+            raise InputError(f"{root} is not a refany3d dataset (no dataset.json)")
+        found += [(root, p.parent) for p in sorted((root / "samples").glob("*/meta.json"))]
+    if not found:
+        raise InputError(f"no samples found in {', '.join(map(str, roots))}")
+    return found
+
+
+def _to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (...,H,W,3) -> float (...,3,H,W) in [-1, 1], the VAE's input range."""
+    t = torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0)
+    return t.movedim(-1, -3)
+
+
+class SampleDataset(IterableDataset):
+    """Streams samples as tensors: an infinite, shuffled stream split over processes and workers.
+
+    Items: {"image": (3,H,W), "pointmap": (3,H,W), "ref_rgb": (V,3,H,W), "ref_pointmap": (V,3,H,W)
+    in [-1, 1], "caption": str}. `rank`/`world_size` give each training process a disjoint share.
+    """
+
+    def __init__(
+        self,
+        roots: Sequence[str | Path] | str | Path,
+        resolution: int,
+        n_views: int | None = None,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        repeat: bool = True,
+        shuffle: bool = True,
+        asset_cache: int = 256,
+    ) -> None:
+        roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+        self.samples = list_samples(roots)
+        self.resolution, self.n_views, self.seed = resolution, n_views, seed
+        self.rank, self.world_size, self.repeat, self.shuffle = rank, world_size, repeat, shuffle
+        self._assets: OrderedDict[Path, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._asset_cache = asset_cache
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _asset(self, folder: Path) -> tuple[np.ndarray, np.ndarray]:
+        if folder not in self._assets:
+            rgb, pm, _ = load_asset_views(folder, self.resolution, self.n_views)
+            self._assets[folder] = (rgb, pm)
+            if len(self._assets) > self._asset_cache:
+                self._assets.popitem(last=False)
+        return self._assets[folder]
+
+    def item(self, index: int) -> dict[str, Any]:
+        """One sample by index (deterministic; used by evaluation)."""
+        root, folder = self.samples[index]
+        meta = json.loads((folder / "meta.json").read_text())
+        rgb, pm = self._asset(root / "assets" / meta["asset"])
+        return {
+            "image": _to_tensor(_read_image(folder / "image.png", self.resolution)),
+            "pointmap": _to_tensor(_read_image(folder / "pointmap.png", self.resolution)),
+            "ref_rgb": _to_tensor(rgb),
+            "ref_pointmap": _to_tensor(pm),
+            "caption": meta["caption"],
+        }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        shard, n_shards = self.rank * workers + worker, self.world_size * workers
+        epoch = 0
+        while True:
+            order = list(range(len(self.samples)))
+            if self.shuffle:
+                random.Random(self.seed * 100_003 + epoch).shuffle(order)
+            for index in order[shard::n_shards]:
+                yield self.item(index)
+            epoch += 1
+            if not self.repeat:
+                return
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack tensors and keep captions as a list."""
+    return {k: ([it[k] for it in items] if k == "caption" else torch.stack([it[k] for it in items])) for k in items[0]}
