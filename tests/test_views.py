@@ -1,0 +1,289 @@
+"""Cameras and rendering, checked against geometry computed independently in the tests.
+
+The test box has one colour per side, so which side a pixel shows is known from the camera alone.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+from refany3d.cameras import Camera, look_at, orbit_camera, reference_azimuths
+from refany3d.errors import InputError
+from refany3d.mesh import load_mesh, normalization_of
+from refany3d.views import Renderer, render_at, render_views
+
+SHARED = Path(__file__).parents[1] / ".." / "shared" / "meshes"
+
+SIDE_COLORS = {  # (axis, sign) -> RGB
+    (0, 1): (255, 0, 0), (0, -1): (0, 255, 255),
+    (1, 1): (0, 255, 0), (1, -1): (255, 0, 255),
+    (2, 1): (0, 0, 255), (2, -1): (255, 255, 0),
+}
+
+
+def side_quads(extents, center):
+    """(axis, sign, 4 corners (counter-clockwise seen from outside), uv) for each side of a box."""
+    half = np.asarray(extents, dtype=float) / 2
+    for (axis, sign) in SIDE_COLORS:
+        u_axis, v_axis = [a for a in range(3) if a != axis]
+        corners = np.zeros((4, 3))
+        corners[:, axis] = sign
+        corners[:, u_axis] = [-1, 1, 1, -1]
+        corners[:, v_axis] = [-1, -1, 1, 1]
+        if np.cross(corners[1] - corners[0], corners[2] - corners[0])[axis] * sign < 0:
+            corners = corners[::-1]
+        yield axis, sign, corners * half + center, np.array([[0, 0], [1, 0], [1, 1], [0, 1]], float)[: 4]
+
+
+def colored_box(extents=(2, 2, 2), center=(0, 0, 0)) -> trimesh.Trimesh:
+    vertices, faces, colors = [], [], []
+    for axis, sign, corners, _ in side_quads(extents, center):
+        base = len(vertices) * 4
+        vertices.append(corners)
+        faces += [[base, base + 1, base + 2], [base, base + 2, base + 3]]
+        colors.append(np.tile([*SIDE_COLORS[(axis, sign)], 255], (4, 1)))
+    return trimesh.Trimesh(np.concatenate(vertices), np.array(faces), vertex_colors=np.concatenate(colors), process=False)
+
+
+@pytest.fixture(scope="module")
+def renderer():
+    with Renderer() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def box_glb(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("box") / "box.glb"
+    path.write_bytes(trimesh.Scene(colored_box()).export(file_type="glb"))
+    return path
+
+
+# ------------------------------------------------------------------------------------ cameras
+
+
+def test_reference_azimuths_follow_the_60_frame_orbit():
+    assert reference_azimuths(8) == [0.0, 42.0, 84.0, 126.0, 168.0, 210.0, 252.0, 294.0]
+    assert reference_azimuths(4) == [0.0, 90.0, 180.0, 270.0]
+    assert reference_azimuths(7) == [i * 8 * 6.0 for i in range(7)]  # floor(60/7) = 8 frames of 6 degrees
+    for bad in (0, 61, 2.5):
+        with pytest.raises(InputError):
+            reference_azimuths(bad)
+
+
+def test_orbit_camera_matches_release_formula_and_look_at():
+    cam = orbit_camera(30.0, 20.0, radius=3.0, resolution=64)
+    a, p = math.radians(30), math.radians(20)
+    eye = 3.0 * np.array([math.cos(p) * math.cos(a), math.sin(p), math.cos(p) * math.sin(a)])
+    np.testing.assert_allclose(cam.position, eye, atol=1e-12)
+    np.testing.assert_allclose(cam.pose, look_at(eye), atol=1e-12)
+    assert cam.fy == pytest.approx(32 / math.tan(math.radians(22.5)))
+    assert (cam.cx, cam.cy) == (31.5, 31.5)
+    np.testing.assert_allclose(cam.project(np.zeros((1, 3))), [[31.5, 31.5]], atol=1e-9)
+    # the world's up direction projects upward in the image (v decreases)
+    assert cam.project(np.array([[0.0, 0.5, 0.0]]))[0, 1] < 31.5
+
+
+def test_orbit_camera_straight_above_is_well_defined():
+    cam = orbit_camera(0.0, 90.0)
+    assert np.all(np.isfinite(cam.pose))
+    np.testing.assert_allclose(cam.pose[:3, :3] @ cam.pose[:3, :3].T, np.eye(3), atol=1e-12)
+
+
+def test_camera_opencv_extrinsics_and_dict_round_trip():
+    cam = Camera(pose=look_at((1.0, 2.0, 3.0), (0.1, 0.0, -0.2)), fx=70, fy=50, cx=20.3, cy=40.7, width=64, height=80)
+    R, t = cam.world_to_camera_cv()
+    np.testing.assert_allclose(R @ R.T, np.eye(3), atol=1e-12)
+    assert np.linalg.det(R) == pytest.approx(1.0)
+    target_cv = R @ np.array([0.1, 0.0, -0.2]) + t
+    assert target_cv[0] == pytest.approx(0, abs=1e-12) and target_cv[1] == pytest.approx(0, abs=1e-12)
+    assert target_cv[2] > 0  # in front of the camera
+    np.testing.assert_allclose(cam.project(np.array([[0.1, 0.0, -0.2]])), [[20.3, 40.7]], atol=1e-9)
+    assert Camera.from_dict(cam.to_dict()) == cam
+    assert np.isnan(cam.project(np.array([[2.0, 4.0, 6.0]]))).all()  # behind the camera
+    with pytest.raises(InputError):
+        Camera(pose=np.eye(4), fx=-1, fy=1, cx=0, cy=0, width=4, height=4)
+
+
+# ---------------------------------------------------------------------------------- rendering
+
+
+def _inside(poly: np.ndarray, points: np.ndarray, margin: float) -> np.ndarray:
+    """Points at least `margin` pixels inside a convex polygon (either winding)."""
+    signed = []
+    for i in range(len(poly)):
+        a, b = poly[i], poly[(i + 1) % len(poly)]
+        edge = b - a
+        signed.append((edge[0] * (points[:, 1] - a[1]) - edge[1] * (points[:, 0] - a[0])) / np.linalg.norm(edge))
+    signed = np.stack(signed, 1)
+    return np.all(signed > margin, 1) | np.all(signed < -margin, 1)
+
+
+@pytest.mark.parametrize(
+    "camera",
+    [
+        orbit_camera(0.0, resolution=64),
+        Camera(pose=look_at((3.5, 1.2, 0.8)), fx=70.0, fy=50.0, cx=20.3, cy=40.7, width=64, height=80),
+    ],
+    ids=["orbit", "off-centre-anisotropic"],
+)
+def test_projected_side_lands_where_the_renderer_draws_it(renderer, camera):
+    mesh = colored_box()
+    view = renderer.render(mesh, camera)
+    vv, uu = np.mgrid[0 : camera.height, 0 : camera.width]
+    pixels = np.stack([uu.ravel(), vv.ravel()], 1).astype(float)
+    corners = next(c for axis, sign, c, _ in side_quads((2, 2, 2), (0, 0, 0)) if (axis, sign) == (0, 1))
+    poly = camera.project(corners)
+    inside = _inside(poly, pixels, margin=0.75).reshape(camera.height, camera.width)
+    assert inside.sum() > 100
+    assert np.all(view.rgb[inside] == SIDE_COLORS[(0, 1)])
+    # the +x side is at x = +1 = the top of the x range: red channel of the point map is 1
+    np.testing.assert_allclose(view.pointmap_xyz[inside][:, 0], 1.0, atol=1e-4)
+    silhouette = camera.project(mesh.vertices)
+    # pixels far outside the box's projected bounding rectangle are white background
+    lo, hi = silhouette.min(0) - 1, silhouette.max(0) + 1
+    far = ((pixels[:, 0] < lo[0]) | (pixels[:, 0] > hi[0]) | (pixels[:, 1] < lo[1]) | (pixels[:, 1] > hi[1])).reshape(inside.shape)
+    assert np.all(view.rgb[far] == 255) and not view.mask[far].any()
+    assert np.all(view.pointmap_xyz[far] == 1.0)
+
+
+def test_point_map_is_exact_surface_even_at_silhouettes(renderer):
+    """Every foreground pixel of a cube lies on the cube: blended or quantized values would not."""
+    mesh = colored_box()
+    norm = normalization_of(mesh)
+    camera = orbit_camera(33.0, 27.0, resolution=96)
+    view = renderer.render(mesh, camera)
+    own = norm.own_from_pointmap(view.pointmap_xyz[view.mask])
+    np.testing.assert_allclose(np.abs(own).max(1), 1.0, atol=2e-4)
+    # and each recovered point projects back to its own pixel centre
+    rows, cols = np.nonzero(view.mask)
+    np.testing.assert_allclose(camera.project(norm.to_normalized(own)), np.stack([cols, rows], 1), atol=0.02)
+    # silhouette pixels are included (the mask is not eroded)
+    edge = view.mask & ~np.pad(view.mask, 1)[2:, 1:-1]
+    assert edge.sum() > 10
+
+
+def test_views_follow_azimuth_order_and_pitch(box_glb):
+    views = render_views(box_glb, n_views=4, resolution=32)
+    assert views.azimuths == [0.0, 90.0, 180.0, 270.0]
+    centre = [tuple(np.asarray(im)[16, 16]) for im in views.rgb]
+    # eye at +x, +z, -x, -z in turn
+    assert centre == [SIDE_COLORS[(0, 1)], SIDE_COLORS[(2, 1)], SIDE_COLORS[(0, -1)], SIDE_COLORS[(2, -1)]]
+    above = render_views(box_glb, n_views=1, resolution=32, pitch=60.0)
+    below = render_views(box_glb, n_views=1, resolution=32, pitch=-60.0)
+    assert tuple(np.asarray(above.rgb[0])[16, 16]) == SIDE_COLORS[(1, 1)]
+    assert tuple(np.asarray(below.rgb[0])[16, 16]) == SIDE_COLORS[(1, -1)]
+    assert all(m.dtype == bool and m.shape == (32, 32) for m in views.masks)
+
+
+def test_y_rotation_rotates_point_map_colours_only(renderer):
+    mesh = colored_box(extents=(2.0, 1.0, 1.0), center=(5.0, 3.0, -2.0))
+    camera = orbit_camera(42.0, 15.0, resolution=48)
+    plain = render_at(mesh, camera, renderer=renderer)
+    turned = render_at(mesh, camera, y_rotation=90.0, renderer=renderer)
+    np.testing.assert_array_equal(plain.rgb, turned.rgb)
+    p, q = plain.pointmap_xyz[plain.mask], turned.pointmap_xyz[plain.mask]
+    # R_y(90) maps centred (x, y, z) to (z, y, -x)
+    np.testing.assert_allclose(q[:, 0], p[:, 2], atol=1e-6)
+    np.testing.assert_allclose(q[:, 1], p[:, 1], atol=1e-6)
+    np.testing.assert_allclose(q[:, 2], 1.0 - p[:, 0], atol=1e-6)
+
+
+def test_point_map_uses_own_frame_min_max_per_axis(renderer):
+    mesh = colored_box(extents=(2.0, 1.0, 4.0), center=(5.0, 3.0, -2.0))
+    norm = normalization_of(mesh)
+    assert norm.scale == pytest.approx(0.5)
+    np.testing.assert_allclose(norm.center, [5, 3, -2])
+    camera = orbit_camera(0.0, 30.0, resolution=64)  # sees +x and +y sides
+    view = renderer.render(mesh, camera)
+    P = view.pointmap_xyz[view.mask]
+    own = np.stack([4.0 + 2.0 * P[:, 0], 2.5 + 1.0 * P[:, 1], -4.0 + 4.0 * P[:, 2]], 1)
+    on_side = np.isclose(own[:, 0], 6.0, atol=1e-3) | np.isclose(own[:, 1], 3.5, atol=1e-3)
+    assert on_side.all()
+
+
+def test_known_texture_lands_on_known_pixels(renderer, tmp_path):
+    """Quadrant texture on the +x side: a surface point at uv (0.25, 0.75) shows the top-left quadrant."""
+    quadrants = np.zeros((64, 64, 3), np.uint8)
+    quadrants[:32, :32] = (200, 30, 30)  # top-left of the image = uv (u<.5, v>.5)
+    quadrants[:32, 32:] = (30, 200, 30)
+    quadrants[32:, :32] = (30, 30, 200)
+    quadrants[32:, 32:] = (220, 220, 40)
+    vertices, faces, uvs = [], [], []
+    for axis, sign, corners, uv in side_quads((2, 2, 2), (0, 0, 0)):
+        base = len(vertices) * 4
+        vertices.append(corners)
+        uvs.append(uv)
+        faces += [[base, base + 1, base + 2], [base, base + 2, base + 3]]
+    material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.fromarray(quadrants), baseColorFactor=[10, 10, 10, 255])
+    box = trimesh.Trimesh(np.concatenate(vertices), np.array(faces), process=False,
+                          visual=trimesh.visual.TextureVisuals(uv=np.concatenate(uvs), material=material))
+    path = tmp_path / "textured.glb"
+    path.write_bytes(trimesh.Scene(box).export(file_type="glb"))
+    mesh = load_mesh(path)
+    camera = orbit_camera(0.0, resolution=128)
+    view = renderer.render(mesh, camera)
+    axis, sign, corners, uv = next(q for q in side_quads((2, 2, 2), (0, 0, 0)) if q[:2] == (0, 1))
+
+    def surface(u, v):  # bilinear map of the quad from its corner uvs (0,0) (1,0) (1,1) (0,1)
+        return (1 - u) * (1 - v) * corners[0] + u * (1 - v) * corners[1] + u * v * corners[2] + (1 - u) * v * corners[3]
+
+    expected = {(0.25, 0.75): (200, 30, 30), (0.75, 0.75): (30, 200, 30), (0.25, 0.25): (30, 30, 200), (0.75, 0.25): (220, 220, 40)}
+    for (u, v), rgb in expected.items():
+        col, row = np.round(camera.project(surface(u, v)[None])[0]).astype(int)
+        # used as is: the baseColorFactor (10, 10, 10) does not darken the texture
+        assert tuple(view.rgb[row, col]) == rgb
+
+
+def test_render_views_outputs_and_bad_settings(box_glb):
+    views = render_views(box_glb, n_views=3, resolution=40, radius=5.0)
+    assert len(views.rgb) == len(views.pointmap) == len(views.cameras) == 3
+    assert views.rgb[0].size == (40, 40) and views.pointmap[0].mode == "RGB"
+    xyz = views.pointmap_xyz[0]
+    assert xyz.dtype == np.float32 and xyz.shape == (40, 40, 3)
+    np.testing.assert_array_equal(np.asarray(views.pointmap[0]), np.round(xyz * 255).astype(np.uint8))
+    assert views.cameras[1] == orbit_camera(views.azimuths[1], 0.0, 5.0, 40)
+    for kwargs in ({"n_views": 0}, {"resolution": 2}, {"resolution": 64.5}, {"radius": 0.5}, {"pitch": 120.0},
+                   {"y_rotation": float("nan")}):
+        with pytest.raises(InputError):
+            render_views(box_glb, **kwargs)
+    with pytest.raises(InputError):
+        render_views(12345)
+
+
+def test_cli_render_writes_views(box_glb, tmp_path, capsys):
+    from refany3d.cli import main
+
+    out = tmp_path / "views"
+    assert main(["render", str(box_glb), "--views", "2", "--resolution", "32", "--pitch", "10", "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["contact_sheet.png", "pointmap_00.png", "pointmap_01.png", "rgb_00.png", "rgb_01.png", "views.json"]
+    import json
+
+    meta = json.loads((out / "views.json").read_text())
+    assert meta["azimuths"] == [0.0, 180.0] and meta["pitch"] == 10.0
+    assert Camera.from_dict(meta["cameras"][1]) == orbit_camera(180.0, 10.0, 4.0, 32)
+    bad = tmp_path / "bad.glb"
+    bad.write_bytes(b"not a mesh at all")
+    assert main(["render", str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: bad.glb")
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/meshes not present")
+@pytest.mark.parametrize("name", ["Duck.glb", "CesiumMilkTruck.glb", "capsule.obj"])
+def test_shared_meshes_render_upright_and_textured(name):
+    views = render_views(SHARED / name, n_views=2, resolution=96)
+    for rgb, mask, xyz in zip(views.rgb, views.masks, views.pointmap_xyz):
+        pixels = np.asarray(rgb)[mask]
+        assert 0.03 < mask.mean() < 0.9
+        assert len(np.unique(pixels // 16, axis=0)) > 3  # textured, not one flat colour
+        # point-map green (own-frame y) grows upward in the image for upright assets
+        rows = np.nonzero(mask)[0]
+        top, bottom = rows < np.percentile(rows, 20), rows > np.percentile(rows, 80)
+        if name != "capsule.obj":
+            assert xyz[mask][top, 1].mean() > xyz[mask][bottom, 1].mean()
