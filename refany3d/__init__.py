@@ -35,6 +35,13 @@ _EXPORTS = {
     "ReferenceViews": "views",
     "render_views": "views",
     "render_at": "views",
+    # issue 6: alignment analysis
+    "align": "alignment",
+    "align_runs": "alignment",
+    "AlignmentReport": "alignment",
+    "estimate_pose": "alignment",
+    "frustum_segments": "alignment",
+    "overlay_image": "alignment",
 }
 
 
