@@ -261,13 +261,15 @@ def estimate_pose(
 _PLAIN_BORDER_SPREAD = 0.08  # colour distance of a border pixel to the median border colour ...
 _PLAIN_BORDER_SHARE = 0.7  # ... that this share of the border stays within for a plain background
 _OBJECT_COLOUR_DISTANCE = 0.12  # a pixel this far from a plain background's colour is object
+_MAX_BACKGROUND_COLOURED = 0.3  # share of the point-map foreground that may look like background
 _GRABCUT_SIDE = 256
 
 
 def segment_object(image: np.ndarray, hint: np.ndarray) -> tuple[np.ndarray | None, str]:
     """The object's region in a generated image, and how it was found (or why it was not).
 
-    A plain background (most of the image border is one colour) is separated by colour distance.
+    A plain background (most of the image border is one colour) is separated by colour distance,
+    unless much of the object has that colour too (then there is no answer, and it says so).
     Otherwise
     GrabCut runs with only a rectangle: the bounding box of `hint` (the point map's foreground)
     grown by 10%; inside it, colour statistics alone decide the shape, so the IoU with `hint` still
@@ -279,11 +281,20 @@ def segment_object(image: np.ndarray, hint: np.ndarray) -> tuple[np.ndarray | No
     background = np.median(border, axis=0)
     near = np.linalg.norm(border - background, axis=1) < _PLAIN_BORDER_SPREAD
     if near.mean() > _PLAIN_BORDER_SHARE:  # the object may touch the border, the rest is plain
-        mask = np.linalg.norm(image - background, axis=2) > _OBJECT_COLOUR_DISTANCE
+        # background = the background-coloured regions connected to the border, so that parts of
+        # the object that happen to have the background's colour but lie inside it still count
+        plain = (np.linalg.norm(image - background, axis=2) <= _OBJECT_COLOUR_DISTANCE).astype(np.uint8)
+        hidden = float(plain[hint].mean()) if hint.any() else 0.0
+        if hidden > _MAX_BACKGROUND_COLOURED:
+            return None, (f"{hidden:.0%} of the point map's foreground has the background's colour "
+                          "in the image (a light object on a light background, or no object there)")
+        _, labels = cv2.connectedComponents(plain, connectivity=4)
+        edge_labels = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+        mask = ~np.isin(labels, edge_labels[edge_labels > 0])
         mask = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_OPEN, np.ones((3, 3), np.uint8)) > 0
         if not mask.any():
             return None, "plain background but no object found in the image"
-        return mask, "plain background (colour distance to the border colour)"
+        return mask, "plain background (border-connected regions of the border colour)"
     rows, cols = np.nonzero(hint)
     if len(rows) == 0:
         return None, "no point-map foreground to place the object"
@@ -407,7 +418,7 @@ class AlignmentReport:
         def fmt(x: float | None, spec: str, unit: str = "") -> str:
             return "n/a" if x is None else f"{x:{spec}}{unit}"
 
-        lines = [f"measurable: {'yes' if self.measurable else 'no'}" + (f" ({self.reason})" if self.reason else "")]
+        lines = ["measurable: yes" if self.measurable else f"measurable: no ({self.reason})"]
         if self.rotation is not None:
             rvec = cv2.Rodrigues(self.rotation)[0].ravel()
             lines.append("rotation (world->camera, OpenCV): " + np.array2string(
@@ -617,7 +628,8 @@ BATCH_COLUMNS = ("run", "measurable", "reason", "inlier_ratio", "reprojection_er
 
 
 def _run_settings(run: Path) -> dict[str, Any]:
-    """settings.json of a run, with keys either at the top or under "settings"."""
+    """settings.json of a run, with keys at the top or under "settings" (those win: the writer in
+    outputs.py keeps the run's settings there and a {"name", "sha256"} mesh record at the top)."""
     try:
         record = json.loads((run / "settings.json").read_text())
     except (OSError, ValueError) as err:
@@ -625,18 +637,19 @@ def _run_settings(run: Path) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise InputError(f"{run.name}/settings.json is not a JSON object")
     nested = record.get("settings") if isinstance(record.get("settings"), dict) else {}
-    return {**nested, **{k: v for k, v in record.items() if k != "settings"}}
+    return {**{k: v for k, v in record.items() if k != "settings"}, **nested}
 
 
 def _run_mesh_path(run: Path, settings: dict[str, Any]) -> Path:
     """The mesh a run used: its "mesh" setting (a path, or a record with "path"/"name"), looked up
-    as given, then next to the run, then next to the batch folder."""
+    as given, then next to the run, then next to the batch folder (also by file name alone)."""
     entry = settings.get("mesh")
     if isinstance(entry, dict):
         entry = entry.get("path") or entry.get("name")
     if not isinstance(entry, str) or not entry:
         raise InputError(f"{run.name}/settings.json names no mesh")
-    for candidate in (Path(entry), run / entry, run.parent / entry):
+    name = Path(entry).name
+    for candidate in (Path(entry), run / entry, run.parent / entry, run / name, run.parent / name):
         if candidate.is_file():
             return candidate
     raise InputError(f"{run.name}: mesh {entry!r} not found (give --mesh)")

@@ -15,10 +15,13 @@ import pytest
 import trimesh
 from PIL import Image
 
-from refany3d.alignment import align, frustum_segments, overlay_image, to_frame
+from refany3d.alignment import (
+    align, frustum_segments, mask_iou, overlay_image, segment_object, to_frame,
+)
 from refany3d.cameras import Camera, focal_from_fov, look_at, orbit_camera
 from refany3d.cli import main
 from refany3d.mesh import normalization_of
+from refany3d.outputs import write_settings_json
 from refany3d.views import pointmap_image, render_at
 
 RES = 128
@@ -290,6 +293,28 @@ def test_image_iou_on_a_busy_background_uses_grabcut(asset):
     assert moved.colour_psnr < report.colour_psnr
 
 
+def _disc(radius: float, centre=(64, 64)) -> np.ndarray:
+    y, x = np.mgrid[0:RES, 0:RES]
+    return (x - centre[0]) ** 2 + (y - centre[1]) ** 2 <= radius**2
+
+
+def test_plain_background_segmentation_keeps_enclosed_background_coloured_parts():
+    image = np.ones((RES, RES, 3))
+    image[_disc(40)] = (0.8, 0.1, 0.1)
+    image[_disc(15)] = 1.0  # a white part of the object, enclosed by its red rim
+    mask, how = segment_object(image, _disc(40))
+    assert "plain background" in how
+    assert mask_iou(mask, _disc(40)) > 0.97
+
+
+def test_plain_background_segmentation_declines_a_light_object_on_light_background():
+    image = np.ones((RES, RES, 3))
+    image[_disc(40) & ~_disc(30)] = (0.8, 0.1, 0.1)  # only a rim differs from the background
+    image[_disc(40) & (np.mgrid[0:RES, 0:RES][1] > 64)] = 1.0  # and the rim is open on one side
+    mask, how = segment_object(image, _disc(40))
+    assert mask is None and "background's colour" in how
+
+
 def test_overlay_blends_inside_the_silhouette(asset):
     camera = _camera(60, 20, 3.5)
     view = render_at(asset, camera)
@@ -352,13 +377,19 @@ def test_report_orbit_and_json(asset):
 # --------------------------------------------------------------------------------------------
 
 
-def _write_run(folder: Path, mesh, mesh_path: Path, camera: Camera, y_rotation: float, pointmap=None):
+def _write_run(folder: Path, mesh, mesh_path: Path, camera: Camera, y_rotation: float, pointmap=None,
+               writer_layout: bool = False):
+    """A generate-style run folder; settings.json flat, or as outputs.write_settings_json lays it out."""
     folder.mkdir(parents=True)
     view = render_at(mesh, camera, y_rotation)
     Image.fromarray(view.rgb).save(folder / "image.png")
     Image.fromarray(pointmap if pointmap is not None else
                     np.asarray(pointmap_image(view.pointmap_xyz))).save(folder / "pointmap.png")
-    (folder / "settings.json").write_text(json.dumps({"mesh": str(mesh_path), "y_rotation": y_rotation}))
+    settings = {"mesh": str(mesh_path), "y_rotation": y_rotation}
+    if writer_layout:
+        write_settings_json(settings, folder / "settings.json", mesh_path=mesh_path)
+    else:
+        (folder / "settings.json").write_text(json.dumps(settings))
 
 
 def test_cli_eval_single_and_batch(asset, tmp_path, capsys):
@@ -369,7 +400,7 @@ def test_cli_eval_single_and_batch(asset, tmp_path, capsys):
     mesh = load_mesh(mesh_path)
     camera = _camera(100, 10, 4.0)
     _write_run(tmp_path / "runs" / "a", mesh, mesh_path, camera, 0.0)
-    _write_run(tmp_path / "runs" / "b", mesh, mesh_path, _camera(10, 30, 3.0), 45.0)
+    _write_run(tmp_path / "runs" / "b", mesh, mesh_path, _camera(10, 30, 3.0), 45.0, writer_layout=True)
     _write_run(tmp_path / "runs" / "c", mesh, mesh_path, camera, 0.0, pointmap=_blank())
 
     out = tmp_path / "a.json"
