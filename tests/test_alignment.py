@@ -154,6 +154,20 @@ def test_y_rotation_is_undone(asset):
     assert ignored.pointmap_error > 10 * report.pointmap_error
 
 
+@pytest.mark.parametrize("name", ["armchair.glb", "traffic_cone.glb", "vase.glb"])
+def test_the_project_examples(name):
+    from refany3d.examples import example_paths
+    from refany3d.mesh import load_mesh
+
+    mesh = load_mesh(example_paths()[name])
+    camera = _camera(330, 25, 3.0, roll=-8)
+    view = render_at(mesh, camera)
+    report = align(mesh, pointmap_image(view.pointmap_xyz), view.rgb)
+    rot_err, pos_err = _pose_errors(report, camera)
+    assert report.measurable and rot_err < 1.0 and pos_err < 0.01
+    assert report.iou > 0.95 and report.colour_psnr > 30.0
+
+
 @pytest.mark.skipif(not (SHARED_MESHES / "Duck.glb").is_file(), reason="shared meshes absent")
 def test_textured_third_party_mesh(asset):
     from refany3d.mesh import load_mesh
