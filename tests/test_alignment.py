@@ -18,7 +18,7 @@ from PIL import Image
 from refany3d.alignment import (
     align, frustum_segments, mask_iou, overlay_image, segment_object, to_frame,
 )
-from refany3d.cameras import Camera, focal_from_fov, look_at, orbit_camera
+from refany3d.cameras import Camera, focal_from_fov, look_at
 from refany3d.cli import main
 from refany3d.mesh import normalization_of
 from refany3d.outputs import write_settings_json
@@ -444,3 +444,14 @@ def test_cli_eval_bad_input_is_one_line_error(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
     assert main(["eval"]) == 2
     assert "MESH and POINTMAP_PNG" in capsys.readouterr().err
+
+
+def test_bad_inputs_raise_typed_errors(asset):
+    from refany3d.errors import InputError
+
+    with pytest.raises(InputError, match="aspect ratios"):
+        align(asset, _blank(), np.zeros((50, 100, 3), np.uint8))
+    with pytest.raises(InputError, match="within \\[0,1\\]"):
+        align(asset, np.full((RES, RES, 3), 2.0))
+    with pytest.raises(InputError, match="HxWx3"):
+        align(asset, np.zeros((RES, RES)))
