@@ -71,20 +71,27 @@ def unpack_latents(tokens: torch.Tensor, latent_height: int, latent_width: int) 
     return x.reshape(b, c, latent_height, latent_width)
 
 
-def encode_images(vae, image_processor, images: Sequence[Image.Image], size: int) -> torch.Tensor:
-    """VAE-encode images resized to size x size; returns FLUX-normalized latents (N, C, h, w)."""
+def encode_images(
+    vae, image_processor, images: Sequence[Image.Image], size: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """VAE-encode images resized to size x size; returns FLUX-normalized latents (N, C, h, w).
+
+    The posterior sample draws from `generator`, so a seeded call is reproducible.
+    """
     pixels = image_processor.preprocess(list(images), height=size, width=size)
     pixels = pixels.to(device=vae.device, dtype=vae.dtype)
-    latents = vae.encode(pixels).latent_dist.sample()
+    latents = vae.encode(pixels).latent_dist.sample(generator=generator)
     return (latents - vae.config.shift_factor) * vae.config.scaling_factor
 
 
-def condition_tokens(vae, image_processor, images: Sequence[Image.Image], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def condition_tokens(
+    vae, image_processor, images: Sequence[Image.Image], size: int, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed condition tokens (N, L, 4C) and their shared position ids (L, 3).
 
     Views are encoded one at a time, as the release does: the VAE's batched forward differs from
     its single-image forward by up to ~1e-3 on CPU, enough to move outputs past parity tolerance.
     """
-    latents = torch.cat([encode_images(vae, image_processor, [img], size) for img in images])
+    latents = torch.cat([encode_images(vae, image_processor, [img], size, generator) for img in images])
     ids = latent_position_ids(latents.shape[2], latents.shape[3], CONDITION_POSITION_DELTA)
     return pack_latents(latents), ids.to(latents.device)

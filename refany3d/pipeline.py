@@ -40,6 +40,20 @@ CONDITION_POINTMAP_ADAPTERS = ("default", "coord")
 
 StepCallback = Callable[[int, int], None]
 
+# The small model trained by this project (`python -m refany3d train`), shipped in the repository.
+EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "embedded"
+
+
+def default_model() -> tuple[str, str]:
+    """(base, ref) to use when none is given: $REFANY3D_BASE_MODEL / $REFANY3D_REF_MODEL, else
+    the embedded model when it is present, else the published FLUX.1-dev + RefAny3D weights."""
+    import os
+
+    embedded = (EMBEDDED_MODEL_DIR / "base").is_dir() and (EMBEDDED_MODEL_DIR / "ref").is_dir()
+    base = str(EMBEDDED_MODEL_DIR / "base") if embedded else DEFAULT_BASE_MODEL
+    ref = str(EMBEDDED_MODEL_DIR / "ref") if embedded else DEFAULT_REF_MODEL
+    return os.environ.get("REFANY3D_BASE_MODEL") or base, os.environ.get("REFANY3D_REF_MODEL") or ref
+
 
 @dataclass
 class RefAny3DOutput:
@@ -131,12 +145,19 @@ class RefAny3DPipeline:
                 "Give a local diffusers FluxPipeline folder as base_model (CLI: --base-model DIR); "
                 f"{DEFAULT_BASE_MODEL} is gated on the Hub and needs an access token."
             ) from None
-        for name in ("default", "coord"):
-            path = ref_files[f"{name}.safetensors"]
-            try:
-                flux.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-            except Exception as err:
-                raise ModelLoadError(f"cannot load LoRA {str(path)!r} as adapter {name!r}: {err}") from None
+        from diffusers.utils import logging as diffusers_logging
+
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity_error()  # silence "no LoRA keys for the text encoder": by design
+        try:
+            for name in ("default", "coord"):
+                path = ref_files[f"{name}.safetensors"]
+                try:
+                    flux.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+                except Exception as err:
+                    raise ModelLoadError(f"cannot load LoRA {str(path)!r} as adapter {name!r}: {err}") from None
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
         inner = flux.transformer.config.num_attention_heads * flux.transformer.config.attention_head_dim
         embedder = load_domain_embedder(ref_files["domain_embedder.pth"], inner)
         flux.transformer.requires_grad_(False)
@@ -175,8 +196,10 @@ class RefAny3DPipeline:
         )
         return embeds, pooled
 
-    def encode_views(self, images: Sequence[Image.Image], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return condition_tokens(self.flux.vae, self.flux.image_processor, images, size)
+    def encode_views(
+        self, images: Sequence[Image.Image], size: int, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return condition_tokens(self.flux.vae, self.flux.image_processor, images, size, generator)
 
     def decode(self, tokens: torch.Tensor, height: int, width: int, output_type: str):
         vae = self.flux.vae
@@ -282,11 +305,12 @@ class RefAny3DPipeline:
         target_ids = latent_position_ids(lat_h, lat_w).to(device)
 
         n = len(rgb_images)
-        tokens, cond_ids = self.encode_views(rgb_images + pm_images, condition_size)
+        # Conditions draw their VAE posterior samples after the noise, from the same generator.
+        tokens, cond_ids = self.encode_views(rgb_images + pm_images, condition_size, generator)
         cond = (tokens[:n], tokens[n:], cond_ids)
         use_image_guidance = not math.isclose(image_guidance_scale, 1.0)
         if use_image_guidance:
-            black, _ = self.encode_views(black_like(rgb_images[:1]), condition_size)
+            black, _ = self.encode_views(black_like(rgb_images[:1]), condition_size, generator)
             black = black.expand(n, -1, -1)
             uncond = (black, black, cond_ids)
         group_mask = refany3d_group_mask(n).to(device)
@@ -330,3 +354,24 @@ class RefAny3DPipeline:
             max_sequence_length=max_sequence_length,
         )
         return RefAny3DOutput(image=image, pointmap=pointmap, settings=settings)
+
+    def generate_from_mesh(
+        self,
+        mesh_or_path,
+        prompt: str,
+        n_views: int = 8,
+        radius: float = 4.0,
+        pitch: float = 0.0,
+        y_rotation: float = 0.0,
+        condition_size: int = 512,
+        **call_kwargs,
+    ) -> RefAny3DOutput:
+        """Render the asset's reference views (see `refany3d.render_views`), then sample."""
+        from refany3d.views import render_views
+
+        views = render_views(
+            mesh_or_path, n_views=n_views, resolution=condition_size, radius=radius, pitch=pitch, y_rotation=y_rotation
+        )
+        out = self(prompt, views.rgb, views.pointmap, condition_size=condition_size, **call_kwargs)
+        out.settings.update(radius=radius, pitch=pitch, y_rotation=y_rotation)
+        return out

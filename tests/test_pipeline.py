@@ -1,0 +1,199 @@
+"""RefAny3DPipeline: release parity, semantics on a tiny model the tests build, and bad inputs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from refany3d import InputError, ModelLoadError, RefAny3DPipeline
+from refany3d.conditions import latent_position_ids, pack_latents, unpack_latents
+from refany3d.tiny import build_tiny_model
+from refany3d.transformer import Branch, group_attention_mask, joint_forward, refany3d_group_mask
+
+ROOT = Path(__file__).resolve().parents[1]
+PARITY = ROOT.parent / "shared" / "parity"
+
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("tiny"), seed=3)
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_dirs):
+    return RefAny3DPipeline.from_pretrained(*map(str, tiny_dirs), device="cpu")
+
+
+def views(n: int, size: int = 32, seed: int = 0) -> tuple[list[Image.Image], list[Image.Image]]:
+    rng = np.random.default_rng(seed)
+    make = lambda: Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))  # noqa: E731
+    return [make() for _ in range(n)], [make() for _ in range(n)]
+
+
+def sample(pipe, n_views=2, seed=0, **kw):
+    rgb, pm = views(n_views)
+    kw = {**dict(height=32, width=32, condition_size=32, num_inference_steps=2, output_type="np"), **kw}
+    return pipe("a red chair on the floor", rgb, pm, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+@pytest.mark.skipif(not PARITY.is_dir(), reason="../shared/parity is absent")
+def test_release_parity_script_passes():
+    result = subprocess.run(
+        [sys.executable, str(PARITY / "check_parity.py")], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "outputs within 1e-04" in result.stdout
+
+
+@pytest.mark.skipif(not PARITY.is_dir(), reason="../shared/parity is absent")
+def test_first_step_predictions_match_release_intermediates():
+    """Each piece of the step-0 prediction (branches, mask, adapters, domain, ids) against the release."""
+    fx = PARITY / "fixture"
+    debug = np.load(fx / "debug" / "case0.npz")
+    case = json.loads((fx / "cases.json").read_text())[0]
+    pipe = RefAny3DPipeline.from_pretrained(str(fx / "base"), str(fx / "ref"), device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        text, pooled = pipe.encode_prompt(case["prompt"], case["max_sequence_length"])
+        np.testing.assert_allclose(text.numpy(), debug["prompt_embeds"], atol=1e-6)
+        rgb = [Image.open(fx / p).convert("RGB") for p in case["rgb_views"]]
+        pm = [Image.open(fx / p).convert("RGB") for p in case["pointmap_views"]]
+        tokens, ids = pipe.encode_views(rgb + pm, case["condition_size"])
+        np.testing.assert_allclose(tokens.numpy(), debug["condition_tokens"], atol=1e-5)
+        np.testing.assert_array_equal(ids.numpy(), debug["condition_ids"])
+        targets = [torch.from_numpy(debug["noise_image"]), torch.from_numpy(debug["noise_pointmap"])]
+        target_ids = latent_position_ids(32, 32)
+        np.testing.assert_array_equal(target_ids.numpy(), debug["image_ids"])
+        n = len(rgb)
+        branches = pipe._branches(
+            text, pooled, targets, target_ids, (tokens[:n], tokens[n:], ids), torch.ones(1), torch.full((1,), 3.5)
+        )
+        pred = joint_forward(pipe.flux.transformer, branches, pipe.domain_embedder, refany3d_group_mask(n))
+    np.testing.assert_allclose(pred[0].numpy(), debug["step0_pred_image"], atol=1e-4)
+    np.testing.assert_allclose(pred[1].numpy(), debug["step0_pred_pointmap"], atol=1e-4)
+
+
+def test_group_mask_structure():
+    m = refany3d_group_mask(3).numpy()
+    text, rgb_t, pm_t = 0, 1, 2
+    rgb = [3, 4, 5]
+    pm = [6, 7, 8]
+    assert m[text].all() and m[rgb_t].all()
+    assert not m[pm_t, text] and m[pm_t, 1:].all()
+    for k in range(3):
+        for row in (rgb[k], pm[k]):
+            seen = set(np.flatnonzero(m[row]))
+            assert seen == {text, rgb_t, pm_t, rgb[k], pm[k]}
+    token_mask = group_attention_mask([2, 1, 3], torch.tensor([[1, 0, 1], [1, 1, 0], [0, 0, 1]], dtype=torch.bool))
+    assert token_mask.shape == (6, 6)
+    assert token_mask[0, :2].all() and not token_mask[0, 2] and token_mask[0, 3:].all()
+    assert not token_mask[5, :3].any() and token_mask[5, 3:].all()
+
+
+def test_pack_unpack_roundtrip():
+    x = torch.randn(1, 4, 6, 8)
+    tokens = pack_latents(x)
+    assert tokens.shape == (1, 12, 16)
+    torch.testing.assert_close(unpack_latents(tokens, 6, 8), x)
+    ids = latent_position_ids(6, 8, (0, -32))
+    assert ids[0].tolist() == [0, 0, -32] and ids[-1].tolist() == [0, 2, -29]
+
+
+def test_output_shapes_and_types(pipe):
+    out = sample(pipe)
+    assert out.image.shape == (32, 32, 3) and out.pointmap.shape == (32, 32, 3)
+    assert out.image.dtype == np.float32 and 0.0 <= out.image.min() and out.image.max() <= 1.0
+    pil = sample(pipe, output_type="pil", height=48, width=32)
+    assert isinstance(pil.image, Image.Image) and pil.image.size == (32, 48) and pil.pointmap.size == (32, 48)
+
+
+def test_seed_determinism_and_seed_sensitivity(pipe):
+    a, b, c = sample(pipe, seed=5), sample(pipe, seed=5), sample(pipe, seed=6)
+    np.testing.assert_array_equal(a.image, b.image)
+    np.testing.assert_array_equal(a.pointmap, b.pointmap)
+    assert np.abs(a.image - c.image).max() > 1e-3
+
+
+@pytest.mark.parametrize("n_views", [1, 2, 5, 8])
+def test_any_number_of_views(pipe, n_views):
+    out = sample(pipe, n_views=n_views)
+    assert out.image.shape == (32, 32, 3) and np.isfinite(out.pointmap).all()
+    assert out.settings["n_views"] == n_views
+
+
+def test_views_and_guidance_change_the_result(pipe):
+    base = sample(pipe)
+    rgb, pm = views(2, seed=1)
+    other_views = pipe("a red chair on the floor", rgb, pm, height=32, width=32, condition_size=32,
+                       num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
+    assert np.abs(base.image - other_views.image).max() > 1e-4
+    no_image_guidance = sample(pipe, image_guidance_scale=1.0)
+    assert np.abs(base.image - no_image_guidance.image).max() > 1e-4
+
+
+def test_callback_reports_every_step(pipe):
+    calls = []
+    sample(pipe, num_inference_steps=3, callback=lambda step, total: calls.append((step, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_branch_adapters_matter(pipe):
+    """Swapping the point-map target's adapter set changes its prediction (so per-branch LoRA is live)."""
+    tr = pipe.flux.transformer
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 16)
+    ids = latent_position_ids(4, 4)
+    common = dict(ids=ids, timestep=torch.ones(1), guidance=torch.ones(1), pooled=torch.randn(1, 32))
+    text = Branch(torch.randn(1, 3, 32), torch.zeros(3, 3), torch.ones(1), torch.ones(1), common["pooled"], is_text=True)
+    with torch.no_grad():
+        plain = joint_forward(tr, [text, Branch(x, **common), Branch(x, **common, adapters=("coord",))], pipe.domain_embedder)
+        swapped = joint_forward(tr, [text, Branch(x, **common), Branch(x, **common, adapters=("default",))], pipe.domain_embedder)
+    assert (plain[1] - swapped[1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(rgb=2, pm=1), "same length"),
+        (dict(rgb=0, pm=0), "at least one reference view"),
+        (dict(height=0), "height must be a positive integer"),
+        (dict(width=-16), "width must be a positive integer"),
+        (dict(height=30), "multiple of"),
+        (dict(condition_size=0), "condition_size must be a positive integer"),
+        (dict(num_inference_steps=0), "num_inference_steps"),
+        (dict(output_type="latent"), "output_type"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(pipe, kwargs, message):
+    rgb, pm = views(2)
+    rgb = rgb[: kwargs.pop("rgb", 2)]
+    pm = pm[: kwargs.pop("pm", 2)]
+    call = dict(height=32, width=32, condition_size=32, num_inference_steps=1)
+    call.update(kwargs)
+    with pytest.raises(InputError, match=message):
+        pipe("a chair", rgb, pm, **call)
+
+
+def test_unreadable_view_image(pipe, tmp_path):
+    bad = tmp_path / "view.png"
+    bad.write_bytes(b"not a png")
+    rgb, pm = views(1)
+    with pytest.raises(InputError, match="cannot read RGB view 0"):
+        pipe("a chair", [bad], pm, height=32, width=32, condition_size=32, num_inference_steps=1)
+    with pytest.raises(InputError, match="HxWx3"):
+        pipe("a chair", rgb, [np.zeros((4, 4))], height=32, width=32, condition_size=32, num_inference_steps=1)
+
+
+def test_missing_weights_name_what_was_looked_for(tiny_dirs, tmp_path):
+    base, ref = tiny_dirs
+    with pytest.raises(ModelLoadError, match="lacks coord.safetensors, default.safetensors, domain_embedder.pth"):
+        RefAny3DPipeline.from_pretrained(str(base), str(tmp_path), device="cpu")
+    with pytest.raises(ModelLoadError, match="base model"):
+        RefAny3DPipeline.from_pretrained(str(tmp_path / "nope"), str(ref), device="cpu")
+    with pytest.raises(ModelLoadError, match="--ref-model"):
+        RefAny3DPipeline.from_pretrained(str(base), "someone/not-a-local-folder", device="cpu")
