@@ -1,0 +1,105 @@
+"""`python -m refany3d generate`: single runs, JSONL batches with resume, and bad input."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from refany3d.batch import Job, read_jobs
+from refany3d.cli import main
+from refany3d.errors import InputError
+from refany3d.examples import EXAMPLES_DIR
+from refany3d.tiny import build_tiny_model
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--views", "2", "--height", "32", "--width", "32", "--condition-size", "32", "--steps", "2"]
+
+
+@pytest.fixture(scope="module")
+def model_args(tmp_path_factory):
+    base, ref = build_tiny_model(tmp_path_factory.mktemp("tiny"), seed=1)
+    return ["--base-model", str(base), "--ref-model", str(ref), "--device", "cpu"]
+
+
+def test_generate_writes_image_pointmap_and_settings(model_args, tmp_path):
+    out = tmp_path / "run"
+    mesh = EXAMPLES_DIR / "traffic_cone.glb"
+    code = main(["generate", str(mesh), "--prompt", "a cone on a street", "--out", str(out), "--seed", "7",
+                 *SMALL, *model_args])
+    assert code == 0
+    image, pointmap = Image.open(out / "image.png"), Image.open(out / "pointmap.png")
+    assert image.size == (32, 32) and pointmap.size == (32, 32)
+    record = json.loads((out / "settings.json").read_text())
+    assert record["settings"]["seed"] == 7 and record["settings"]["n_views"] == 2
+    assert record["settings"]["prompt"] == "a cone on a street"
+    assert record["mesh"]["name"] == "traffic_cone.glb" and len(record["mesh"]["sha256"]) == 64
+
+    again = tmp_path / "again"
+    assert main(["generate", str(mesh), "--prompt", "a cone on a street", "--out", str(again), "--seed", "7",
+                 *SMALL, *model_args]) == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(again / "image.png")), np.asarray(image))
+
+
+def test_jobs_batch_runs_and_resumes(model_args, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    mesh = EXAMPLES_DIR / "vase.glb"
+    lines = [
+        {"mesh": str(mesh), "prompt": "a vase", "seed": 1, "name": "first", "n_views": 1, "height": 32, "width": 32,
+         "condition_size": 32, "num_inference_steps": 1},
+        {"mesh": str(mesh), "prompt": "a vase on a table", "seed": 2, "n_views": 2, "height": 32, "width": 32,
+         "condition_size": 32, "num_inference_steps": 1},
+    ]
+    jobs.write_text("# a comment\n" + "\n".join(json.dumps(line) for line in lines) + "\n\n")
+    out = tmp_path / "batch"
+    assert main(["generate", "--jobs", str(jobs), "--out", str(out), *model_args]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["first", "job_00001"]
+    first_time = (out / "first" / "image.png").stat().st_mtime_ns
+    (out / "job_00001" / "settings.json").unlink()  # an interrupted run: redone on resume
+    assert main(["generate", "--jobs", str(jobs), "--out", str(out), *model_args]) == 0
+    assert (out / "first" / "image.png").stat().st_mtime_ns == first_time
+    assert (out / "job_00001" / "settings.json").is_file()
+
+
+def test_read_jobs_errors(tmp_path):
+    bad = tmp_path / "jobs.jsonl"
+    bad.write_text('{"mesh": "a.glb", "prompt": "x", "colour": 3}\n')
+    with pytest.raises(InputError, match="line 1: unknown setting"):
+        read_jobs(bad)
+    bad.write_text('{"mesh": "a.glb"\n')
+    with pytest.raises(InputError, match="line 1: not valid JSON"):
+        read_jobs(bad)
+    bad.write_text('{"prompt": "x"}\n')
+    with pytest.raises(InputError, match="'mesh' is required"):
+        read_jobs(bad)
+    bad.write_text('{"mesh": "sub/a.glb", "prompt": "x"}\n')
+    assert read_jobs(bad)[0].mesh == str((tmp_path / "sub" / "a.glb").resolve())
+    assert Job(mesh="m", prompt="p").sampler_kwargs()["n_views"] == 8
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "--out", "x"], "give a MESH and --prompt"),
+        (["generate", "nope.glb", "--prompt", "p", "--out", "x", "--base-model", "nowhere", "--ref-model", "nowhere"],
+         "RefAny3D weights"),
+    ],
+)
+def test_bad_generate_input_is_one_line_and_exit_2(argv, message, tmp_path):
+    result = subprocess.run([sys.executable, "-m", "refany3d", *argv], cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2, result.stderr
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1 and message in error_lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_unreadable_mesh_is_a_clear_error(model_args, tmp_path, capsys):
+    bad = tmp_path / "broken.glb"
+    bad.write_bytes(b"glTF\x02\x00\x00\x00garbage")
+    assert main(["generate", str(bad), "--prompt", "p", "--out", str(tmp_path / "o"), *SMALL, *model_args]) == 2
+    assert "broken.glb" in capsys.readouterr().err
