@@ -205,3 +205,76 @@ def _run_eval(args) -> int:
 
 
 _SUBCOMMANDS.append(_add_eval)
+
+
+# --- make-data, train (issue 7: training) ---------------------------------------------------
+
+
+def _add_make_data(sub) -> None:
+    p = sub.add_parser("make-data", help="write procedural training samples (asset views + target scenes)",
+                       description="Write a dataset in refany3d's sample format (see refany3d/data.py).")
+    p.add_argument("out", help="dataset folder (created; samples are added to it)")
+    p.add_argument("--count", type=int, default=1000, help="number of target samples (default 1000)")
+    p.add_argument("--views", type=int, default=4, help="reference views per asset (default 4)")
+    p.add_argument("--resolution", type=int, default=64, help="image size in pixels (default 64)")
+    p.add_argument("--targets-per-asset", type=int, default=4, help="scenes per asset (default 4)")
+    p.add_argument("--split", choices=("train", "val"), default="train", help="val: held-out assets and scene styles")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(run=_run_make_data)
+
+
+def _run_make_data(args) -> int:
+    from refany3d.data import make_dataset
+
+    root = make_dataset(args.out, args.count, n_views=args.views, resolution=args.resolution, seed=args.seed,
+                        targets_per_asset=args.targets_per_asset, split=args.split, progress=True)
+    print(f"wrote {args.count} samples to {root}")
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a RefAny3D model (stage 0 base + stage 1 fine-tune)",
+                       description="Stage 0 trains a small FLUX-architecture base (vae, base); stage 1 "
+                       "(refany3d) trains the LoRA adapters and domain embedder, on any FLUX base. "
+                       "Rerun the same command to resume. Multi-GPU: `accelerate launch -m refany3d train ...`.")
+    p.add_argument("data", nargs="+", help="dataset folder(s) written by make-data or write_real_sample")
+    p.add_argument("--out", required=True, help="output folder: base/, ref/, loss_curve.png, checkpoints/")
+    p.add_argument("--preset", choices=("embedded", "tiny"), default="embedded",
+                   help="model size and step counts (embedded: the shipped default; tiny: for smoke tests)")
+    p.add_argument("--stages", default="vae,base,refany3d", help="comma-separated subset of vae,base,refany3d")
+    p.add_argument("--base-model", help="stage 1 on this diffusers FLUX base (folder or hub id) instead of OUT/base")
+    for flag, dest, kind in (
+        ("--resolution", "resolution", int), ("--views", "n_views", int), ("--batch-size", "batch_size", int),
+        ("--vae-steps", "vae_steps", int), ("--base-steps", "base_steps", int), ("--ref-steps", "ref_steps", int),
+        ("--lr", "ref_lr", float), ("--lora-rank", "lora_rank", int), ("--lora-alpha", "lora_alpha", int),
+        ("--optimizer", "optimizer", str), ("--mixed-precision", "mixed_precision", str),
+        ("--checkpoint-every", "checkpoint_every", int), ("--seed", "seed", int),
+        ("--gradient-accumulation", "gradient_accumulation", int),
+    ):
+        p.add_argument(flag, dest=dest, type=kind, help="overrides the preset")
+    p.add_argument("--no-group-mask", dest="group_mask", action="store_false", default=None,
+                   help="ablation: full attention between all branches")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    import torch
+
+    from refany3d.train import preset_config, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {k: v for k, v in vars(args).items() if v is not None and k in (
+        "resolution", "n_views", "batch_size", "vae_steps", "base_steps", "ref_steps", "ref_lr", "lora_rank",
+        "lora_alpha", "optimizer", "mixed_precision", "checkpoint_every", "seed", "gradient_accumulation",
+        "group_mask", "base_model")}
+    config = preset_config(args.preset, data=args.data, output_dir=args.out,
+                           stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()), **overrides)
+    summary = train(config)
+    stages = ", ".join(f"{name}: {info['steps']} steps" for name, info in summary["stages"].items())
+    print(f"wrote {args.out}/base, {args.out}/ref, {args.out}/loss_curve.png ({stages})")
+    return 0
+
+
+_SUBCOMMANDS += [_add_make_data, _add_train]

@@ -1,0 +1,565 @@
+"""Training: stage 0 builds a small FLUX-architecture base, stage 1 is the RefAny3D fine-tune.
+
+Stage 1 is the release's recipe and runs unchanged on FLUX.1-dev: rectified flow with
+t = sigmoid(randn), x_t = (1 - t) x0 + t noise, MSE between the prediction and (noise - x0) on both
+targets (RGB and point map), 10% empty captions, 10% black reference views, the "default" and
+"coord" LoRA adapters on the release's target modules and the domain embedder trained jointly.
+No pretrained base can be downloaded here, so stage 0 first trains one on the procedural scenes:
+the VAE (autoencoding images and point maps; latent shift/scale measured afterwards) and then the
+transformer as a text-to-image rectified-flow model. The text encoders stay random and frozen.
+
+Everything runs under `accelerate` (CPU, one GPU, `accelerate launch` for several). Each stage
+trains a small nn.Module whose forward returns the loss, so that DDP sees every forward pass.
+Outputs use the published layouts: OUT/base (a diffusers FluxPipeline folder) and OUT/ref
+(coord.safetensors, default.safetensors, domain_embedder.pth).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from refany3d.conditions import CONDITION_POSITION_DELTA, latent_position_ids, pack_latents
+from refany3d.data import SampleDataset, caption_vocabulary, collate
+from refany3d.errors import InputError
+from refany3d.pipeline import (
+    CONDITION_POINTMAP_ADAPTERS,
+    CONDITION_RGB_ADAPTERS,
+    TARGET_POINTMAP_ADAPTERS,
+    TARGET_RGB_ADAPTERS,
+)
+from refany3d.tiny import TinyConfig, add_refany3d_adapters, build_base_pipeline, new_domain_embedder, save_refany3d_weights
+from refany3d.transformer import POINTMAP_DOMAIN, RGB_DOMAIN, Branch, joint_forward, refany3d_group_mask
+
+STAGES = ("vae", "base", "refany3d")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a training run (saved as OUT/train_config.json)."""
+
+    data: list[str]
+    output_dir: str
+    stages: tuple[str, ...] = STAGES
+    base_model: str | None = None  # stage 1 only: a diffusers FLUX folder or hub id (default: OUT/base)
+    resolution: int = 64
+    n_views: int = 4
+    batch_size: int = 8
+    gradient_accumulation: int = 1
+    seed: int = 0
+    mixed_precision: str = "no"  # "no", "bf16", "fp16" (accelerate)
+    optimizer: str = "adamw"  # "adamw" or "prodigy"
+    # stage 0
+    tiny: TinyConfig = field(default_factory=TinyConfig)
+    vae_steps: int = 600
+    vae_lr: float = 2e-3
+    base_steps: int = 1500
+    base_lr: float = 1e-3
+    # stage 1 (release defaults)
+    ref_steps: int = 1500
+    ref_lr: float = 1e-3
+    lora_rank: int = 4
+    lora_alpha: int = 4
+    text_dropout: float = 0.1
+    reference_dropout: float = 0.1
+    guidance: float = 1.0  # FLUX.1-dev's distilled guidance input during stage 1 (the release's value)
+    # Stage 0 draws the guidance input uniformly from this range, so that the base (which has no
+    # teacher to distil guidance from) learns to ignore it and samples alike at any setting.
+    base_guidance_range: tuple[float, float] = (1.0, 5.0)
+    group_mask: bool = True
+    # bookkeeping
+    checkpoint_every: int = 250
+    max_grad_norm: float = 1.0
+    warmup_steps: int = 50
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tiny, dict):
+            self.tiny = TinyConfig(**self.tiny)
+        self.stages = tuple(self.stages)
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise InputError(f"unknown training stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+        if self.optimizer not in ("adamw", "prodigy"):
+            raise InputError(f"optimizer must be 'adamw' or 'prodigy', got {self.optimizer!r}")
+        for name in ("batch_size", "n_views", "gradient_accumulation", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("text_dropout", "reference_dropout"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise InputError(f"{name} must be within [0, 1], got {getattr(self, name)}")
+        if not self.data:
+            raise InputError("no training data given")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# ---------------------------------------------------------------------------------------------
+# Rectified flow
+# ---------------------------------------------------------------------------------------------
+
+
+def sample_flow(x0: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """t = sigmoid(randn) per sample, x_t = (1 - t) x0 + t noise; returns (x_t, t, noise - x0)."""
+    t = torch.sigmoid(torch.randn(x0.shape[0], generator=generator, device=x0.device))
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    tt = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
+    return (1 - tt) * x0 + tt * noise, t, noise - x0
+
+
+# ---------------------------------------------------------------------------------------------
+# Training modules: forward(batch) -> loss
+# ---------------------------------------------------------------------------------------------
+
+
+class VAEObjective(torch.nn.Module):
+    """Autoencoding loss of the VAE on images and point maps: L1 + MSE + a small KL term."""
+
+    def __init__(self, vae, kl_weight: float = 1e-6):
+        super().__init__()
+        self.vae, self.kl_weight = vae, kl_weight
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        posterior = self.vae.encode(pixels).latent_dist
+        recon = self.vae.decode(posterior.sample()).sample
+        return F.l1_loss(recon, pixels) + F.mse_loss(recon, pixels) + self.kl_weight * posterior.kl().mean()
+
+
+class TextToImageObjective(torch.nn.Module):
+    """Stage 0: FLUX text-to-image rectified flow on packed latents."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    def forward(self, latents, text, pooled, text_ids, image_ids, guidance) -> torch.Tensor:
+        x_t, t, target = sample_flow(pack_latents(latents))
+        pred = self.transformer(
+            hidden_states=x_t, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+            img_ids=image_ids, txt_ids=text_ids, guidance=guidance, return_dict=False,
+        )[0]
+        return F.mse_loss(pred.float(), target.float())
+
+
+def refany3d_training_branches(text, pooled, targets, target_ids, rgb_views, pm_views, view_ids, t, guidance) -> list[Branch]:
+    """Branches [text, rgb target, point-map target, N rgb views, N point-map views] for a batch.
+
+    Views are lists of (B, L, C) tokens; conditions are clean (t = 0, guidance 1), as in sampling.
+    """
+    zero, one = torch.zeros_like(t), torch.ones_like(guidance)
+    text_ids = torch.zeros(text.shape[1], 3, device=text.device, dtype=target_ids.dtype)
+    return [
+        Branch(text, text_ids, t, guidance, pooled, is_text=True),
+        Branch(targets[0], target_ids, t, guidance, pooled, TARGET_RGB_ADAPTERS, RGB_DOMAIN),
+        Branch(targets[1], target_ids, t, guidance, pooled, TARGET_POINTMAP_ADAPTERS, POINTMAP_DOMAIN),
+        *[Branch(v, view_ids, zero, one, pooled, CONDITION_RGB_ADAPTERS, RGB_DOMAIN) for v in rgb_views],
+        *[Branch(v, view_ids, zero, one, pooled, CONDITION_POINTMAP_ADAPTERS, POINTMAP_DOMAIN) for v in pm_views],
+    ]
+
+
+class RefAny3DObjective(torch.nn.Module):
+    """Stage 1: both targets noised with one t, predicted jointly with the reference views."""
+
+    def __init__(self, transformer, domain_embedder, n_views: int, group_mask: bool = True):
+        super().__init__()
+        self.transformer, self.domain_embedder = transformer, domain_embedder
+        self.register_buffer("group", refany3d_group_mask(n_views) if group_mask else torch.empty(0), persistent=False)
+
+    def forward(self, rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance) -> torch.Tensor:
+        """Latents (B, C, h, w); views (B, N, C, h, w) (already black where dropped)."""
+        n = rgb_views.shape[1]
+        x0 = torch.stack([pack_latents(rgb_latents), pack_latents(pm_latents)], dim=1)  # (B, 2, L, C)
+        x_t, t, target = sample_flow(x0)
+        h, w = rgb_latents.shape[2:]
+        target_ids = latent_position_ids(h, w).to(x0.device)
+        view_ids = latent_position_ids(*rgb_views.shape[3:], CONDITION_POSITION_DELTA).to(x0.device)
+        rgb_tok = [pack_latents(rgb_views[:, k]) for k in range(n)]
+        pm_tok = [pack_latents(pm_views[:, k]) for k in range(n)]
+        branches = refany3d_training_branches(
+            text, pooled, (x_t[:, 0], x_t[:, 1]), target_ids, rgb_tok, pm_tok, view_ids, t, guidance
+        )
+        preds = joint_forward(self.transformer, branches, self.domain_embedder, self.group if self.group.numel() else None)
+        return sum(F.mse_loss(p.float(), target[:, i].float()) for i, p in enumerate(preds)) / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared loop
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StageResult:
+    losses: list[float]
+    seconds: float
+    resumed_from: int
+
+
+def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if config.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        return Prodigy(params, lr=1.0, weight_decay=0.01, safeguard_warmup=True, use_bias_correction=True)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+
+
+def _checkpoint_path(out: Path, stage: str) -> Path:
+    return out / "checkpoints" / f"{stage}.pt"
+
+
+def run_stage(
+    stage: str,
+    accelerator,
+    objective: torch.nn.Module,
+    batches: Iterator[dict[str, Any]],
+    to_inputs: Callable[[dict[str, Any]], dict[str, Any]],
+    steps: int,
+    lr: float,
+    config: TrainConfig,
+) -> StageResult:
+    """Optimise the objective's trainable parameters for `steps` steps, with checkpoints and resume.
+
+    A checkpoint holds only the trainable parameters, the optimizer and the loss history, so that
+    LoRA checkpoints of a 12B base stay small; it is removed once the stage's result is saved.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(config.output_dir)
+    trainable = [p for p in objective.parameters() if p.requires_grad]
+    names = [n for n, p in objective.named_parameters() if p.requires_grad]
+    optimizer = _optimizer(config, trainable, lr)
+    warmup = max(1, min(config.warmup_steps, steps // 5))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.5 + 0.5 * math.cos(math.pi * min(s / max(steps, 1), 1.0)))
+    )
+    losses: list[float] = []
+    start = 0
+    ckpt = _checkpoint_path(out, stage)
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        params = dict(zip(names, trainable))
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                params[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        losses, start = state["losses"], state["step"]
+        torch.set_rng_state(state["rng"])
+    objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
+
+    began = time.perf_counter()
+    bar = tqdm(total=steps, initial=start, desc=stage, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    for step in range(start, steps):
+        inputs = to_inputs(next(batches))
+        with accelerator.accumulate(objective):
+            loss = objective(**inputs)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(trainable, config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        losses.append(accelerator.gather(loss.detach()[None]).mean().item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
+                torch.save({
+                    "trainable": {n: p.detach().cpu() for n, p in zip(names, trainable)},
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "losses": losses, "step": step + 1, "rng": torch.get_rng_state(),
+                }, ckpt)
+    bar.close()
+    accelerator.wait_for_everyone()
+    return StageResult(losses, time.perf_counter() - began, start)
+
+
+def _batches(config: TrainConfig, accelerator, seed: int) -> Iterator[dict[str, Any]]:
+    from torch.utils.data import DataLoader
+
+    dataset = SampleDataset(
+        config.data, config.resolution, config.n_views, seed=seed,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+    )
+    loader = DataLoader(dataset, batch_size=config.batch_size, collate_fn=collate, num_workers=config.num_workers)
+    for batch in loader:
+        yield {k: (v.to(accelerator.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def _encode_text(flux, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    text, pooled, text_ids = flux.encode_prompt(prompt=captions, prompt_2=None, device=flux.transformer.device, max_sequence_length=max_length)
+    return text, pooled, text_ids
+
+
+@torch.no_grad()
+def _encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """FLUX-normalized latents of (..., 3, H, W) pixels in [-1, 1]."""
+    lead = pixels.shape[:-3]
+    latents = vae.encode(pixels.reshape(-1, *pixels.shape[-3:]).to(vae.dtype)).latent_dist.sample()
+    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    return latents.reshape(*lead, *latents.shape[1:])
+
+
+def _drop(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
+    return ["" if torch.rand(1, generator=generator).item() < p else c for c in captions]
+
+
+def _text_length(flux) -> int:
+    return min(512, flux.tokenizer_2.model_max_length)
+
+
+def train_vae(config: TrainConfig, accelerator, flux) -> StageResult:
+    """Stage 0a: the VAE learns to autoencode targets, point maps and reference views."""
+    vae = flux.vae
+    vae.train().requires_grad_(True)
+
+    def to_inputs(batch):
+        b = batch["image"].shape[0]
+        view = torch.randint(batch["ref_rgb"].shape[1], (b,))
+        refs = torch.cat([batch["ref_rgb"][torch.arange(b), view], batch["ref_pointmap"][torch.arange(b), view]])
+        return {"pixels": torch.cat([batch["image"], batch["pointmap"], refs])}
+
+    result = run_stage("vae", accelerator, VAEObjective(vae), _batches(config, accelerator, config.seed), to_inputs,
+                       config.vae_steps, config.vae_lr, config)
+    vae.eval().requires_grad_(False)
+    _measure_latent_statistics(vae, _batches(config, accelerator, config.seed + 1))
+    return result
+
+
+@torch.no_grad()
+def _measure_latent_statistics(vae, batches: Iterator[dict[str, Any]], n_batches: int = 8) -> None:
+    """Set shift_factor / scaling_factor so that latents have zero mean and unit variance (as FLUX's)."""
+    samples = []
+    for _ in range(n_batches):
+        batch = next(batches)
+        pixels = torch.cat([batch["image"], batch["pointmap"]]).to(vae.dtype)
+        samples.append(vae.encode(pixels).latent_dist.sample().flatten())
+    z = torch.cat(samples).float()
+    vae.register_to_config(shift_factor=round(z.mean().item(), 4), scaling_factor=round(1.0 / z.std().item(), 4))
+
+
+def train_base(config: TrainConfig, accelerator, flux) -> StageResult:
+    """Stage 0b: the transformer learns text-to-image rectified flow on the procedural scenes."""
+    generator = torch.Generator().manual_seed(config.seed + 2)
+    transformer = flux.transformer.train().requires_grad_(True)
+    max_length = _text_length(flux)
+
+    def to_inputs(batch):
+        latents = _encode_pixels(flux.vae, batch["image"])
+        text, pooled, text_ids = _encode_text(flux, _drop(batch["caption"], config.text_dropout, generator), max_length)
+        h, w = latents.shape[2:]
+        low, high = config.base_guidance_range
+        guidance = low + (high - low) * torch.rand(latents.shape[0], generator=generator).to(latents.device)
+        return {"latents": latents, "text": text, "pooled": pooled, "text_ids": text_ids,
+                "image_ids": latent_position_ids(h, w).to(latents.device), "guidance": guidance}
+
+    result = run_stage("base", accelerator, TextToImageObjective(transformer), _batches(config, accelerator, config.seed + 3),
+                       to_inputs, config.base_steps, config.base_lr, config)
+    transformer.eval().requires_grad_(False)
+    return result
+
+
+def train_refany3d(config: TrainConfig, accelerator, flux, domain_embedder) -> StageResult:
+    """Stage 1: LoRA adapters + domain embedder on a frozen base, the release's objective."""
+    generator = torch.Generator().manual_seed(config.seed + 4)
+    max_length = _text_length(flux)
+    black = None
+
+    def to_inputs(batch):
+        nonlocal black
+        rgb = _encode_pixels(flux.vae, batch["image"])
+        pm = _encode_pixels(flux.vae, batch["pointmap"])
+        views = _encode_pixels(flux.vae, torch.stack([batch["ref_rgb"], batch["ref_pointmap"]], dim=2))
+        if black is None:
+            black = _encode_pixels(flux.vae, -torch.ones_like(batch["image"][:1]))[0]
+        drop = torch.rand(views.shape[0], generator=generator) < config.reference_dropout
+        views[drop.to(views.device)] = black.to(views.dtype)
+        text, pooled, _ = _encode_text(flux, _drop(batch["caption"], config.text_dropout, generator), max_length)
+        guidance = torch.full((rgb.shape[0],), config.guidance, device=rgb.device)
+        return {"rgb_latents": rgb, "pm_latents": pm, "rgb_views": views[:, :, 0], "pm_views": views[:, :, 1],
+                "text": text, "pooled": pooled, "guidance": guidance}
+
+    flux.transformer.requires_grad_(False)
+    for name, param in flux.transformer.named_parameters():
+        param.requires_grad_("lora_" in name)
+    domain_embedder.requires_grad_(True)
+    objective = RefAny3DObjective(flux.transformer, domain_embedder, config.n_views, config.group_mask)
+    return run_stage("refany3d", accelerator, objective, _batches(config, accelerator, config.seed + 5), to_inputs,
+                     config.ref_steps, config.ref_lr, config)
+
+
+def _vocabulary(config: TrainConfig) -> list[str]:
+    """Tokenizer words: the base vocabulary, every procedural caption word, and the datasets' captions."""
+    from refany3d.data import list_samples
+    from refany3d.tiny import words_of
+
+    captions = [json.loads((folder / "meta.json").read_text())["caption"] for _, folder in list_samples(config.data)]
+    return list(dict.fromkeys([*config.tiny.vocabulary, *caption_vocabulary(), *words_of(captions)]))
+
+
+def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run the configured stages; return a summary (also written to OUT/training_summary.json).
+
+    A stage whose result already exists in OUT is skipped, and an interrupted stage resumes from
+    its last checkpoint, so rerunning the same command continues a run.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from diffusers import FluxPipeline
+
+    out = Path(config.output_dir)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation)
+    set_seed(config.seed)
+    base_dir, ref_dir = out / "base", out / "ref"
+    summary_path = out / "training_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"stages": {}}
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.json").write_text(json.dumps(config.to_json(), indent=1))
+
+    stage0 = [s for s in ("vae", "base") if s in config.stages]
+    if stage0 and not (base_dir / "model_index.json").exists():
+        if config.base_model is not None:
+            raise InputError("stage 0 builds its own base; do not combine it with base_model")
+        config.tiny.vocabulary = _vocabulary(config)
+        flux = build_base_pipeline(config.tiny, seed=config.seed).to(accelerator.device)
+        flux.text_encoder.requires_grad_(False)
+        flux.text_encoder_2.requires_grad_(False)
+        flux.transformer.requires_grad_(False)
+        flux.vae.requires_grad_(False)
+        for stage, fn in (("vae", train_vae), ("base", train_base)):
+            if stage in stage0:
+                result = fn(config, accelerator, flux)
+                summary["stages"][stage] = _stage_summary(result)
+                log(f"{stage}: {len(result.losses)} steps, final loss {_tail_mean(result.losses):.4f}, {result.seconds:.0f} s")
+        if accelerator.is_main_process:
+            flux.save_pretrained(base_dir)
+            summary_path.write_text(json.dumps(summary, indent=1))
+
+    if "refany3d" in config.stages and not (ref_dir / "domain_embedder.pth").exists():
+        source = config.base_model or base_dir
+        dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+        flux = FluxPipeline.from_pretrained(str(source), dtype=dtype).to(accelerator.device)
+        for module in (flux.vae, flux.text_encoder, flux.text_encoder_2, flux.transformer):
+            module.requires_grad_(False).eval()
+        add_refany3d_adapters(flux.transformer, config.lora_rank, config.lora_alpha)
+        inner = flux.transformer.config.num_attention_heads * flux.transformer.config.attention_head_dim
+        torch.manual_seed(config.seed + 6)
+        embedder = new_domain_embedder(inner).to(accelerator.device)
+        _zero_last_layer(embedder)
+        result = train_refany3d(config, accelerator, flux, embedder)
+        summary["stages"]["refany3d"] = _stage_summary(result)
+        log(f"refany3d: {len(result.losses)} steps, final loss {_tail_mean(result.losses):.4f}, {result.seconds:.0f} s")
+        if accelerator.is_main_process:
+            save_refany3d_weights(accelerator.unwrap_model(flux.transformer), embedder.float().cpu(), ref_dir)
+            summary_path.write_text(json.dumps(summary, indent=1))
+    if accelerator.is_main_process:
+        for stage in config.stages:
+            _checkpoint_path(out, stage).unlink(missing_ok=True)
+        summary_path.write_text(json.dumps(summary, indent=1))
+        plot_loss_curves({s: v["losses"] for s, v in summary["stages"].items()}, out / "loss_curve.png")
+    return summary
+
+
+def _zero_last_layer(embedder: torch.nn.Sequential) -> None:
+    """Start the domain offset at zero, like the zero-initialised LoRA B: stage 1 begins at the base."""
+    with torch.no_grad():
+        embedder[-1].weight.zero_()
+        embedder[-1].bias.zero_()
+
+
+def _tail_mean(losses: list[float], n: int = 50) -> float:
+    tail = losses[-n:]
+    return sum(tail) / max(len(tail), 1)
+
+
+def _stage_summary(result: StageResult) -> dict[str, Any]:
+    return {"steps": len(result.losses), "seconds": round(result.seconds, 1), "resumed_from": result.resumed_from,
+            "final_loss": _tail_mean(result.losses), "losses": result.losses}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss curve (drawn with PIL: no plotting library is needed)
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_loss_curves(curves: dict[str, list[float]], path: str | Path, width: int = 900, height: int = 300) -> Path:
+    """One panel per stage: raw loss (light) and its moving average (dark), log scale."""
+    from PIL import Image, ImageDraw
+
+    curves = {k: v for k, v in curves.items() if v}
+    panels = max(len(curves), 1)
+    img = Image.new("RGB", (width, height * panels), "white")
+    draw = ImageDraw.Draw(img)
+    for row, (stage, losses) in enumerate(curves.items()):
+        top, left, w, h = row * height + 30, 60, width - 80, height - 60
+        values = [math.log10(max(x, 1e-8)) for x in losses]
+        smooth, acc = [], values[0]
+        for v in values:
+            acc = 0.95 * acc + 0.05 * v
+            smooth.append(acc)
+        lo, hi = min(values), max(values)
+        hi = hi if hi > lo else lo + 1.0
+
+        def point(i: int, v: float) -> tuple[float, float]:
+            return left + w * i / max(len(values) - 1, 1), top + h * (hi - v) / (hi - lo)
+
+        draw.rectangle([left, top, left + w, top + h], outline="black")
+        draw.line([point(i, v) for i, v in enumerate(values)], fill=(170, 190, 230), width=1)
+        draw.line([point(i, v) for i, v in enumerate(smooth)], fill=(20, 60, 160), width=2)
+        draw.text((left, top - 20), f"{stage}: loss (log10) over {len(losses)} steps, final {_tail_mean(losses):.4f}", fill="black")
+        draw.text((5, top), f"{10 ** hi:.3g}", fill="black")
+        draw.text((5, top + h - 10), f"{10 ** lo:.3g}", fill="black")
+    path = Path(path)
+    img.save(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------
+
+# The shipped default model: 64x64 images and 4 views, a VAE with 8x downsampling (16 channels,
+# like FLUX's), so each branch is 4x4 = 16 tokens; about 10 MB in all. Sized so that the whole
+# recipe trains on 2 CPU cores in about 40 minutes (see README "Training").
+EMBEDDED_TINY = TinyConfig(
+    num_layers=2, num_single_layers=2, num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
+    text_dim=64, text_layers=1, vae_channels=(16, 32, 64, 64), latent_channels=16, max_text_tokens=32,
+)
+PRESETS: dict[str, dict[str, Any]] = {
+    "embedded": dict(tiny=EMBEDDED_TINY, resolution=64, n_views=4, batch_size=8, vae_steps=300, base_steps=1200,
+                     ref_steps=800, lora_rank=16, lora_alpha=16, checkpoint_every=100),
+    # Smoke tests: the smallest model that still has every part.
+    "tiny": dict(tiny=TinyConfig(vae_channels=(8, 16), latent_channels=4), resolution=32, n_views=2, batch_size=2,
+                 vae_steps=2, base_steps=2, ref_steps=2, lora_rank=4, lora_alpha=4, checkpoint_every=1, warmup_steps=1),
+}
+
+
+def preset_config(preset: str, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a named preset, with some fields replaced."""
+    if preset not in PRESETS:
+        raise InputError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    settings = dict(PRESETS[preset])
+    settings["tiny"] = TinyConfig(**asdict(settings["tiny"]))  # a copy: training extends its vocabulary
+    settings.update(overrides)
+    return TrainConfig(**settings)
