@@ -414,13 +414,12 @@ def write_asset(
         mesh_name = "mesh.ply"
     else:
         mesh_name = str(Path(mesh_file).resolve())
-    norm = views.normalization
     _write_json(folder / "meta.json", {
         "mesh": mesh_name,
         "description": description,
         "azimuths": list(views.azimuths),
         "cameras": [c.to_dict() for c in views.cameras],
-        "normalization": {"center": norm.center.tolist(), "scale": float(norm.scale), "bounds": norm.bounds.tolist()},
+        "normalization": views.normalization.to_dict(),
     })
     return folder
 
@@ -604,7 +603,7 @@ def list_samples(roots: Sequence[str | Path]) -> list[tuple[Path, Path]]:
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (...,H,W,3) -> float (...,3,H,W) in [-1, 1], the VAE's input range."""
-    t = torch.from_numpy(np.ascontiguousarray(images)).float().div(127.5).sub(1.0)
+    t = torch.from_numpy(np.array(images, dtype=np.float32)).div(127.5).sub(1.0)
     return t.movedim(-1, -3)
 
 

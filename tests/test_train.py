@@ -1,0 +1,135 @@
+"""The trainer: rectified-flow sampling, a tiny end-to-end run in the published layout, resume."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from refany3d.data import load_asset_views, make_dataset
+from refany3d.errors import InputError
+from refany3d.train import TrainConfig, preset_config, run_stage, sample_flow, train
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("data"), count=4, n_views=2, resolution=32, seed=7, targets_per_asset=2)
+
+
+@pytest.fixture(scope="module")
+def trained(dataset: Path, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run")
+    summary = train(preset_config("tiny", data=[str(dataset)], output_dir=str(out)), log=lambda line: None)
+    return out, summary
+
+
+def test_flow_sample_interpolates_between_data_and_noise() -> None:
+    x0 = torch.randn(512, 4, 2, 2)
+    x_t, t, target = sample_flow(x0, torch.Generator().manual_seed(0))
+    assert t.shape == (512,) and (t > 0).all() and (t < 1).all()
+    # t = sigmoid(randn): symmetric about 1/2, concentrated in the middle
+    assert abs(t.median().item() - 0.5) < 0.05 and ((t > 0.27) & (t < 0.73)).float().mean() > 0.6
+    tt = t.view(-1, 1, 1, 1)
+    torch.testing.assert_close(x_t - tt * target, x0)  # x_t = (1-t) x0 + t noise, target = noise - x0
+    noise = target + x0
+    assert abs(noise.std().item() - 1.0) < 0.05
+
+
+def test_tiny_run_writes_the_published_layout(trained: tuple[Path, dict]) -> None:
+    out, summary = trained
+    for name in ("model_index.json", "transformer/config.json", "vae/config.json", "text_encoder_2/config.json"):
+        assert (out / "base" / name).exists(), name
+    for name in ("coord.safetensors", "default.safetensors", "domain_embedder.pth"):
+        assert (out / "ref" / name).exists(), name
+    assert (out / "loss_curve.png").stat().st_size > 1000
+    assert set(summary["stages"]) == {"vae", "base", "refany3d"}
+    for stage in summary["stages"].values():
+        assert stage["steps"] == 2 and all(np.isfinite(stage["losses"]))
+    assert not (out / "checkpoints" / "refany3d.pt").exists()  # removed once the result is saved
+    # LoRA B starts at zero: after training it is not, so the adapters were optimised
+    for name in ("coord", "default"):
+        weights = load_file(out / "ref" / f"{name}.safetensors")
+        b = [v for k, v in weights.items() if "lora_B" in k]
+        assert b and any(v.abs().sum() > 0 for v in b), name
+    # the VAE's latent statistics were measured (not the builder's constants)
+    vae = json.loads((out / "base" / "vae" / "config.json").read_text())
+    assert (vae["shift_factor"], vae["scaling_factor"]) != (0.1159, 0.3611)
+
+
+def test_trained_model_loads_and_samples(trained: tuple[Path, dict], dataset: Path) -> None:
+    from refany3d.pipeline import RefAny3DPipeline
+
+    out, _ = trained
+    pipe = RefAny3DPipeline.from_pretrained(out / "base", out / "ref", device="cpu")
+    asset = sorted((dataset / "assets").iterdir())[0]
+    rgb, pm, _ = load_asset_views(asset, 32, 2)
+    result = pipe("a red box on a blue floor", list(rgb), list(pm), height=32, width=32, condition_size=32,
+                  num_inference_steps=2, output_type="np")
+    assert result.image.shape == (32, 32, 3) and result.pointmap.shape == (32, 32, 3)
+    assert np.isfinite(result.image).all()
+
+
+def test_rerun_skips_finished_stages(trained: tuple[Path, dict], dataset: Path) -> None:
+    out, _ = trained
+    before = (out / "ref" / "coord.safetensors").read_bytes()
+    summary = train(preset_config("tiny", data=[str(dataset)], output_dir=str(out)), log=lambda line: None)
+    assert (out / "ref" / "coord.safetensors").read_bytes() == before
+    assert summary["stages"]["refany3d"]["steps"] == 2
+
+
+class _Regression(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.mse_loss(self.linear(x), y)
+
+
+def _batches(stop_after: int | None = None):
+    gen = torch.Generator().manual_seed(0)
+    for i in range(10_000):
+        if stop_after is not None and i == stop_after:
+            raise KeyboardInterrupt
+        x = torch.randn(16, 3, generator=gen)
+        yield {"x": x, "y": x @ torch.tensor([[1.0], [-2.0], [0.5]])}
+
+
+def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    config = TrainConfig(data=["unused"], output_dir=str(tmp_path), checkpoint_every=3, warmup_steps=1)
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    first = _Regression()
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("toy", accelerator, first, _batches(stop_after=7), lambda b: b, 20, 0.05, config)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "toy.pt", weights_only=False)
+    assert checkpoint["step"] == 6 and len(checkpoint["losses"]) == 6
+
+    second = _Regression()  # fresh weights: resuming must restore the checkpoint's
+    seen = {}
+
+    def to_inputs(batch):
+        seen.setdefault("weight", second.linear.weight.detach().clone())
+        return batch
+
+    result = run_stage("toy", accelerator, second, _batches(), to_inputs, 20, 0.05, config)
+    torch.testing.assert_close(seen["weight"], checkpoint["trainable"]["linear.weight"])
+    assert result.resumed_from == 6 and len(result.losses) == 20
+    assert result.losses[:6] == checkpoint["losses"]
+    assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
+
+
+def test_bad_configs_raise_input_errors() -> None:
+    with pytest.raises(InputError, match="stage"):
+        TrainConfig(data=["d"], output_dir="o", stages=("vae", "distill"))
+    with pytest.raises(InputError, match="optimizer"):
+        TrainConfig(data=["d"], output_dir="o", optimizer="sgd")
+    with pytest.raises(InputError, match="preset"):
+        preset_config("huge", data=["d"], output_dir="o")
+    with pytest.raises(InputError, match="dropout"):
+        TrainConfig(data=["d"], output_dir="o", text_dropout=1.5)
