@@ -1,0 +1,126 @@
+"""RefAny3D Gradio app (Hugging Face Space and local `python app.py`).
+
+Layout and wiring only; every handler lives in refany3d.app_logic. Configuration: environment
+variables, see "App configuration" in README.md.
+"""
+from __future__ import annotations
+
+import gradio as gr
+
+from refany3d import app_logic as logic
+
+service = logic.get_service()
+config = service.config
+defaults = logic.default_settings(logic.DEFAULT_PROMPT, config, service.default_model())
+example_rows, example_labels = logic.example_rows()
+
+with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
+    gr.Markdown("# RefAny3D: 3D asset-referenced image generation", elem_id="title")
+    gr.Markdown(
+        "Upload a 3D asset and describe a scene: the model generates an image showing *your* asset "
+        "in it, plus a point map telling which point of the asset each pixel shows. "
+        f"[Paper]({logic.PAPER_URL}) · [Project page]({logic.PROJECT_URL})"
+    )
+    model_notice = service.model_status()
+    gr.Markdown(model_notice, visible=bool(model_notice), elem_id="model-notice")
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1):
+            mesh_file = gr.File(
+                label="Mesh (GLB, glTF, OBJ, PLY, STL, OFF, or a .zip with an OBJ + MTL + textures)",
+                file_types=logic.MESH_UPLOAD_TYPES,
+                type="filepath",
+                elem_id="mesh-upload",
+            )
+            with gr.Tabs():
+                with gr.Tab("3D view"):  # first tab: gr.Model3D collapses inside hidden tabs
+                    mesh_view = gr.Model3D(label="Uploaded asset", height=300, interactive=False)
+            prompt = gr.Textbox(label="Prompt", value=logic.DEFAULT_PROMPT, lines=2, elem_id="prompt")
+            with gr.Accordion("Reference views", open=True):
+                with gr.Row():
+                    n_views = gr.Slider(1, config.max_views, value=defaults.n_views, step=1, label="Views")
+                    radius = gr.Slider(2.0, 10.0, value=defaults.radius, step=0.1, label="Camera radius")
+                with gr.Row():
+                    pitch = gr.Slider(-89, 89, value=defaults.pitch, step=1, label="Pitch (°)")
+                    y_rotation = gr.Slider(-180, 180, value=defaults.y_rotation, step=1, label="Y rotation (°)")
+                views_gallery = gr.Gallery(
+                    label="What the model sees: RGB and point-map views",
+                    columns=4, height=260, object_fit="contain", format="png", elem_id="views-gallery",
+                )
+            with gr.Row():
+                seed = gr.Number(label="Seed", value=defaults.seed, precision=0, minimum=0, maximum=logic.MAX_SEED)
+                randomize_seed = gr.Checkbox(label="Randomize seed", value=True)
+            with gr.Accordion("Advanced", open=False):
+                steps = gr.Slider(1, config.max_steps, value=defaults.steps, step=1, label="Steps")
+                guidance_scale = gr.Slider(0.0, 20.0, value=defaults.guidance_scale, step=0.1, label="Guidance")
+                image_guidance_scale = gr.Slider(
+                    0.0, 20.0, value=defaults.image_guidance_scale, step=0.1, label="Image guidance"
+                )
+                resolution = gr.Slider(
+                    logic.MIN_RESOLUTION, config.max_resolution, value=defaults.resolution, step=16,
+                    label="Resolution (px)",
+                )
+                model = gr.Dropdown(service.model_choices(), value=defaults.model, label="Model")
+            generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+
+        with gr.Column(scale=1):
+            status = gr.Markdown(elem_id="status")
+            with gr.Tabs():
+                with gr.Tab("Result"):
+                    with gr.Row():
+                        image = gr.Image(label="Generated image", type="filepath", format="png",
+                                         buttons=["download", "fullscreen"], elem_id="result-image")
+                        pointmap = gr.Image(label="Predicted point map", type="filepath", format="png",
+                                            buttons=["download", "fullscreen"], elem_id="result-pointmap")
+                    show_asset = gr.Checkbox(label="Overlay the asset's surface points", value=False)
+                    pointcloud_plot = gr.Plot(label="Predicted point cloud (asset frame)", elem_id="pointcloud")
+                    with gr.Row():
+                        ply = gr.File(label="Point cloud (PLY)", interactive=False)
+                        downloads = gr.File(label="All files (image, point map, PLY, settings JSON)",
+                                            file_count="multiple", interactive=False)
+                # Alignment analysis (refany3d.alignment) gets its own tab here.
+            result = gr.State()
+
+    result_outputs = [image, pointmap, pointcloud_plot, ply, downloads, seed, status]
+    gr.Examples(
+        examples=example_rows,
+        inputs=[mesh_file, prompt],
+        outputs=result_outputs,
+        fn=logic.generate_example,
+        cache_examples=logic.cache_examples(service),
+        cache_mode="lazy",
+        example_labels=example_labels,
+        label="Examples (click one)",
+    )
+
+    mesh_file.change(logic.show_mesh, mesh_file, mesh_view, api_name="display_mesh")
+    gr.on(
+        [mesh_file.change, n_views.change, radius.change, pitch.change, y_rotation.change],
+        logic.preview_views,
+        inputs=[mesh_file, n_views, radius, pitch, y_rotation],
+        outputs=views_gallery,
+        api_name="preview_views",
+        trigger_mode="always_last",
+        show_progress="minimal",
+    )
+    generation_inputs = [mesh_file, prompt, n_views, radius, pitch, y_rotation, seed, randomize_seed,
+                         steps, guidance_scale, image_guidance_scale, resolution, model, show_asset]
+    gr.on(
+        [generate_button.click, prompt.submit],
+        logic.generate,
+        inputs=generation_inputs,
+        outputs=[*result_outputs, result],
+        api_name="generate",
+        validator=logic.validate_generation,
+        concurrency_limit=config.concurrency,
+        concurrency_id="gpu",
+    )
+    show_asset.change(logic.redraw_pointcloud, [result, show_asset], pointcloud_plot, api_visibility="private")
+    demo.unload(logic.end_session)
+
+demo.queue(max_size=32, default_concurrency_limit=2)
+if config.preload:
+    service.preload()
+
+if __name__ == "__main__":
+    demo.launch(**config.launch_options())

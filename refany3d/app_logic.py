@@ -1,0 +1,756 @@
+"""The work behind the Gradio app: configuration, models, sessions, validation, handlers.
+
+`app.py` only lays out and wires the UI; every handler it wires lives here, so the same logic
+serves the browser, the `gradio_client` API and tests. The parts:
+
+- `AppConfig`: limits and model locations from environment variables (README "App configuration").
+- `ModelStore`: loads a pipeline once per process, lazily and thread-safe; models are named in a
+  registry (name -> base, ref) so more (an embedded default) can be added without UI changes.
+- `SessionFolders`: one private temporary folder per browser session, deleted when it ends.
+- handlers: mesh display, reference-view preview, generation (CPU work around one GPU call),
+  each turning every expected failure into a `gr.Error` with a message meant for the visitor.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import spaces
+
+from refany3d.errors import InputError, MeshError, ModelLoadError, RefAny3DError
+from refany3d.examples import EXAMPLES_DIR
+
+PAPER_URL = "https://arxiv.org/abs/2601.22094"
+PROJECT_URL = "https://judgementh.github.io/RefAny3D"
+DEFAULT_PROMPT = "a photo of the object on a wooden table in a sunlit room"
+PREVIEW_RESOLUTION = 192  # the preview gallery only needs thumbnails; rendering stays interactive
+MAX_CONDITION_SIZE = 512  # the release's reference-view size; larger outputs reuse it
+MESH_UPLOAD_TYPES = [".glb", ".gltf", ".obj", ".ply", ".stl", ".off", ".zip"]
+PUBLISHED_MODEL = "published"
+EXAMPLES_SESSION = "examples"  # the folder cached example outputs are written to
+DEFAULT_RADIUS = 4.0
+DEFAULT_GUIDANCE = 3.5
+DEFAULT_IMAGE_GUIDANCE = 2.0
+MIN_RESOLUTION = 64
+APP_CSS = """
+#title { margin-bottom: 0; }
+#status { min-height: 1.5em; }
+"""
+
+
+def _env(environ: Mapping[str, str], name: str, default: str) -> str:
+    value = environ.get(name, "").strip()
+    return value or default
+
+
+def _env_number(environ: Mapping[str, str], name: str, default: float, cast: type = int):
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return cast(raw)
+    except ValueError:
+        raise InputError(f"environment variable {name}={raw!r} is not a valid {cast.__name__}") from None
+
+
+def _env_flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise InputError(f"environment variable {name}={raw!r} must be 1/0, true/false, yes/no or on/off")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where one selectable model's weights are: a FLUX base and RefAny3D weights (ids or folders)."""
+
+    label: str
+    base_model: str
+    ref_model: str
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything an operator can set through environment variables (see README)."""
+
+    base_model: str = "black-forest-labs/FLUX.1-dev"
+    ref_model: str = "JudgementH/RefAny3D"
+    device: str | None = None
+    cpu_offload: bool = False
+    preload: bool = False
+    max_upload_mb: int = 50
+    max_faces: int = 1_000_000
+    max_resolution: int = 1024
+    max_steps: int = 50
+    max_views: int = 12
+    default_resolution: int = 512
+    default_steps: int = 28
+    default_views: int = 8
+    concurrency: int = 1
+    session_ttl_s: int = 6 * 3600
+    gpu_duration_cap_s: int = 120
+    gpu_tflops: float = 300.0
+    cache_examples: bool = True
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AppConfig:
+        env = os.environ if environ is None else environ
+        on_space = bool(env.get("SPACE_ID"))
+        config = cls(
+            base_model=_env(env, "REFANY3D_BASE_MODEL", cls.base_model),
+            ref_model=_env(env, "REFANY3D_REF_MODEL", cls.ref_model),
+            device=env.get("REFANY3D_DEVICE", "").strip() or None,
+            cpu_offload=_env_flag(env, "REFANY3D_CPU_OFFLOAD", False),
+            preload=_env_flag(env, "REFANY3D_PRELOAD", on_space),
+            max_upload_mb=_env_number(env, "REFANY3D_MAX_UPLOAD_MB", cls.max_upload_mb),
+            max_faces=_env_number(env, "REFANY3D_MAX_FACES", cls.max_faces),
+            max_resolution=_env_number(env, "REFANY3D_MAX_RESOLUTION", cls.max_resolution),
+            max_steps=_env_number(env, "REFANY3D_MAX_STEPS", cls.max_steps),
+            max_views=_env_number(env, "REFANY3D_MAX_VIEWS", cls.max_views),
+            default_resolution=_env_number(env, "REFANY3D_DEFAULT_RESOLUTION", cls.default_resolution),
+            default_steps=_env_number(env, "REFANY3D_DEFAULT_STEPS", cls.default_steps),
+            default_views=_env_number(env, "REFANY3D_DEFAULT_VIEWS", cls.default_views),
+            concurrency=_env_number(env, "REFANY3D_CONCURRENCY", cls.concurrency),
+            session_ttl_s=_env_number(env, "REFANY3D_SESSION_TTL", cls.session_ttl_s),
+            gpu_duration_cap_s=_env_number(env, "REFANY3D_GPU_DURATION_CAP", cls.gpu_duration_cap_s),
+            gpu_tflops=_env_number(env, "REFANY3D_GPU_TFLOPS", cls.gpu_tflops, float),
+            cache_examples=_env_flag(env, "REFANY3D_CACHE_EXAMPLES", True),
+        )
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Refuse inconsistent limits at start-up rather than with a confusing error per visitor."""
+        positive = ("max_upload_mb", "max_faces", "max_resolution", "max_steps", "max_views",
+                    "concurrency", "session_ttl_s", "gpu_duration_cap_s", "gpu_tflops")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
+        if not MIN_RESOLUTION <= self.default_resolution <= self.max_resolution:
+            raise InputError(f"default resolution {self.default_resolution} must be within "
+                             f"[{MIN_RESOLUTION}, {self.max_resolution}]")
+        if not 1 <= self.default_steps <= self.max_steps:
+            raise InputError(f"default steps {self.default_steps} must be within [1, {self.max_steps}]")
+        if not 1 <= self.default_views <= self.max_views:
+            raise InputError(f"default views {self.default_views} must be within [1, {self.max_views}]")
+
+    def model_registry(self) -> dict[str, ModelSpec]:
+        """Selectable models by name; the first is the default."""
+        return {
+            PUBLISHED_MODEL: ModelSpec(
+                label=f"RefAny3D ({self.ref_model}) on {self.base_model}",
+                base_model=self.base_model,
+                ref_model=self.ref_model,
+            ),
+        }
+
+    def launch_options(self) -> dict[str, Any]:
+        """Keyword arguments for `demo.launch` (Gradio 6 takes theme and css there)."""
+        return {
+            "theme": gr.themes.Soft(primary_hue="indigo"),
+            "css": APP_CSS,
+            "max_file_size": f"{self.max_upload_mb}mb",
+            "allowed_paths": [str(EXAMPLES_DIR)],
+        }
+
+
+
+# ------------------------------------------------------------------------------------- models
+def _hub_file_cached(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except Exception:  # an invalid repo id is simply "not cached"
+        return False
+
+
+def weights_problem(spec: ModelSpec) -> str | None:
+    """Why this model's weights are not on this machine (None when they are), without network.
+
+    Folders must hold the files; hub ids must be in the local Hugging Face cache (Spaces preload
+    them). Missing hub weights may still download on first use.
+    """
+    from refany3d.pipeline import REF_WEIGHT_FILES
+
+    problems = []
+    for what, location, files in (
+        ("FLUX base model", spec.base_model, ("model_index.json",)),
+        ("RefAny3D weights", spec.ref_model, REF_WEIGHT_FILES),
+    ):
+        folder = Path(location).expanduser()
+        if folder.is_dir():
+            missing = [f for f in files if not (folder / f).is_file()]
+            if missing:
+                problems.append(f"the {what} folder {location} lacks {', '.join(missing)}")
+        elif location.startswith((".", "/", "~")):
+            problems.append(f"the {what} folder {location} does not exist")
+        elif not all(_hub_file_cached(location, f) for f in files):
+            problems.append(f"the {what} {location} is not in the Hugging Face cache")
+    return "; ".join(problems) or None
+
+
+class ModelStore:
+    """Pipelines by registry name, each loaded at most once per process, one in memory at a time.
+
+    A load is expensive (minutes for FLUX.1-dev), so concurrent first requests wait for one load
+    instead of starting several; a failed load is remembered for `retry_after_s` so a visitor
+    clicking again gets the message at once instead of another slow attempt.
+    """
+
+    def __init__(self, registry: dict[str, ModelSpec], loader: Callable[[ModelSpec], Any],
+                 retry_after_s: float = 300.0):
+        self.registry = registry
+        self._loader = loader
+        self._retry_after_s = retry_after_s
+        self._lock = threading.Lock()
+        self._loaded: tuple[str, Any] | None = None
+        self._failures: dict[str, tuple[float, str]] = {}
+
+    def get(self, name: str) -> Any:
+        spec = self.registry.get(name)
+        if spec is None:
+            raise InputError(f"unknown model {name!r}; choose one of {', '.join(self.registry)}")
+        with self._lock:
+            if self._loaded is not None and self._loaded[0] == name:
+                return self._loaded[1]
+            failed = self._failures.get(name)
+            if failed is not None and time.monotonic() - failed[0] < self._retry_after_s:
+                raise ModelLoadError(failed[1])
+            self._loaded = None  # free the previous model before loading the next one
+            try:
+                pipeline = self._loader(spec)
+            except ModelLoadError as err:
+                message = f"no model weights available for {spec.label}: {err}"
+                self._failures[name] = (time.monotonic(), message)
+                raise ModelLoadError(message) from None
+            self._failures.pop(name, None)
+            self._loaded = (name, pipeline)
+            return pipeline
+
+    def loaded_name(self) -> str | None:
+        return None if self._loaded is None else self._loaded[0]
+
+
+def pipeline_loader(config: AppConfig) -> Callable[[ModelSpec], Any]:
+    """The loader ModelStore uses: RefAny3DPipeline.from_pretrained with the configured device."""
+
+    def load(spec: ModelSpec):
+        from refany3d.pipeline import RefAny3DPipeline
+
+        return RefAny3DPipeline.from_pretrained(
+            spec.base_model, spec.ref_model, device=config.device, cpu_offload=config.cpu_offload
+        )
+
+    return load
+
+
+# ----------------------------------------------------------------------------------- sessions
+_SESSION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class SessionFolders:
+    """A private temporary folder per Gradio session under one root, removed when it ends.
+
+    Folders live under the system temp directory, which Gradio may read outputs from (it copies
+    them into its own cache, served by unguessable names); the root itself is never exposed.
+    Folders of sessions that ended without an unload event (API clients, crashed tabs) are
+    removed once untouched for `ttl_s`.
+    """
+
+    def __init__(self, root: Path, ttl_s: float):
+        self.root = Path(root)
+        self.ttl_s = ttl_s
+
+    def folder(self, session_hash: str | None) -> Path:
+        if not session_hash or not _SESSION_NAME.match(session_hash):
+            raise InputError("this request has no valid session; reload the page")
+        self.clean_stale()
+        folder = self.root / session_hash
+        folder.mkdir(parents=True, exist_ok=True)
+        os.utime(folder)  # touched = alive
+        return folder
+
+    def new_run_folder(self, session_hash: str | None, prefix: str) -> Path:
+        """A fresh folder inside the session's, so two runs of one session never share files."""
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.folder(session_hash)))
+
+    def remove(self, session_hash: str | None) -> None:
+        if session_hash and _SESSION_NAME.match(session_hash):
+            shutil.rmtree(self.root / session_hash, ignore_errors=True)
+
+    def clean_stale(self) -> None:
+        if not self.root.is_dir():
+            return
+        cutoff = time.time() - self.ttl_s
+        for folder in self.root.iterdir():
+            try:
+                if folder.is_dir() and folder.stat().st_mtime < cutoff:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except FileNotFoundError:  # another thread removed it first
+                continue
+
+
+# --------------------------------------------------------------------------------- validation
+@dataclass
+class GenerationSettings:
+    """Every setting of a generation, in the order the UI and the API take them."""
+
+    prompt: str
+    n_views: int
+    radius: float
+    pitch: float
+    y_rotation: float
+    seed: int
+    randomize_seed: bool
+    steps: int
+    guidance_scale: float
+    image_guidance_scale: float
+    resolution: int
+    model: str
+
+    @property
+    def condition_size(self) -> int:
+        return min(self.resolution, MAX_CONDITION_SIZE)
+
+    def to_record(self) -> dict[str, Any]:
+        record = asdict(self)
+        record.pop("randomize_seed")
+        record["condition_size"] = self.condition_size
+        return record
+
+
+SETTING_FIELDS = [f for f in GenerationSettings.__dataclass_fields__]
+MAX_SEED = 2**32 - 1
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer, float)) and not isinstance(value, bool) and float(value).is_integer()
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def mesh_problem(path: str | Path | None, config: AppConfig) -> str | None:
+    """What is wrong with an uploaded mesh file before it is parsed (existence, type, size)."""
+    if path is None or str(path) == "":
+        return "upload a mesh (GLB, glTF, OBJ, PLY, STL, OFF, or a .zip with an OBJ and its textures)"
+    path = Path(path)
+    if not path.is_file():
+        return f"the mesh file {path.name} is missing; upload it again"
+    if path.suffix.lower() not in MESH_UPLOAD_TYPES:
+        return f"unsupported mesh type {path.suffix or '(none)'!r}; use {', '.join(MESH_UPLOAD_TYPES)}"
+    size_mb = path.stat().st_size / 2**20
+    if size_mb > config.max_upload_mb:
+        return f"the mesh file is {size_mb:.1f} MB; the limit is {config.max_upload_mb} MB"
+    return None
+
+
+def settings_problems(s: GenerationSettings, config: AppConfig, registry: Mapping[str, ModelSpec]) -> dict[str, str]:
+    """Field name -> what is wrong with it. Empty when every setting is usable."""
+    problems: dict[str, str] = {}
+    if not isinstance(s.prompt, str) or not s.prompt.strip():
+        problems["prompt"] = "write a prompt describing the scene"
+    elif len(s.prompt) > 2000:
+        problems["prompt"] = "the prompt is longer than 2000 characters"
+    if not _is_integer(s.n_views) or not 1 <= s.n_views <= config.max_views:
+        problems["n_views"] = f"number of views must be a whole number from 1 to {config.max_views}"
+    if not _is_finite(s.radius) or not 2.0 <= s.radius <= 10.0:
+        problems["radius"] = "camera radius must be between 2 and 10"
+    if not _is_finite(s.pitch) or not -89.0 <= s.pitch <= 89.0:
+        problems["pitch"] = "pitch must be between -89 and 89 degrees"
+    if not _is_finite(s.y_rotation) or not -360.0 <= s.y_rotation <= 360.0:
+        problems["y_rotation"] = "y rotation must be between -360 and 360 degrees"
+    if not s.randomize_seed and (not _is_integer(s.seed) or not 0 <= s.seed <= MAX_SEED):
+        problems["seed"] = f"seed must be a whole number from 0 to {MAX_SEED}"
+    if not _is_integer(s.steps) or not 1 <= s.steps <= config.max_steps:
+        problems["steps"] = f"steps must be a whole number from 1 to {config.max_steps}"
+    if not _is_finite(s.guidance_scale) or not 0.0 <= s.guidance_scale <= 20.0:
+        problems["guidance_scale"] = "guidance must be between 0 and 20"
+    if not _is_finite(s.image_guidance_scale) or not 0.0 <= s.image_guidance_scale <= 20.0:
+        problems["image_guidance_scale"] = "image guidance must be between 0 and 20"
+    if (not _is_integer(s.resolution) or not MIN_RESOLUTION <= s.resolution <= config.max_resolution
+            or int(s.resolution) % 16):
+        problems["resolution"] = (f"resolution must be a multiple of 16 from {MIN_RESOLUTION} "
+                                  f"to {config.max_resolution}")
+    if s.model not in registry:
+        problems["model"] = f"unknown model {s.model!r}; choose one of {', '.join(registry)}"
+    return problems
+
+
+# ------------------------------------------------------------------------------- GPU duration
+# FLUX.1-dev: ~12e9 transformer parameters (2 FLOPs each per token), 57 blocks of width 3072.
+_FLUX_PARAMS = 12e9
+_FLUX_BLOCKS = 57
+_FLUX_WIDTH = 3072
+_LOAD_AND_DECODE_S = 10.0  # moving weights onto the GPU, text encoding, VAE decoding
+
+
+def estimated_gpu_seconds(steps: int, n_views: int, resolution: int, condition_size: int,
+                          image_guidance_scale: float, tflops: float) -> float:
+    """GPU seconds of one generation from the transformer's FLOPs at `tflops` sustained.
+
+    Tokens: two targets (image + point map) at resolution/16 per side, text (512), and every
+    reference view twice (RGB + point map) at condition_size/16 per side; image guidance runs a
+    second pass per step.
+    """
+    tokens = 2 * (resolution // 16) ** 2 + 512 + 2 * n_views * (condition_size // 16) ** 2
+    flops = 2 * _FLUX_PARAMS * tokens + _FLUX_BLOCKS * 4 * tokens**2 * _FLUX_WIDTH
+    passes = 1 if np.isclose(image_guidance_scale, 1.0) else 2
+    return _LOAD_AND_DECODE_S + steps * passes * flops / (tflops * 1e12)
+
+
+# -------------------------------------------------------------------------------- the service
+class AppService:
+    """One per process: configuration, model store, session folders and a small mesh cache."""
+
+    def __init__(self, config: AppConfig, loader: Callable[[ModelSpec], Any] | None = None):
+        self.config = config
+        self.registry = config.model_registry()
+        self.models = ModelStore(self.registry, loader or pipeline_loader(config))
+        self.sessions = SessionFolders(Path(tempfile.gettempdir()) / "refany3d-sessions", config.session_ttl_s)
+        self._meshes: OrderedDict[tuple[str, float], Any] = OrderedDict()
+        self._mesh_lock = threading.Lock()
+
+    def default_model(self) -> str:
+        return next(iter(self.registry))
+
+    def model_choices(self) -> list[tuple[str, str]]:
+        return [(spec.label, name) for name, spec in self.registry.items()]
+
+    def model_status(self) -> str:
+        """A one-line notice for the page when the default model cannot be loaded here."""
+        problem = weights_problem(self.registry[self.default_model()])
+        if problem is None:
+            return ""
+        return (f"**Model weights not found on this machine:** {problem}. Generating will try to "
+                "download them from the Hugging Face Hub (FLUX.1-dev is gated: it needs an HF_TOKEN) "
+                "and says so if it cannot; everything else works. See *App configuration* in the "
+                "README to point the app at local weights.")
+
+    def load_mesh(self, path: str | Path):
+        """Load (or reuse) a mesh; the preview and the generation of one upload parse it once."""
+        from refany3d.mesh import load_mesh
+
+        path = Path(path)
+        key = (str(path.resolve()), path.stat().st_mtime)
+        with self._mesh_lock:
+            if key in self._meshes:
+                self._meshes.move_to_end(key)
+                return self._meshes[key]
+        mesh = load_mesh(path, max_faces=self.config.max_faces)
+        with self._mesh_lock:
+            self._meshes[key] = mesh
+            while len(self._meshes) > 4:
+                self._meshes.popitem(last=False)
+        return mesh
+
+    def preload(self) -> None:
+        """Load the default model now (Spaces: before the first visitor, while the GPU is free)."""
+        try:
+            self.models.get(self.default_model())
+        except ModelLoadError as err:
+            print(f"refany3d app: model not preloaded: {err}")
+
+
+_service: AppService | None = None
+_service_lock = threading.Lock()
+
+
+def get_service() -> AppService:
+    """The process-wide service, built from the environment on first use."""
+    global _service
+    with _service_lock:
+        if _service is None:
+            _service = AppService(AppConfig.from_env())
+        return _service
+
+
+# ----------------------------------------------------------------------------------- handlers
+def _out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    )
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Run a handler; expected failures become a gr.Error with their message, the app keeps serving."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except RefAny3DError as err:
+            raise gr.Error(str(err), title=type(err).__name__.replace("Error", " error")) from None
+        except Exception as err:
+            if _out_of_memory(err):
+                _free_accelerator_memory()
+                raise gr.Error(
+                    "Out of memory while generating. Try fewer views, a lower resolution, or "
+                    "fewer steps.", title="Out of memory"
+                ) from None
+            raise
+
+    return wrapper
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _session_hash(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None)
+
+
+@user_errors
+def show_mesh(mesh_path: str | None, request: gr.Request) -> str | None:
+    """The uploaded mesh as a textured GLB for the 3D viewer (None clears it)."""
+    if not mesh_path:
+        return None
+    service = get_service()
+    problem = mesh_problem(mesh_path, service.config)
+    if problem:
+        raise MeshError(problem)
+    mesh = service.load_mesh(mesh_path)
+    folder = service.sessions.new_run_folder(_session_hash(request), "view-")
+    target = folder / (Path(mesh_path).stem + ".glb")
+    mesh.export(target)
+    return str(target)
+
+
+@user_errors
+def preview_views(mesh_path: str | None, n_views: int, radius: float, pitch: float,
+                  y_rotation: float) -> list[tuple[Any, str]]:
+    """Thumbnails of the reference views the model will see: each RGB view, then its point map."""
+    from refany3d.views import render_views
+
+    if not mesh_path:
+        return []
+    service = get_service()
+    problem = mesh_problem(mesh_path, service.config)
+    if problem:
+        raise MeshError(problem)
+    if not _is_integer(n_views) or not 1 <= n_views <= service.config.max_views:
+        raise InputError(f"number of views must be a whole number from 1 to {service.config.max_views}")
+    views = render_views(service.load_mesh(mesh_path), int(n_views), PREVIEW_RESOLUTION,
+                         float(radius), float(pitch), float(y_rotation))
+    gallery: list[tuple[Any, str]] = []
+    for azimuth, rgb, pointmap in zip(views.azimuths, views.rgb, views.pointmap):
+        gallery += [(rgb, f"RGB {azimuth:.0f}°"), (pointmap, f"point map {azimuth:.0f}°")]
+    return gallery
+
+
+def gpu_duration(model: str, prompt: str, rgb_views: list, pointmap_views: list, settings: dict,
+                 progress: Any = None) -> int:
+    """ZeroGPU seconds to request for `sample_on_gpu` with these arguments (capped, see README)."""
+    config = get_service().config
+    seconds = estimated_gpu_seconds(
+        settings["steps"], len(rgb_views), settings["resolution"], settings["condition_size"],
+        settings["image_guidance_scale"], config.gpu_tflops,
+    )
+    return int(min(config.gpu_duration_cap_s, max(15.0, seconds)))
+
+
+@spaces.GPU(duration=gpu_duration)
+def sample_on_gpu(model: str, prompt: str, rgb_views: list, pointmap_views: list, settings: dict,
+                  progress: Any = None):
+    """The only GPU work: load (once) and run the sampler. Views and files stay on the CPU side."""
+    import torch
+
+    pipeline = get_service().models.get(model)
+    if progress is not None:
+        progress(0.0, desc="Sampling")
+
+    def on_step(step: int, total: int) -> None:
+        if progress is not None:
+            progress((step, total), desc="Sampling", unit="steps")
+
+    generator = torch.Generator("cpu").manual_seed(int(settings["seed"]))
+    output = pipeline(
+        prompt,
+        rgb_views,
+        pointmap_views,
+        height=settings["resolution"],
+        width=settings["resolution"],
+        condition_size=settings["condition_size"],
+        num_inference_steps=settings["steps"],
+        guidance_scale=settings["guidance_scale"],
+        image_guidance_scale=settings["image_guidance_scale"],
+        generator=generator,
+        callback=on_step,
+    )
+    return output.image, output.pointmap
+
+
+@dataclass
+class GenerationResult:
+    """Files of one generation; kept in the session so the plot can be redrawn with the overlay."""
+
+    image: str
+    pointmap: str
+    ply: str
+    settings_json: str
+    mesh_path: str
+    y_rotation: float
+    seed: int
+    files: list[str] = field(default_factory=list)
+
+
+def _figure(result: GenerationResult, show_asset: bool):
+    import trimesh
+
+    from refany3d.outputs import PointCloud, pointcloud_figure, surface_points
+
+    cloud = trimesh.load(result.ply)
+    points = PointCloud(np.asarray(cloud.vertices), np.asarray(cloud.colors)[:, :3])
+    asset = surface_points(get_service().load_mesh(result.mesh_path)) if show_asset else None
+    return pointcloud_figure(points, asset)
+
+
+def _generate(mesh_path: str | None, settings: GenerationSettings, show_asset: bool, session: str | None,
+              progress: Any):
+    """Render the reference views (CPU), sample on the GPU, write every output file (CPU)."""
+    from refany3d.outputs import pointcloud_from_pointmap, write_ply, write_settings_json
+    from refany3d.views import render_views
+
+    service = get_service()
+    if settings.randomize_seed:
+        settings.seed = int(np.random.default_rng().integers(0, MAX_SEED + 1))
+    problem = mesh_problem(mesh_path, service.config)
+    if problem:
+        raise MeshError(problem)
+    problems = settings_problems(settings, service.config, service.registry)
+    if problems:
+        raise InputError("; ".join(problems.values()))
+    for name in ("n_views", "seed", "steps", "resolution"):
+        setattr(settings, name, int(getattr(settings, name)))
+    for name in ("radius", "pitch", "y_rotation", "guidance_scale", "image_guidance_scale"):
+        setattr(settings, name, float(getattr(settings, name)))
+    settings.prompt = settings.prompt.strip()
+
+    progress(0.0, desc="Loading the model")
+    service.models.get(settings.model)  # on the CPU side: a missing model never requests a GPU
+    progress(0.0, desc="Loading the mesh")
+    mesh = service.load_mesh(mesh_path)
+    progress(0.0, desc="Rendering reference views")
+    views = render_views(mesh, settings.n_views, settings.condition_size, settings.radius, settings.pitch,
+                         settings.y_rotation)
+    record = settings.to_record()
+    image, pointmap = sample_on_gpu(settings.model, settings.prompt, views.rgb, views.pointmap, record, progress)
+
+    progress(1.0, desc="Writing files")
+    folder = service.sessions.new_run_folder(session, "run-")
+    image_path, pointmap_path = folder / "image.png", folder / "pointmap.png"
+    image.save(image_path)
+    pointmap.save(pointmap_path)
+    cloud = pointcloud_from_pointmap(pointmap, image, views.normalization, settings.y_rotation)
+    ply_path = write_ply(cloud, folder / "pointcloud.ply")
+    json_path = write_settings_json(record, folder / "settings.json", mesh_path=mesh_path)
+    result = GenerationResult(
+        image=str(image_path), pointmap=str(pointmap_path), ply=str(ply_path),
+        settings_json=str(json_path), mesh_path=str(mesh_path), y_rotation=settings.y_rotation,
+        seed=settings.seed, files=[str(image_path), str(pointmap_path), str(ply_path), str(json_path)],
+    )
+    status = f"Done: seed {settings.seed}, {len(cloud)} foreground points."
+    if len(cloud) == 0:
+        status += " The point map has no foreground, so the point cloud is empty."
+    return (result.image, result.pointmap, _figure(result, show_asset), result.ply, result.files,
+            settings.seed, status, result)
+
+
+@user_errors
+def generate(mesh_path: str | None, prompt: str, n_views: int, radius: float, pitch: float,
+             y_rotation: float, seed: int, randomize_seed: bool, steps: int, guidance_scale: float,
+             image_guidance_scale: float, resolution: int, model: str, show_asset: bool,
+             request: gr.Request, progress: gr.Progress = gr.Progress()):
+    """Generate an image and point map of the mesh in the prompt's scene.
+
+    Returns image, point map, point-cloud figure, PLY, all downloads (image, point map, PLY,
+    settings JSON), the seed used, a status line and the result (session state).
+    """
+    settings = GenerationSettings(prompt, n_views, radius, pitch, y_rotation, seed, bool(randomize_seed),
+                                  steps, guidance_scale, image_guidance_scale, resolution, model)
+    return _generate(mesh_path, settings, show_asset, _session_hash(request), progress)
+
+
+def default_settings(prompt: str, config: AppConfig, model: str) -> GenerationSettings:
+    """The settings the UI starts with (and examples are generated with)."""
+    return GenerationSettings(
+        prompt=prompt, n_views=config.default_views, radius=DEFAULT_RADIUS, pitch=0.0, y_rotation=0.0,
+        seed=0, randomize_seed=False, steps=config.default_steps, guidance_scale=DEFAULT_GUIDANCE,
+        image_guidance_scale=DEFAULT_IMAGE_GUIDANCE, resolution=config.default_resolution, model=model,
+    )
+
+
+@user_errors
+def generate_example(mesh_path: str, prompt: str, progress: gr.Progress = gr.Progress()):
+    """An example's outputs at the default settings and seed 0 (cached once, shared by everyone)."""
+    service = get_service()
+    settings = default_settings(prompt, service.config, service.default_model())
+    return _generate(mesh_path, settings, False, EXAMPLES_SESSION, progress)[:-1]
+
+
+def example_rows() -> tuple[list[list[str]], list[str]]:
+    """(mesh path, prompt) rows of the project's example meshes, and their labels."""
+    from refany3d.examples import PROMPTS, example_paths
+
+    paths = {name: path for name, path in example_paths().items() if path.is_file()}
+    rows = [[str(path), PROMPTS[name]] for name, path in paths.items()]
+    labels = [Path(name).stem.replace("_", " ") for name in paths]
+    return rows, labels
+
+
+def cache_examples(service: AppService) -> bool:
+    """Cache example outputs (lazily, on first click) only when they can be generated here."""
+    return service.config.cache_examples and weights_problem(service.registry[service.default_model()]) is None
+
+
+@user_errors
+def redraw_pointcloud(result: GenerationResult | None, show_asset: bool):
+    """The point-cloud plot again, with or without the asset's surface overlay."""
+    if result is None:
+        return gr.skip()
+    return _figure(result, show_asset)
+
+
+def validate_generation(mesh_path, prompt, n_views, radius, pitch, y_rotation, seed, randomize_seed,
+                        steps, guidance_scale, image_guidance_scale, resolution, model, show_asset):
+    """Gradio `validator=`: one gr.validate per input, checked before the event is queued."""
+    service = get_service()
+    settings = GenerationSettings(prompt, n_views, radius, pitch, y_rotation, seed, bool(randomize_seed),
+                                  steps, guidance_scale, image_guidance_scale, resolution, model)
+    problems = settings_problems(settings, service.config, service.registry)
+    mesh = mesh_problem(mesh_path, service.config)
+    verdicts = [gr.validate(mesh is None, mesh or "")]
+    verdicts += [gr.validate(name not in problems, problems.get(name, "")) for name in SETTING_FIELDS]
+    verdicts.append(gr.validate(True, ""))  # show_asset is a display toggle
+    return verdicts
+
+
+def end_session(request: gr.Request) -> None:
+    """Remove the session's folder when its browser tab closes."""
+    get_service().sessions.remove(_session_hash(request))

@@ -1,0 +1,139 @@
+"""The app's API through gradio_client, on a tiny random model served by `python app.py`."""
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import trimesh
+from PIL import Image
+
+from app_server import REPO, running_app, tiny_app_env
+
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError, ValidationError  # noqa: E402
+
+VASE = REPO / "examples" / "vase.glb"
+SHARED_MESHES = Path(__file__).parents[1] / ".." / "shared" / "meshes"
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("app_api")
+    with running_app(tiny_app_env(workdir), workdir / "server.log") as url:
+        yield Client(url, verbose=False)
+
+
+def _generate(client, mesh, prompt="a vase on a wooden table", seed=7, **settings):
+    args = dict(n_views=2, radius=4.0, pitch=0.0, y_rotation=0.0, seed=seed, randomize_seed=False,
+                steps=1, guidance_scale=3.5, image_guidance_scale=2.0, resolution=64, model="published",
+                show_asset=False)
+    args.update(settings)
+    return client.predict(handle_file(str(mesh)), prompt, api_name="/generate", **args)
+
+
+def test_api_lists_the_main_endpoints(client):
+    endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    assert {"/generate", "/preview_views", "/display_mesh"} <= set(endpoints)
+    assert "/redraw_pointcloud" not in endpoints  # a display toggle, not part of the API
+    generate_params = [p["parameter_name"] for p in endpoints["/generate"]["parameters"]]
+    assert generate_params[:2] == ["mesh_path", "prompt"]
+
+
+def test_generate_returns_image_pointmap_and_matching_ply(client):
+    image_path, pointmap_path, plot, ply_path, files, seed, status = _generate(client, VASE, y_rotation=30.0)
+    image = np.asarray(Image.open(image_path).convert("RGB"))
+    pointmap = np.asarray(Image.open(pointmap_path).convert("RGB"))
+    assert image.shape == pointmap.shape == (64, 64, 3)
+    assert seed == 7 and "seed 7" in status
+
+    # the PLY holds exactly the point map's non-white pixels, coloured by the image, in the
+    # asset's own frame (inside its bounding box)
+    foreground = (pointmap < 0.95 * 255).any(axis=-1)
+    cloud = trimesh.load(ply_path)
+    assert len(cloud.vertices) == foreground.sum() > 0
+    np.testing.assert_array_equal(np.asarray(cloud.colors)[:, :3], image[foreground])
+    lo, hi = trimesh.load(VASE, force="mesh").bounds
+    size = (hi - lo).max()
+    assert (cloud.vertices >= lo - size).all() and (cloud.vertices <= hi + size).all()
+
+    assert plot["type"] == "plotly"
+    figure = json.loads(plot["plot"])
+    xs = figure["data"][0]["x"]  # plotly sends arrays base64-encoded
+    xs = np.frombuffer(base64.b64decode(xs["bdata"]), dtype=xs["dtype"]) if isinstance(xs, dict) else xs
+    np.testing.assert_allclose(np.sort(xs), np.sort(cloud.vertices[:, 0]), atol=1e-6)
+    assert figure["layout"]["scene"]["aspectmode"] == "data"
+
+    names = sorted(Path(f).name for f in files)
+    assert names == ["image.png", "pointcloud.ply", "pointmap.png", "settings.json"]
+    record = json.loads(Path(next(f for f in files if f.endswith(".json"))).read_text())
+    assert record["settings"]["seed"] == 7 and record["settings"]["y_rotation"] == 30.0
+    assert record["settings"]["prompt"] == "a vase on a wooden table"
+    assert record["mesh"]["name"] == "vase.glb"
+
+
+def test_same_seed_same_image_and_randomize_reports_the_seed_used(client):
+    first = np.asarray(Image.open(_generate(client, VASE, seed=11)[0]))
+    again = np.asarray(Image.open(_generate(client, VASE, seed=11)[0]))
+    np.testing.assert_array_equal(first, again)
+    image_path, *_, seed, status = _generate(client, VASE, seed=11, randomize_seed=True)
+    assert 0 <= seed < 2**32 and f"seed {seed}" in status
+    if seed != 11:
+        assert np.abs(np.asarray(Image.open(image_path)).astype(int) - first.astype(int)).max() > 0
+
+
+def test_preview_returns_rgb_and_pointmap_views(client):
+    gallery = client.predict(handle_file(str(VASE)), 3, 4.0, 10.0, 0.0, api_name="/preview_views")
+    assert [item["caption"] for item in gallery] == [
+        "RGB 0°", "point map 0°", "RGB 120°", "point map 120°", "RGB 240°", "point map 240°"
+    ]
+    rgb = np.asarray(Image.open(gallery[0]["image"]).convert("RGB"))
+    pointmap = np.asarray(Image.open(gallery[1]["image"]).convert("RGB"))
+    background = (pointmap == 255).all(axis=-1)
+    assert 0 < background.mean() < 1  # the vase covers part of the view, white around it
+    assert (rgb[background] >= 250).all(axis=-1).mean() > 0.99  # the RGB view's background is white too
+
+
+def test_display_mesh_returns_a_glb_of_the_asset(client):
+    glb = client.predict(handle_file(str(VASE)), api_name="/display_mesh")
+    assert Path(glb).suffix == ".glb"
+    shown, original = trimesh.load(glb, force="mesh"), trimesh.load(VASE, force="mesh")
+    np.testing.assert_allclose(shown.bounds, original.bounds, atol=1e-5)
+
+
+def test_bad_inputs_give_clear_errors_and_the_app_keeps_serving(client, tmp_path):
+    junk = tmp_path / "junk.obj"
+    junk.write_text("this is not a mesh\n")
+    with pytest.raises(AppError, match="no faces"):
+        _generate(client, junk)
+    with pytest.raises(ValidationError, match="write a prompt"):
+        _generate(client, VASE, prompt="   ")
+    with pytest.raises(ValidationError, match="multiple of 16"):
+        _generate(client, VASE, resolution=72)
+    with pytest.raises(httpx.HTTPStatusError) as refused:  # Gradio's own slider bounds check
+        _generate(client, VASE, steps=0)
+    assert "less than minimum" in refused.value.response.text
+    text = tmp_path / "notes.txt"
+    text.write_text("hello")
+    with pytest.raises(httpx.HTTPStatusError) as refused:  # Gradio's own file-type check
+        _generate(client, text)
+    assert "Invalid file type" in refused.value.response.text
+    big = tmp_path / "big.obj"
+    big.write_bytes(b"# padding\n" * 150_000)  # 1.5 MB, over the 1 MB limit of this server
+    with pytest.raises(ValueError, match="exceeds the maximum file size of 1048576 bytes"):
+        _generate(client, big)  # gradio_client knows the server's limit
+    with big.open("rb") as f:  # and the server refuses the upload itself
+        response = httpx.post(client.src.rstrip("/") + "/gradio_api/upload", files={"files": f})
+    assert response.status_code == 413 and "maximum allowed size of 1048576 bytes" in response.text
+    # still serving
+    assert Path(_generate(client, VASE)[0]).is_file()
+
+
+@pytest.mark.skipif(not SHARED_MESHES.is_dir(), reason="../shared/meshes is absent")
+def test_point_cloud_only_file_is_refused(client):
+    with pytest.raises(AppError, match="no faces"):
+        _generate(client, SHARED_MESHES / "points_emptyface.ply")
