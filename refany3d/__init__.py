@@ -42,6 +42,12 @@ _EXPORTS = {
     "estimate_pose": "alignment",
     "frustum_segments": "alignment",
     "overlay_image": "alignment",
+    # issue 5: outputs of a generation
+    "PointCloud": "outputs",
+    "pointcloud_from_pointmap": "outputs",
+    "pointcloud_figure": "outputs",
+    "write_ply": "outputs",
+    "write_settings_json": "outputs",
 }
 
 
