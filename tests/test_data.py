@@ -195,3 +195,12 @@ def test_bad_settings_raise_input_errors(tmp_path: Path) -> None:
         make_dataset(tmp_path / "x", count=1, split="test")
     with pytest.raises(InputError, match="not a refany3d dataset"):
         SampleDataset(tmp_path, resolution=32)
+
+
+def test_make_data_cli(tmp_path: Path, capsys) -> None:
+    from refany3d.cli import main
+
+    assert main(["make-data", str(tmp_path / "d"), "--count", "2", "--views", "1", "--resolution", "32"]) == 0
+    assert json.loads((tmp_path / "d" / "dataset.json").read_text())["count"] == 2
+    assert main(["make-data", str(tmp_path / "e"), "--count", "0"]) == 2
+    assert "count must be at least 1" in capsys.readouterr().err
