@@ -33,7 +33,7 @@ def views(n: int, seed: int = 0, size: int = 32) -> tuple[list[Image.Image], lis
 
 
 def run(pipe, mode: str, n_views: int = 2, seed: int = 0, view_seed: int = 0, **kw):
-    rgb, pm = views(n_views, view_seed)
+    rgb, pm = views(n_views, view_seed, kw.get("condition_size", 32))
     kw = {**dict(height=32, width=32, condition_size=32, num_inference_steps=2, output_type="np"), **kw}
     return pipe(PROMPT, rgb, pm, generator=torch.Generator().manual_seed(seed), mode=mode, **kw)
 
@@ -47,13 +47,14 @@ def psnr(a, b) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
 
 
-@pytest.mark.parametrize("seed", [0, 11])
 @pytest.mark.parametrize("image_guidance_scale", [1.0, 2.0])
 @pytest.mark.parametrize("n_views", [1, 3, 8])
-def test_exact_mode_equals_faithful(pipe, n_views, image_guidance_scale, seed):
-    kw = dict(n_views=n_views, seed=seed, view_seed=seed + n_views, image_guidance_scale=image_guidance_scale)
+def test_exact_mode_equals_faithful(pipe, n_views, image_guidance_scale):
+    seed = 10 * n_views + int(image_guidance_scale)  # a different seed for every case
+    size = dict(height=16, width=16, condition_size=16)
+    kw = dict(n_views=n_views, seed=seed, view_seed=seed, image_guidance_scale=image_guidance_scale, **size)
     faithful, exact = run(pipe, "faithful", **kw), run(pipe, "exact", **kw)
-    assert exact.image.shape == faithful.image.shape == (32, 32, 3)
+    assert exact.image.shape == faithful.image.shape == (16, 16, 3)
     assert max_abs(exact.image, faithful.image) <= 1e-4
     assert max_abs(exact.pointmap, faithful.pointmap) <= 1e-4
     assert exact.settings["mode"] == "exact"
