@@ -1,0 +1,292 @@
+#!/usr/bin/env python
+"""Sampler speed: the faithful path against the fast modes ("exact", "cached"), side by side.
+
+Every configuration builds one model, then runs the modes interleaved (warm-up round, then
+`--repeats` rounds of faithful, exact, cached) on the same inputs and seed, so a shared, noisy
+machine slows them alike. Printed per mode: median wall time, speed-up over faithful, max abs
+difference and PSNR of the image and point map against faithful (cached also against exact),
+peak memory, FLOPs per denoising step and achieved TFLOP/s (FLOPs counted by
+torch.utils.flop_counter over a 1-step and a 2-step call: per step = difference).
+
+    python benchmarks/sampler.py                         # tiny + mid-size random models on CPU
+    python benchmarks/sampler.py --configs embedded      # the trained model in assets/embedded
+    python benchmarks/sampler.py --gpu-full              # FLUX.1-dev-size random transformer, bf16,
+                                                         # 512², 8 and 4 views, 28 steps (needs CUDA)
+    python benchmarks/sampler.py --gpu-full --dry-run    # the same code path, small, on CPU
+
+Cached mode is an approximation; its PSNR is printed next to its speed.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from refany3d.fast import fast_sampler  # noqa: E402
+from refany3d.pipeline import EMBEDDED_MODEL_DIR, RefAny3DPipeline  # noqa: E402
+from refany3d.tiny import (  # noqa: E402
+    TinyConfig,
+    add_refany3d_adapters,
+    build_base_pipeline,
+    build_tiny_model,
+    new_domain_embedder,
+)
+
+MODES = ("faithful", "exact", "cached")
+PROMPT = "a red table in the room with a wooden floor"
+H100_BF16_DENSE_TFLOPS = 989.0
+
+
+@dataclass
+class Config:
+    name: str
+    size: int  # image and condition size
+    n_views: int
+    steps: int
+
+
+def mid_config() -> TinyConfig:
+    """Big enough that matmuls and attention, not Python, dominate on a CPU."""
+    return TinyConfig(
+        num_layers=2,
+        num_single_layers=4,
+        num_attention_heads=8,
+        attention_head_dim=32,
+        axes_dims_rope=(8, 12, 12),
+        text_dim=64,
+        vae_channels=(8, 16, 16),  # VAE downsamples 4x: 128² -> 32x32 latents -> 256 tokens per branch
+        lora_rank=8,
+        lora_alpha=8,
+    )
+
+
+def flux_dev_config(lora_rank: int) -> TinyConfig:
+    """FLUX.1-dev's transformer (19 double + 38 single blocks, 24 x 128 heads, 16 latent channels,
+    512 T5 tokens); text encoders and VAE are minimal stand-ins of the right widths."""
+    return TinyConfig(
+        num_layers=19,
+        num_single_layers=38,
+        num_attention_heads=24,
+        attention_head_dim=128,
+        axes_dims_rope=(16, 56, 56),
+        text_dim=4096,
+        text_layers=1,
+        vae_channels=(8, 8, 8, 8),  # 8x downsampling, as FLUX's VAE
+        latent_channels=16,
+        max_text_tokens=512,
+        lora_rank=lora_rank,
+        lora_alpha=lora_rank,
+    )
+
+
+def build_in_memory(config: TinyConfig, device: str, dtype: torch.dtype) -> RefAny3DPipeline:
+    """A random pipeline created directly on `device` in `dtype` (no 48 GB float32 detour)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            flux = build_base_pipeline(config, seed=0)
+            add_refany3d_adapters(flux.transformer, config.lora_rank, config.lora_alpha, init_scale=1e-3)
+            embedder = new_domain_embedder(config.num_attention_heads * config.attention_head_dim)
+    finally:
+        torch.set_default_dtype(previous)
+    flux.transformer.requires_grad_(False)
+    return RefAny3DPipeline(flux, embedder).to(device)
+
+
+def random_views(n: int, size: int, seed: int = 0) -> tuple[list[Image.Image], list[Image.Image]]:
+    rng = np.random.default_rng(seed)
+    make = lambda: Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))  # noqa: E731
+    return [make() for _ in range(n)], [make() for _ in range(n)]
+
+
+class PeakMemory:
+    """Peak memory of a block: CUDA allocator peak, or peak process RSS growth (sampled) on CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.peak_mb = 0.0
+
+    @staticmethod
+    def _rss_mb() -> float:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    def __enter__(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self._base, self._stop = self._rss_mb(), threading.Event()
+        self.peak_mb = 0.0
+
+        def poll():
+            while not self._stop.wait(0.002):
+                self.peak_mb = max(self.peak_mb, self._rss_mb() - self._base)
+
+        self._thread = threading.Thread(target=poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+
+
+def call(pipe, mode: str, views, config: Config, steps: int | None = None):
+    return pipe(
+        PROMPT,
+        *views,
+        height=config.size,
+        width=config.size,
+        condition_size=config.size,
+        num_inference_steps=steps or config.steps,
+        image_guidance_scale=2.0,
+        generator=torch.Generator("cpu").manual_seed(0),
+        max_sequence_length=512,
+        output_type="np",
+        mode=mode,
+    )
+
+
+def counted_flops(pipe, mode: str, views, config: Config) -> tuple[float, float]:
+    """(FLOPs of a whole call, FLOPs of one later denoising step), from a 1-step and a 2-step call."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    totals = []
+    for steps in (1, 2):
+        fast_sampler(pipe).clear_caches()  # both calls encode the prompt and views
+        with FlopCounterMode(display=False) as counter:
+            call(pipe, mode, views, config, steps)
+        totals.append(counter.get_total_flops())
+    per_step = totals[1] - totals[0]
+    return totals[0] + (config.steps - 1) * per_step, per_step
+
+
+def si(value: float) -> str:
+    for prefix, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if abs(value) >= scale:
+            return f"{value / scale:7.2f} {prefix}"
+    return f"{value:7.0f} "
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def compare(out, ref) -> str:
+    diff = max(float(np.abs(np.asarray(o, np.float64) - np.asarray(r, np.float64)).max()) for o, r in ((out.image, ref.image), (out.pointmap, ref.pointmap)))
+    return f"max|d| {diff:.1e}  PSNR {psnr(out.image, ref.image):6.1f}/{psnr(out.pointmap, ref.pointmap):6.1f} dB"
+
+
+def bench(pipe: RefAny3DPipeline, config: Config, repeats: int, modes: tuple[str, ...], peak_tflops: float | None) -> None:
+    device = pipe.device
+    views = random_views(config.n_views, config.size)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    flops = {mode: counted_flops(pipe, mode, views, config) for mode in modes}
+    fast_sampler(pipe).clear_caches()
+    outputs, times, memory = {}, {m: [] for m in modes}, {m: 0.0 for m in modes}
+    for mode in modes:  # warm-up round (first-call costs; fills the fast sampler's caches)
+        outputs[mode] = call(pipe, mode, views, config)
+    for _ in range(repeats):
+        for mode in modes:
+            with PeakMemory(device) as peak:
+                sync()
+                start = time.perf_counter()
+                out = call(pipe, mode, views, config)
+                sync()
+                times[mode].append(time.perf_counter() - start)
+            memory[mode] = max(memory[mode], peak.peak_mb)
+            assert np.array_equal(out.image, outputs[mode].image) or device.type == "cuda", f"{mode} is not deterministic"
+
+    tokens = (config.size // pipe.flux.vae_scale_factor // 2) ** 2
+    print(
+        f"\n== {config.name}: {config.size}², {config.n_views} views ({tokens} tokens per branch), {config.steps} steps, "
+        f"image guidance 2, {str(pipe.dtype).replace('torch.', '')} on {device}; median of {repeats} =="
+    )
+    base = statistics.median(times["faithful"]) if "faithful" in times else None
+    mem_unit = "MB GPU peak" if device.type == "cuda" else "MB RSS growth"
+    for mode in modes:
+        t = statistics.median(times[mode])
+        total, per_step = flops[mode]
+        line = f"{mode:>8}: {t:8.3f} s"
+        line += f"  x{base / t:5.2f}" if base else ""
+        line += f"  {memory[mode]:8.0f} {mem_unit}"
+        line += f"  step {si(per_step)}FLOP  achieved {si(total / t)}FLOP/s"
+        if peak_tflops:
+            line += f" ({100 * total / t / 1e12 / peak_tflops:4.1f}% of {peak_tflops:.0f})"
+        if mode != "faithful" and "faithful" in outputs:
+            line += f"  vs faithful: {compare(outputs[mode], outputs['faithful'])}"
+        if mode == "cached" and "exact" in outputs:
+            line += f"  vs exact: {compare(outputs[mode], outputs['exact'])}"
+        print(line, flush=True)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--configs", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid", "embedded"])
+    ap.add_argument("--views", type=int, nargs="+", default=[8])
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--gpu-full", action="store_true", help="FLUX.1-dev-size random transformer on CUDA (bf16, 512², 8 and 4 views, 28 steps)")
+    ap.add_argument("--dry-run", action="store_true", help="with --gpu-full: the same code path with a small model on CPU")
+    ap.add_argument("--lora-rank", type=int, default=64, help="LoRA rank of the full-size model")
+    ap.add_argument("--peak-tflops", type=float, default=None, help=f"device peak for the %% column (H100 bf16 dense: {H100_BF16_DENSE_TFLOPS:.0f})")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    modes = tuple(args.modes)
+
+    if args.gpu_full:
+        if args.dry_run:
+            pipe = build_in_memory(mid_config(), "cpu", torch.float32)
+            configs = [Config("full-size code path (dry run: mid model, CPU)", 64, n, 2) for n in (8, 4)]
+        else:
+            if not torch.cuda.is_available():
+                print("--gpu-full needs a CUDA device (use --dry-run to check the code path on CPU)")
+                return 2
+            torch.backends.cuda.matmul.allow_tf32 = True
+            pipe = build_in_memory(flux_dev_config(args.lora_rank), "cuda", torch.bfloat16)
+            configs = [Config(f"FLUX.1-dev size, random weights, LoRA rank {args.lora_rank}", 512, n, 28) for n in (8, 4)]
+        for config in configs:
+            bench(pipe, config, 1 if not args.dry_run else args.repeats, modes, args.peak_tflops or (None if args.dry_run else H100_BF16_DENSE_TFLOPS))
+        return 0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.configs:
+            if name == "embedded":
+                if not (EMBEDDED_MODEL_DIR / "base").is_dir():
+                    print(f"\n== embedded: no model in {EMBEDDED_MODEL_DIR}; skipped ==")
+                    continue
+                pipe = RefAny3DPipeline.from_pretrained(EMBEDDED_MODEL_DIR / "base", EMBEDDED_MODEL_DIR / "ref", device="cpu")
+                size = pipe.flux.vae_scale_factor * 16
+            else:
+                tiny = TinyConfig() if name == "tiny" else mid_config()
+                base, ref = build_tiny_model(Path(tmp) / name, seed=0, config=tiny)
+                pipe = RefAny3DPipeline.from_pretrained(base, ref, device="cpu", dtype=torch.float32)
+                size = 64 if name == "tiny" else 128
+            for n in args.views:
+                bench(pipe, Config(name, size, n, args.steps), args.repeats, modes, args.peak_tflops)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
