@@ -15,6 +15,21 @@ defaults = logic.default_settings(logic.DEFAULT_PROMPT, config, service.default_
 example_rows, example_labels = logic.example_rows()
 
 with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
+    # Result components are created first and placed later, so the examples (whose cached
+    # outputs they are) can sit right under the upload.
+    status = gr.Markdown(elem_id="status", render=False)
+    image = gr.Image(label="Generated image", type="filepath", format="png", height=300,
+                     buttons=["download", "fullscreen"], elem_id="result-image", render=False)
+    pointmap = gr.Image(label="Predicted point map", type="filepath", format="png", height=300,
+                        buttons=["download", "fullscreen"], elem_id="result-pointmap", render=False)
+    pointcloud_plot = gr.Plot(label="Predicted point cloud (asset frame)", elem_id="pointcloud", render=False)
+    ply = gr.File(label="Point cloud (PLY)", interactive=False, render=False)
+    downloads = gr.File(label="All files (image, point map, PLY, settings JSON)", file_count="multiple",
+                        interactive=False, elem_id="downloads", render=False)
+    seed = gr.Number(label="Seed", value=defaults.seed, precision=0, minimum=0, maximum=logic.MAX_SEED,
+                     render=False)
+    result_outputs = [image, pointmap, pointcloud_plot, ply, downloads, seed, status]
+
     gr.Markdown("# RefAny3D: 3D asset-referenced image generation", elem_id="title")
     gr.Markdown(
         "Upload a 3D asset and describe a scene: the model generates an image showing *your* asset "
@@ -27,15 +42,24 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             mesh_file = gr.File(
-                label="Mesh (GLB, glTF, OBJ, PLY, STL, OFF, or a .zip with an OBJ + MTL + textures)",
+                label="Mesh: GLB, glTF, OBJ, PLY, STL, OFF, or a .zip (OBJ + MTL + textures)",
                 file_types=logic.MESH_UPLOAD_TYPES,
                 type="filepath",
                 elem_id="mesh-upload",
             )
-            with gr.Tabs():
-                with gr.Tab("3D view"):  # first tab: gr.Model3D collapses inside hidden tabs
-                    mesh_view = gr.Model3D(label="Uploaded asset", height=300, interactive=False)
             prompt = gr.Textbox(label="Prompt", value=logic.DEFAULT_PROMPT, lines=2, elem_id="prompt")
+            gr.Examples(
+                examples=example_rows,
+                inputs=[mesh_file, prompt],
+                outputs=result_outputs,
+                fn=logic.generate_example,
+                cache_examples=logic.cache_examples(service),
+                cache_mode="lazy",
+                example_labels=example_labels,
+                label="Examples (click one)",
+            )
+            # always visible at load: gr.Model3D collapses when it starts in a hidden tab
+            mesh_view = gr.Model3D(label="Uploaded asset", height=300, interactive=False, elem_id="mesh-view")
             with gr.Accordion("Reference views", open=True):
                 with gr.Row():
                     n_views = gr.Slider(1, config.max_views, value=defaults.n_views, step=1, label="Views")
@@ -48,7 +72,7 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
                     columns=4, height=260, object_fit="contain", format="png", elem_id="views-gallery",
                 )
             with gr.Row():
-                seed = gr.Number(label="Seed", value=defaults.seed, precision=0, minimum=0, maximum=logic.MAX_SEED)
+                seed.render()
                 randomize_seed = gr.Checkbox(label="Randomize seed", value=True)
             with gr.Accordion("Advanced", open=False):
                 steps = gr.Slider(1, config.max_steps, value=defaults.steps, step=1, label="Steps")
@@ -64,38 +88,27 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
 
         with gr.Column(scale=1):
-            status = gr.Markdown(elem_id="status")
+            status.render()
             with gr.Tabs():
                 with gr.Tab("Result"):
                     with gr.Row():
-                        image = gr.Image(label="Generated image", type="filepath", format="png",
-                                         buttons=["download", "fullscreen"], elem_id="result-image")
-                        pointmap = gr.Image(label="Predicted point map", type="filepath", format="png",
-                                            buttons=["download", "fullscreen"], elem_id="result-pointmap")
-                    show_asset = gr.Checkbox(label="Overlay the asset's surface points", value=False)
-                    pointcloud_plot = gr.Plot(label="Predicted point cloud (asset frame)", elem_id="pointcloud")
+                        image.render()
+                        pointmap.render()
+                    show_asset = gr.Checkbox(label="Overlay the asset's surface points", value=False,
+                                             elem_id="show-asset")
+                    pointcloud_plot.render()
                     with gr.Row():
-                        ply = gr.File(label="Point cloud (PLY)", interactive=False)
-                        downloads = gr.File(label="All files (image, point map, PLY, settings JSON)",
-                                            file_count="multiple", interactive=False)
+                        ply.render()
+                        downloads.render()
                 # Alignment analysis (refany3d.alignment) gets its own tab here.
             result = gr.State()
 
-    result_outputs = [image, pointmap, pointcloud_plot, ply, downloads, seed, status]
-    gr.Examples(
-        examples=example_rows,
-        inputs=[mesh_file, prompt],
-        outputs=result_outputs,
-        fn=logic.generate_example,
-        cache_examples=logic.cache_examples(service),
-        cache_mode="lazy",
-        example_labels=example_labels,
-        label="Examples (click one)",
+    mesh_file.change(logic.show_mesh, mesh_file, mesh_view, api_name="display_mesh").success(
+        logic.preview_views, [mesh_file, n_views, radius, pitch, y_rotation], views_gallery,
+        api_visibility="private", show_progress="minimal",
     )
-
-    mesh_file.change(logic.show_mesh, mesh_file, mesh_view, api_name="display_mesh")
     gr.on(
-        [mesh_file.change, n_views.change, radius.change, pitch.change, y_rotation.change],
+        [n_views.change, radius.change, pitch.change, y_rotation.change],
         logic.preview_views,
         inputs=[mesh_file, n_views, radius, pitch, y_rotation],
         outputs=views_gallery,

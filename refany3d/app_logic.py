@@ -12,6 +12,7 @@ serves the browser, the `gradio_client` API and tests. The parts:
 """
 from __future__ import annotations
 
+import csv
 import os
 import re
 import shutil
@@ -726,7 +727,12 @@ def example_rows() -> tuple[list[list[str]], list[str]]:
 
 def cache_examples(service: AppService) -> bool:
     """Cache example outputs (lazily, on first click) only when they can be generated here."""
-    return service.config.cache_examples and weights_problem(service.registry[service.default_model()]) is None
+    if not service.config.cache_examples:
+        return False
+    # Gradio keeps cached outputs in a CSV file; a point-cloud figure is one field far above
+    # Python's default 128 KiB field limit, which would make reading the cache fail.
+    csv.field_size_limit(2**31 - 1)
+    return weights_problem(service.registry[service.default_model()]) is None
 
 
 @user_errors

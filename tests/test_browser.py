@@ -1,0 +1,117 @@
+"""End to end in a real browser: Debian chromium driven by Playwright, app on a tiny random model.
+
+Saves a screenshot to tests/_artifacts/app_screenshot.png (and to assets/ for the README when
+REFANY3D_UPDATE_SCREENSHOT=1).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from app_server import REPO, running_app, tiny_app_env
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="Debian chromium is not installed (apt-get install chromium chromium-driver)"
+)
+sync_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 120_000
+ARTIFACTS = REPO / "tests" / "_artifacts"
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("app_browser")
+    with running_app(tiny_app_env(workdir), workdir / "server.log") as url:
+        yield url
+
+
+@pytest.fixture
+def page(app_url):
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(app_url)
+            page.wait_for_selector("#generate")
+            yield page
+        finally:
+            browser.close()
+
+
+def _gallery_images(page, count: int) -> None:
+    page.wait_for_function(f"document.querySelectorAll('#views-gallery img').length === {count}")
+
+
+def _status(page) -> str:
+    return page.inner_text("#status").strip()
+
+
+def test_example_preview_generate_and_plot(page):
+    # the 3D viewer is laid out at load (not collapsed in a hidden tab)
+    assert page.locator("#mesh-view").bounding_box()["height"] > 200
+
+    page.get_by_text("vase", exact=True).click()
+    page.wait_for_function("document.querySelector('#prompt textarea').value.includes('ceramic vase')")
+    _gallery_images(page, 4)  # 2 views (this server's default): RGB + point map each
+    page.wait_for_selector("#mesh-view canvas")
+    # the example's outputs (generated on first click, then cached) arrive with seed 0
+    page.wait_for_function("document.querySelector('#status').innerText.includes('seed 0,')")
+    page.wait_for_selector("#result-image img")
+
+    page.click("#generate")  # randomized seed: a fresh generation replaces the example's
+    page.wait_for_function(
+        "(t => t.startsWith('Done') && !t.includes('seed 0,'))(document.querySelector('#status').innerText)"
+    )
+    seed = re.search(r"seed (\d+)", _status(page)).group(1)
+    assert page.input_value("label:has-text('Seed') input") == seed  # the seed used is shown
+    page.wait_for_selector("#result-image img")
+    page.wait_for_selector("#result-pointmap img")
+    page.wait_for_selector("#pointcloud .js-plotly-plot")
+    assert page.locator("#pointcloud .scatterlayer, #pointcloud canvas").count() > 0
+    for name in ("image.png", "pointmap.png", "pointcloud.ply", "settings.json"):
+        assert page.locator(f"#downloads td.filename[aria-label='{name}']").count() == 1
+    assert "asset surface" not in page.inner_text("#pointcloud")
+    page.click("#show-asset input")  # overlay the asset's own surface points
+    page.wait_for_function("document.querySelector('#pointcloud').innerText.includes('asset surface')")
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "app_screenshot.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+    if os.environ.get("REFANY3D_UPDATE_SCREENSHOT") == "1":
+        (REPO / "assets").mkdir(exist_ok=True)
+        shutil.copyfile(shot, REPO / "assets" / "app_screenshot.png")
+
+
+def test_bad_uploads_and_settings_show_errors_and_the_app_keeps_serving(page, tmp_path):
+    upload = "#mesh-upload input[type=file]"
+    junk = tmp_path / "junk.obj"
+    junk.write_text("this is not a mesh\n")
+    page.set_input_files(upload, str(junk))
+    page.get_by_text("junk.obj has no faces (empty); a surface mesh is needed").first.wait_for()
+
+    page.locator("#mesh-upload button[aria-label=Clear]").click()
+    big = tmp_path / "big.obj"
+    big.write_bytes(b"# padding\n" * 150_000)  # 1.5 MB, over this server's 1 MB limit
+    page.set_input_files(upload, str(big))
+    page.get_by_text(re.compile(r"exceed the maximum allowed size of 1(\.0)? ?Mb", re.I)).first.wait_for()
+
+    # a good mesh still works afterwards
+    page.set_input_files(upload, str(REPO / "examples" / "traffic_cone.glb"))
+    _gallery_images(page, 4)
+    page.wait_for_selector("#mesh-view canvas")
+
+    # an empty prompt is refused before anything runs
+    page.fill("#prompt textarea", "   ")
+    page.click("#generate")
+    page.get_by_text("write a prompt describing the scene").first.wait_for()
+    assert "Done" not in _status(page)
