@@ -105,7 +105,7 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
 
     mesh_file.change(logic.show_mesh, mesh_file, mesh_view, api_name="display_mesh").success(
         logic.preview_views, [mesh_file, n_views, radius, pitch, y_rotation], views_gallery,
-        api_visibility="private", show_progress="minimal",
+        api_name="preview_uploaded_views", api_visibility="private", show_progress="minimal",
     )
     gr.on(
         [n_views.change, radius.change, pitch.change, y_rotation.change],

@@ -40,6 +40,9 @@ PREVIEW_RESOLUTION = 192  # the preview gallery only needs thumbnails; rendering
 MAX_CONDITION_SIZE = 512  # the release's reference-view size; larger outputs reuse it
 MESH_UPLOAD_TYPES = [".glb", ".gltf", ".obj", ".ply", ".stl", ".off", ".zip"]
 PUBLISHED_MODEL = "published"
+EMBEDDED_MODEL = "embedded"
+CONFIGURED_MODEL = "configured"
+SAMPLERS = ("faithful", "exact", "cached")  # RefAny3DPipeline modes; exact = faithful output, faster
 EXAMPLES_SESSION = "examples"  # the folder cached example outputs are written to
 DEFAULT_RADIUS = 4.0
 DEFAULT_GUIDANCE = 3.5
@@ -90,9 +93,10 @@ class ModelSpec:
 class AppConfig:
     """Everything an operator can set through environment variables (see README)."""
 
-    base_model: str = "black-forest-labs/FLUX.1-dev"
-    ref_model: str = "JudgementH/RefAny3D"
+    base_model: str | None = None  # set: a "configured" model comes first in the registry
+    ref_model: str | None = None
     device: str | None = None
+    sampler: str = "exact"
     cpu_offload: bool = False
     preload: bool = False
     max_upload_mb: int = 50
@@ -114,9 +118,10 @@ class AppConfig:
         env = os.environ if environ is None else environ
         on_space = bool(env.get("SPACE_ID"))
         config = cls(
-            base_model=_env(env, "REFANY3D_BASE_MODEL", cls.base_model),
-            ref_model=_env(env, "REFANY3D_REF_MODEL", cls.ref_model),
+            base_model=env.get("REFANY3D_BASE_MODEL", "").strip() or None,
+            ref_model=env.get("REFANY3D_REF_MODEL", "").strip() or None,
             device=env.get("REFANY3D_DEVICE", "").strip() or None,
+            sampler=_env(env, "REFANY3D_SAMPLER", cls.sampler),
             cpu_offload=_env_flag(env, "REFANY3D_CPU_OFFLOAD", False),
             preload=_env_flag(env, "REFANY3D_PRELOAD", on_space),
             max_upload_mb=_env_number(env, "REFANY3D_MAX_UPLOAD_MB", cls.max_upload_mb),
@@ -150,16 +155,29 @@ class AppConfig:
             raise InputError(f"default steps {self.default_steps} must be within [1, {self.max_steps}]")
         if not 1 <= self.default_views <= self.max_views:
             raise InputError(f"default views {self.default_views} must be within [1, {self.max_views}]")
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"sampler {self.sampler!r} must be one of {', '.join(SAMPLERS)}")
 
     def model_registry(self) -> dict[str, ModelSpec]:
-        """Selectable models by name; the first is the default."""
-        return {
-            PUBLISHED_MODEL: ModelSpec(
-                label=f"RefAny3D ({self.ref_model}) on {self.base_model}",
-                base_model=self.base_model,
-                ref_model=self.ref_model,
-            ),
-        }
+        """Selectable models by name, the default first: the configured one (environment), the
+        embedded one trained by this project (when shipped), the published FLUX.1-dev release."""
+        from refany3d.pipeline import DEFAULT_BASE_MODEL, DEFAULT_REF_MODEL, EMBEDDED_MODEL_DIR
+
+        registry: dict[str, ModelSpec] = {}
+        published = ModelSpec(f"RefAny3D ({DEFAULT_REF_MODEL}) on {DEFAULT_BASE_MODEL}",
+                              DEFAULT_BASE_MODEL, DEFAULT_REF_MODEL)
+        embedded = None
+        if (EMBEDDED_MODEL_DIR / "base").is_dir() and (EMBEDDED_MODEL_DIR / "ref").is_dir():
+            embedded = ModelSpec("Embedded small model (trained by this project)",
+                                 str(EMBEDDED_MODEL_DIR / "base"), str(EMBEDDED_MODEL_DIR / "ref"))
+        if self.base_model or self.ref_model:
+            fallback = embedded or published
+            base, ref = self.base_model or fallback.base_model, self.ref_model or fallback.ref_model
+            registry[CONFIGURED_MODEL] = ModelSpec(f"Configured: {ref} on {base}", base, ref)
+        if embedded is not None:
+            registry[EMBEDDED_MODEL] = embedded
+        registry[PUBLISHED_MODEL] = published
+        return registry
 
     def launch_options(self) -> dict[str, Any]:
         """Keyword arguments for `demo.launch` (Gradio 6 takes theme and css there)."""
@@ -603,6 +621,7 @@ def sample_on_gpu(model: str, prompt: str, rgb_views: list, pointmap_views: list
         image_guidance_scale=settings["image_guidance_scale"],
         generator=generator,
         callback=on_step,
+        mode=settings["sampler"],
     )
     return output.image, output.pointmap
 
@@ -660,7 +679,7 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, show_asset: b
     progress(0.0, desc="Rendering reference views")
     views = render_views(mesh, settings.n_views, settings.condition_size, settings.radius, settings.pitch,
                          settings.y_rotation)
-    record = settings.to_record()
+    record = {**settings.to_record(), "sampler": service.config.sampler}
     image, pointmap = sample_on_gpu(settings.model, settings.prompt, views.rgb, views.pointmap, record, progress)
 
     progress(1.0, desc="Writing files")

@@ -30,7 +30,7 @@ def client(tmp_path_factory):
 
 def _generate(client, mesh, prompt="a vase on a wooden table", seed=7, **settings):
     args = dict(n_views=2, radius=4.0, pitch=0.0, y_rotation=0.0, seed=seed, randomize_seed=False,
-                steps=1, guidance_scale=3.5, image_guidance_scale=2.0, resolution=64, model="published",
+                steps=1, guidance_scale=3.5, image_guidance_scale=2.0, resolution=64, model="configured",
                 show_asset=False)
     args.update(settings)
     return client.predict(handle_file(str(mesh)), prompt, api_name="/generate", **args)

@@ -1,0 +1,285 @@
+"""The app's logic without a server: configuration, registry, validation, models, sessions, errors."""
+from __future__ import annotations
+
+import os
+import pickle
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import pytest
+import torch
+
+from refany3d import app_logic as logic
+from refany3d.errors import InputError, MeshError, ModelLoadError
+from refany3d.pipeline import EMBEDDED_MODEL_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+VASE = REPO / "examples" / "vase.glb"
+
+
+@pytest.fixture
+def service(monkeypatch):
+    """Install a service for the handlers (which use the process-wide one) and restore after."""
+
+    def install(config: logic.AppConfig, loader=None) -> logic.AppService:
+        installed = logic.AppService(config, loader)
+        monkeypatch.setattr(logic, "_service", installed)
+        return installed
+
+    return install
+
+
+def _settings(**changes) -> logic.GenerationSettings:
+    settings = logic.default_settings("a vase on a table", logic.AppConfig(), logic.PUBLISHED_MODEL)
+    for name, value in changes.items():
+        setattr(settings, name, value)
+    return settings
+
+
+class _Request:
+    def __init__(self, session_hash: str):
+        self.session_hash = session_hash
+
+
+# ------------------------------------------------------------------------------ configuration
+def test_config_reads_the_environment():
+    config = logic.AppConfig.from_env({
+        "REFANY3D_BASE_MODEL": "/models/base", "REFANY3D_MAX_UPLOAD_MB": "7", "REFANY3D_CPU_OFFLOAD": "yes",
+        "REFANY3D_GPU_TFLOPS": "150.5", "REFANY3D_SAMPLER": "faithful", "SPACE_ID": "someone/refany3d",
+    })
+    assert config.base_model == "/models/base" and config.ref_model is None
+    assert config.max_upload_mb == 7 and config.cpu_offload and config.gpu_tflops == 150.5
+    assert config.sampler == "faithful"
+    assert config.preload  # on a Space the model loads at start-up unless told otherwise
+    assert config.launch_options()["max_file_size"] == "7mb"
+    assert not logic.AppConfig.from_env({}).preload
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"REFANY3D_MAX_STEPS": "many"}, "REFANY3D_MAX_STEPS='many' is not a valid int"),
+    ({"REFANY3D_CPU_OFFLOAD": "maybe"}, "must be 1/0"),
+    ({"REFANY3D_MAX_VIEWS": "0"}, "max_views must be positive"),
+    ({"REFANY3D_DEFAULT_STEPS": "60"}, r"default steps 60 must be within \[1, 50\]"),
+    ({"REFANY3D_DEFAULT_RESOLUTION": "32"}, "default resolution 32"),
+    ({"REFANY3D_SAMPLER": "turbo"}, "sampler 'turbo' must be one of faithful, exact, cached"),
+])
+def test_bad_configuration_is_refused_at_start(env, message):
+    with pytest.raises(InputError, match=message):
+        logic.AppConfig.from_env(env)
+
+
+def test_registry_puts_the_configured_model_first():
+    published = logic.AppConfig().model_registry()
+    assert list(published)[-1] == logic.PUBLISHED_MODEL
+    assert published[logic.PUBLISHED_MODEL].base_model == "black-forest-labs/FLUX.1-dev"
+    assert published[logic.PUBLISHED_MODEL].ref_model == "JudgementH/RefAny3D"
+    assert (logic.EMBEDDED_MODEL in published) == (EMBEDDED_MODEL_DIR / "ref").is_dir()
+
+    configured = logic.AppConfig(ref_model="/weights/ref").model_registry()
+    first_name, first = next(iter(configured.items()))
+    assert first_name == logic.CONFIGURED_MODEL and first.ref_model == "/weights/ref"
+    fallback = configured.get(logic.EMBEDDED_MODEL, configured[logic.PUBLISHED_MODEL])
+    assert first.base_model == fallback.base_model  # the unset half falls back like the CLI's
+
+
+def test_weights_problem_names_what_is_missing(tmp_path):
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "ref" / "coord.safetensors").write_bytes(b"")
+    spec = logic.ModelSpec("test", str(tmp_path / "nowhere"), str(tmp_path / "ref"))
+    problem = logic.weights_problem(spec)
+    assert "nowhere does not exist" in problem
+    assert "lacks default.safetensors, domain_embedder.pth" in problem
+    assert "is not in the Hugging Face cache" in logic.weights_problem(
+        logic.ModelSpec("hub", "nobody/no-such-model-xyz", "nobody/no-such-weights-xyz"))
+
+
+# --------------------------------------------------------------------------------- validation
+def test_default_settings_are_valid():
+    config = logic.AppConfig()
+    assert logic.settings_problems(_settings(), config, config.model_registry()) == {}
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("prompt", "  ", "write a prompt"),
+    ("prompt", "x" * 2001, "longer than 2000"),
+    ("n_views", 0, "from 1 to 12"),
+    ("n_views", 2.5, "whole number"),
+    ("radius", 1.0, "between 2 and 10"),
+    ("radius", float("nan"), "between 2 and 10"),
+    ("pitch", 95, "between -89 and 89"),
+    ("y_rotation", 400, "between -360 and 360"),
+    ("seed", -1, "from 0 to 4294967295"),
+    ("steps", 51, "from 1 to 50"),
+    ("guidance_scale", -1, "between 0 and 20"),
+    ("image_guidance_scale", 25, "between 0 and 20"),
+    ("resolution", 520, "multiple of 16"),
+    ("resolution", 2048, "from 64 to 1024"),
+    ("model", "gpt", "unknown model 'gpt'"),
+])
+def test_each_bad_setting_is_named(field, value, message):
+    config = logic.AppConfig()
+    problems = logic.settings_problems(_settings(**{field: value}), config, config.model_registry())
+    assert list(problems) == [field] and message in problems[field]
+
+
+def test_a_randomized_seed_ignores_the_seed_box():
+    config = logic.AppConfig()
+    assert logic.settings_problems(_settings(seed=None, randomize_seed=True), config, config.model_registry()) == {}
+
+
+def test_mesh_problems(tmp_path):
+    config = logic.AppConfig(max_upload_mb=1)
+    assert "upload a mesh" in logic.mesh_problem(None, config)
+    assert "missing" in logic.mesh_problem(tmp_path / "gone.glb", config)
+    (tmp_path / "notes.txt").write_text("hi")
+    assert "unsupported mesh type '.txt'" in logic.mesh_problem(tmp_path / "notes.txt", config)
+    (tmp_path / "big.obj").write_bytes(b"#" * (3 * 2**19))
+    assert logic.mesh_problem(tmp_path / "big.obj", config) == "the mesh file is 1.5 MB; the limit is 1 MB"
+    assert logic.mesh_problem(VASE, config) is None
+
+
+def test_validator_gives_one_verdict_per_input(service):
+    service(logic.AppConfig())
+    args = [None, "", 3, 4.0, 0.0, 0.0, 5, False, 0, 3.5, 2.0, 512, logic.PUBLISHED_MODEL, False]
+    verdicts = logic.validate_generation(*args)
+    assert len(verdicts) == len(args) == 2 + len(logic.SETTING_FIELDS)
+    failed = {i: v["message"] for i, v in enumerate(verdicts) if not v["is_valid"]}
+    assert set(failed) == {0, 1, 8}  # mesh, prompt, steps
+    assert "upload a mesh" in failed[0] and "write a prompt" in failed[1] and "steps" in failed[8]
+
+
+# ------------------------------------------------------------------------------------- models
+def test_model_loads_once_for_concurrent_requests():
+    calls = []
+
+    def slow_loader(spec):
+        calls.append(spec.label)
+        time.sleep(0.2)
+        return object()
+
+    store = logic.ModelStore({"a": logic.ModelSpec("A", "b", "r")}, slow_loader)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(store.get("a"))) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert calls == ["A"] and len(results) == 6 and all(r is results[0] for r in results)
+
+
+def test_failed_load_is_remembered_then_retried():
+    calls = []
+
+    def failing(spec):
+        calls.append(1)
+        raise ModelLoadError("weights folder /x does not exist")
+
+    store = logic.ModelStore({"a": logic.ModelSpec("A", "b", "r")}, failing, retry_after_s=3600)
+    for _ in range(2):
+        with pytest.raises(ModelLoadError, match="no model weights available for A: weights folder /x"):
+            store.get("a")
+    assert len(calls) == 1
+    store._retry_after_s = 0
+    with pytest.raises(ModelLoadError):
+        store.get("a")
+    assert len(calls) == 2
+    with pytest.raises(InputError, match="unknown model 'b'"):
+        store.get("b")
+
+
+def test_switching_models_keeps_one_in_memory():
+    store = logic.ModelStore({"a": logic.ModelSpec("A", "", ""), "b": logic.ModelSpec("B", "", "")},
+                             lambda spec: spec.label)
+    assert store.get("a") == "A" and store.loaded_name() == "a"
+    assert store.get("b") == "B" and store.loaded_name() == "b"
+
+
+def test_generation_without_weights_is_a_clear_error(service, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    installed = service(logic.AppConfig(base_model=str(tmp_path / "base"), ref_model=str(tmp_path / "ref")))
+    assert "does not exist" in installed.model_status()
+    assert not logic.cache_examples(installed)
+    with pytest.raises(gr.Error, match="no model weights available") as error:
+        logic.generate(str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 1, 3.5, 2.0, 64,
+                       logic.CONFIGURED_MODEL, False, _Request("session1"), lambda *a, **k: None)
+    assert str(tmp_path / "ref") in error.value.message
+    # the views preview still works without weights
+    assert len(logic.preview_views(str(VASE), 2, 4.0, 0.0, 0.0)) == 4
+
+
+# ----------------------------------------------------------------------------------- sessions
+def test_session_folders_are_private_and_removed(tmp_path):
+    sessions = logic.SessionFolders(tmp_path, ttl_s=3600)
+    a, b = sessions.new_run_folder("abc123", "run-"), sessions.new_run_folder("xyz789", "run-")
+    assert a.parent == tmp_path / "abc123" and b.parent == tmp_path / "xyz789"
+    assert sessions.new_run_folder("abc123", "run-") != a  # runs of one session never share files
+    for bad in ("../escape", "", None, "a/b", "x" * 65):
+        with pytest.raises(InputError, match="no valid session"):
+            sessions.folder(bad)
+    sessions.remove("abc123")
+    assert not (tmp_path / "abc123").exists() and b.is_dir()
+
+
+def test_stale_session_folders_are_cleaned(tmp_path):
+    sessions = logic.SessionFolders(tmp_path, ttl_s=60)
+    old = sessions.folder("old")
+    (old / "image.png").write_bytes(b"x")
+    os.utime(old, (time.time() - 120, time.time() - 120))
+    fresh = sessions.folder("fresh")  # creating a folder sweeps the stale ones
+    assert not old.exists() and fresh.is_dir()
+
+
+# ---------------------------------------------------------------------------- GPU and errors
+def test_gpu_duration_grows_with_work_and_is_capped(service):
+    service(logic.AppConfig(gpu_duration_cap_s=90))
+    estimate = logic.estimated_gpu_seconds
+    assert estimate(28, 8, 512, 512, 2.0, 300) > estimate(14, 8, 512, 512, 2.0, 300)
+    assert estimate(28, 8, 512, 512, 2.0, 300) > estimate(28, 4, 512, 512, 2.0, 300)
+    assert estimate(28, 8, 512, 512, 2.0, 300) > estimate(28, 8, 512, 512, 1.0, 300)
+
+    def duration(steps, n_views, resolution):
+        record = {"steps": steps, "resolution": resolution, "condition_size": min(resolution, 512),
+                  "image_guidance_scale": 2.0}
+        return logic.gpu_duration("m", "p", [None] * n_views, [None] * n_views, record)
+
+    assert duration(50, 12, 1024) == 90  # capped so a visitor with little quota is not refused
+    assert duration(1, 1, 64) == 15  # floor: start-up and decoding
+    assert 15 < duration(10, 4, 512) < 90
+
+
+def test_gpu_call_arguments_survive_pickling():
+    """ZeroGPU ships the GPU function's arguments to a worker process by pickling them."""
+    from refany3d.views import render_views
+
+    views = render_views(str(VASE), 2, 32)
+    payload = ("m", "prompt", views.rgb, views.pointmap, _settings().to_record(), gr.Progress())
+    restored = pickle.loads(pickle.dumps(payload))
+    assert restored[2][0].size == (32, 32) and restored[4]["condition_size"] == 512
+
+
+def test_spaces_gpu_is_a_no_op_off_spaces():
+    assert logic.sample_on_gpu.__name__ == "sample_on_gpu"
+    assert not hasattr(logic.sample_on_gpu, "zerogpu")  # what spaces.GPU marks on ZeroGPU
+
+
+def test_handler_errors_become_gradio_errors():
+    @logic.user_errors
+    def bad_mesh():
+        raise MeshError("bunny.ply has no faces")
+
+    @logic.user_errors
+    def out_of_memory():
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+
+    @logic.user_errors
+    def bug():
+        raise KeyError("x")
+
+    with pytest.raises(gr.Error, match="bunny.ply has no faces"):
+        bad_mesh()
+    with pytest.raises(gr.Error, match="Out of memory while generating. Try fewer views"):
+        out_of_memory()
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        bug()
