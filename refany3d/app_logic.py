@@ -221,7 +221,7 @@ def weights_problem(spec: ModelSpec) -> str | None:
         elif location.startswith((".", "/", "~")):
             problems.append(f"the {what} folder {location} does not exist")
         elif not all(_hub_file_cached(location, f) for f in files):
-            problems.append(f"the {what} {location} is not in the Hugging Face cache")
+            problems.append(f"{location} ({what}) is not in the Hugging Face cache")
     return "; ".join(problems) or None
 
 

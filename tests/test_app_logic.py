@@ -91,7 +91,7 @@ def test_weights_problem_names_what_is_missing(tmp_path):
     problem = logic.weights_problem(spec)
     assert "nowhere does not exist" in problem
     assert "lacks default.safetensors, domain_embedder.pth" in problem
-    assert "is not in the Hugging Face cache" in logic.weights_problem(
+    assert "(RefAny3D weights) is not in the Hugging Face cache" in logic.weights_problem(
         logic.ModelSpec("hub", "nobody/no-such-model-xyz", "nobody/no-such-weights-xyz"))
 
 
@@ -257,6 +257,21 @@ def test_gpu_call_arguments_survive_pickling():
     payload = ("m", "prompt", views.rgb, views.pointmap, _settings().to_record(), gr.Progress())
     restored = pickle.loads(pickle.dumps(payload))
     assert restored[2][0].size == (32, 32) and restored[4]["condition_size"] == 512
+
+
+def test_sampling_reports_every_step_to_the_progress_bar(service, tmp_path):
+    from refany3d.tiny import build_tiny_model
+    from refany3d.views import render_views
+
+    base, ref = build_tiny_model(tmp_path)
+    service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu"))
+    views = render_views(str(VASE), 1, 64)
+    record = {**_settings(steps=3, resolution=64, seed=5).to_record(), "sampler": "exact"}
+    calls = []
+    image, pointmap = logic.sample_on_gpu(logic.CONFIGURED_MODEL, "a vase", views.rgb, views.pointmap, record,
+                                          lambda value, **kwargs: calls.append(value))
+    assert calls == [0.0, (1, 3), (2, 3), (3, 3)]
+    assert image.size == pointmap.size == (64, 64)
 
 
 def test_spaces_gpu_is_a_no_op_off_spaces():
