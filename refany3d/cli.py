@@ -244,7 +244,8 @@ def _add_train(sub) -> None:
     p.add_argument("--stages", default="vae,base,refany3d", help="comma-separated subset of vae,base,refany3d")
     p.add_argument("--base-model", help="stage 1 on this diffusers FLUX base (folder or hub id) instead of OUT/base")
     for flag, dest, kind in (
-        ("--resolution", "resolution", int), ("--views", "n_views", int), ("--batch-size", "batch_size", int),
+        ("--resolution", "resolution", int), ("--condition-size", "condition_size", int),
+        ("--views", "n_views", int), ("--batch-size", "batch_size", int),
         ("--vae-steps", "vae_steps", int), ("--base-steps", "base_steps", int), ("--ref-steps", "ref_steps", int),
         ("--lr", "ref_lr", float), ("--lora-rank", "lora_rank", int), ("--lora-alpha", "lora_alpha", int),
         ("--optimizer", "optimizer", str), ("--mixed-precision", "mixed_precision", str),
@@ -266,7 +267,7 @@ def _run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k in (
-        "resolution", "n_views", "batch_size", "vae_steps", "base_steps", "ref_steps", "ref_lr", "lora_rank",
+        "resolution", "condition_size", "n_views", "batch_size", "vae_steps", "base_steps", "ref_steps", "ref_lr", "lora_rank",
         "lora_alpha", "optimizer", "mixed_precision", "checkpoint_every", "seed", "gradient_accumulation",
         "group_mask", "base_model")}
     config = preset_config(args.preset, data=args.data, output_dir=args.out,

@@ -50,6 +50,7 @@ class TrainConfig:
     stages: tuple[str, ...] = STAGES
     base_model: str | None = None  # stage 1 only: a diffusers FLUX folder or hub id (default: OUT/base)
     resolution: int = 64
+    condition_size: int | None = None  # size of the reference views given to the model (None: resolution)
     n_views: int = 4
     batch_size: int = 8
     gradient_accumulation: int = 1
@@ -331,6 +332,7 @@ def _text_length(flux) -> int:
 def train_vae(config: TrainConfig, accelerator, flux) -> StageResult:
     """Stage 0a: the VAE learns to autoencode targets, point maps and reference views."""
     vae = flux.vae
+    _start_with_small_posterior_variance(vae)
     vae.train().requires_grad_(True)
 
     def to_inputs(batch):
@@ -344,6 +346,20 @@ def train_vae(config: TrainConfig, accelerator, flux) -> StageResult:
     vae.eval().requires_grad_(False)
     _measure_latent_statistics(vae, _batches(config, accelerator, config.seed + 1))
     return result
+
+
+@torch.no_grad()
+def _start_with_small_posterior_variance(vae, log_variance: float = -8.0) -> None:
+    """Make the encoder's initial posterior nearly deterministic.
+
+    A fresh encoder's log-variance is about 0, so sampled latents are mostly noise and a short
+    training run spends its steps shrinking it; the sampler also *samples* latents of the reference
+    views, so a large leftover variance would blur them. Starting at std ~0.02 avoids both.
+    """
+    conv = vae.encoder.conv_out
+    half = conv.out_channels // 2
+    conv.weight[half:].zero_()
+    conv.bias[half:].fill_(log_variance)
 
 
 @torch.no_grad()
@@ -385,13 +401,19 @@ def train_refany3d(config: TrainConfig, accelerator, flux, domain_embedder) -> S
     max_length = _text_length(flux)
     black = None
 
+    size = config.condition_size or config.resolution
+
     def to_inputs(batch):
         nonlocal black
         rgb = _encode_pixels(flux.vae, batch["image"])
         pm = _encode_pixels(flux.vae, batch["pointmap"])
-        views = _encode_pixels(flux.vae, torch.stack([batch["ref_rgb"], batch["ref_pointmap"]], dim=2))
+        refs = torch.stack([batch["ref_rgb"], batch["ref_pointmap"]], dim=2)
+        if size != refs.shape[-1]:  # resized like the sampler resizes its views (bicubic, antialiased)
+            flat = F.interpolate(refs.flatten(0, 2), size=(size, size), mode="bicubic", antialias=True)
+            refs = flat.clamp(-1, 1).view(*refs.shape[:3], 3, size, size)
+        views = _encode_pixels(flux.vae, refs)
         if black is None:
-            black = _encode_pixels(flux.vae, -torch.ones_like(batch["image"][:1]))[0]
+            black = _encode_pixels(flux.vae, -torch.ones_like(refs[:1, 0, 0]))[0]
         drop = torch.rand(views.shape[0], generator=generator) < config.reference_dropout
         views[drop.to(views.device)] = black.to(views.dtype)
         text, pooled, _ = _encode_text(flux, _drop(batch["caption"], config.text_dropout, generator), max_length)
@@ -539,16 +561,16 @@ def plot_loss_curves(curves: dict[str, list[float]], path: str | Path, width: in
 # Presets
 # ---------------------------------------------------------------------------------------------
 
-# The shipped default model: 64x64 images and 4 views, a VAE with 8x downsampling (16 channels,
-# like FLUX's), so each branch is 4x4 = 16 tokens; about 10 MB in all. Sized so that the whole
-# recipe trains on 2 CPU cores in about 40 minutes (see README "Training").
+# The shipped default model: 64x64 targets, 4 reference views at 32x32, a VAE with 4x downsampling
+# and 8 latent channels, so a target branch is 8x8 = 64 tokens and a view 4x4 = 16. Sized so that
+# the whole recipe trains on 2 busy CPU cores in about 40 minutes (see README "Training").
 EMBEDDED_TINY = TinyConfig(
     num_layers=2, num_single_layers=2, num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
-    text_dim=64, text_layers=1, vae_channels=(16, 32, 64, 64), latent_channels=16, max_text_tokens=32,
+    text_dim=64, text_layers=1, vae_channels=(16, 32, 64), latent_channels=8, max_text_tokens=32,
 )
 PRESETS: dict[str, dict[str, Any]] = {
-    "embedded": dict(tiny=EMBEDDED_TINY, resolution=64, n_views=4, batch_size=8, vae_steps=300, base_steps=1200,
-                     ref_steps=800, lora_rank=16, lora_alpha=16, checkpoint_every=100),
+    "embedded": dict(tiny=EMBEDDED_TINY, resolution=64, condition_size=32, n_views=4, batch_size=8, vae_steps=400,
+                     base_steps=800, ref_steps=550, lora_rank=16, lora_alpha=16, checkpoint_every=100),
     # Smoke tests: the smallest model that still has every part.
     "tiny": dict(tiny=TinyConfig(vae_channels=(8, 16), latent_channels=4), resolution=32, n_views=2, batch_size=2,
                  vae_steps=2, base_steps=2, ref_steps=2, lora_rank=4, lora_alpha=4, checkpoint_every=1, warmup_steps=1),
