@@ -29,6 +29,12 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
     seed = gr.Number(label="Seed", value=defaults.seed, precision=0, minimum=0, maximum=logic.MAX_SEED,
                      render=False)
     result_outputs = [image, pointmap, pointcloud_plot, ply, downloads, seed, status]
+    alignment_overlay = gr.Image(label="Asset re-rendered at the recovered camera, over the generated image",
+                                 type="filepath", format="png", height=300, interactive=False,
+                                 buttons=["download", "fullscreen"], elem_id="alignment-overlay", render=False)
+    alignment_text = gr.Markdown(logic.ALIGNMENT_INTRO, elem_id="alignment-numbers", render=False)
+    alignment_details = gr.JSON(label="Alignment report", elem_id="alignment-details", render=False)
+    alignment_outputs = [alignment_overlay, alignment_text, alignment_details]
 
     gr.Markdown("# RefAny3D: 3D asset-referenced image generation", elem_id="title")
     gr.Markdown(
@@ -51,7 +57,7 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
             gr.Examples(
                 examples=example_rows,
                 inputs=[mesh_file, prompt],
-                outputs=result_outputs,
+                outputs=[*result_outputs, *alignment_outputs],
                 fn=logic.generate_example,
                 cache_examples=logic.cache_examples(service),
                 cache_mode="lazy",
@@ -100,7 +106,11 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
                     with gr.Row():
                         ply.render()
                         downloads.render()
-                # Alignment analysis (refany3d.alignment) gets its own tab here.
+                with gr.Tab("Alignment", elem_id="alignment-tab"):
+                    alignment_text.render()
+                    alignment_overlay.render()
+                    with gr.Accordion("Report (JSON)", open=False):
+                        alignment_details.render()
             result = gr.State()
 
     mesh_file.change(logic.show_mesh, mesh_file, mesh_view, api_name="display_mesh").success(
@@ -118,7 +128,7 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
     )
     generation_inputs = [mesh_file, prompt, n_views, radius, pitch, y_rotation, seed, randomize_seed,
                          steps, guidance_scale, image_guidance_scale, resolution, model, show_asset]
-    gr.on(
+    generation = gr.on(
         [generate_button.click, prompt.submit],
         logic.generate,
         inputs=generation_inputs,
@@ -127,6 +137,17 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
         validator=logic.validate_generation,
         concurrency_limit=config.concurrency,
         concurrency_id="gpu",
+    )
+    # The alignment runs by itself after every generation: it is the measured answer to "is this my
+    # asset?", takes well under a second on the CPU at the generated size, and as its own event it
+    # neither delays the image nor holds the GPU queue slot.
+    generation.success(
+        logic.align_result, [result, show_asset], [*alignment_outputs, pointcloud_plot, downloads, result],
+        api_name="align_result", api_visibility="private", show_progress_on=[alignment_text],
+    )
+    gr.on(  # API only: align any (image, point map) pair with its mesh
+        [], logic.align_pair, [mesh_file, image, pointmap, y_rotation], [*alignment_outputs, pointcloud_plot],
+        api_name="align",
     )
     show_asset.change(logic.redraw_pointcloud, [result, show_asset], pointcloud_plot, api_visibility="private")
     demo.unload(logic.end_session)

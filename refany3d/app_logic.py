@@ -8,11 +8,13 @@ serves the browser, the `gradio_client` API and tests. The parts:
   registry (name -> base, ref) so more (an embedded default) can be added without UI changes.
 - `SessionFolders`: one private temporary folder per browser session, deleted when it ends.
 - handlers: mesh display, reference-view preview, generation (CPU work around one GPU call),
-  each turning every expected failure into a `gr.Error` with a message meant for the visitor.
+  alignment analysis of a generation (CPU), each turning every expected failure into a `gr.Error`
+  with a message meant for the visitor.
 """
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -628,7 +630,8 @@ def sample_on_gpu(model: str, prompt: str, rgb_views: list, pointmap_views: list
 
 @dataclass
 class GenerationResult:
-    """Files of one generation; kept in the session so the plot can be redrawn with the overlay."""
+    """Files of one generation; kept in the session so the plot can be redrawn with the overlay
+    and, once the alignment has run, the recovered camera."""
 
     image: str
     pointmap: str
@@ -638,6 +641,7 @@ class GenerationResult:
     y_rotation: float
     seed: int
     files: list[str] = field(default_factory=list)
+    camera_segments: np.ndarray | None = None  # recovered camera's frustum (asset's own frame)
 
 
 def _figure(result: GenerationResult, show_asset: bool):
@@ -648,12 +652,14 @@ def _figure(result: GenerationResult, show_asset: bool):
     cloud = trimesh.load(result.ply)
     points = PointCloud(np.asarray(cloud.vertices), np.asarray(cloud.colors)[:, :3])
     asset = surface_points(get_service().load_mesh(result.mesh_path)) if show_asset else None
-    return pointcloud_figure(points, asset)
+    return pointcloud_figure(points, asset, camera_segments=result.camera_segments)
 
 
-def _generate(mesh_path: str | None, settings: GenerationSettings, show_asset: bool, session: str | None,
-              progress: Any):
-    """Render the reference views (CPU), sample on the GPU, write every output file (CPU)."""
+def _generate(mesh_path: str | None, settings: GenerationSettings, session: str | None,
+              progress: Any) -> tuple[GenerationResult, str]:
+    """Render the reference views (CPU), sample on the GPU, write every output file (CPU).
+
+    Returns the result and a status line."""
     from refany3d.outputs import pointcloud_from_pointmap, write_ply, write_settings_json
     from refany3d.views import render_views
 
@@ -698,8 +704,7 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, show_asset: b
     status = f"Done: seed {settings.seed}, {len(cloud)} foreground points."
     if len(cloud) == 0:
         status += " The point map has no foreground, so the point cloud is empty."
-    return (result.image, result.pointmap, _figure(result, show_asset), result.ply, result.files,
-            settings.seed, status, result)
+    return result, status
 
 
 @user_errors
@@ -714,7 +719,9 @@ def generate(mesh_path: str | None, prompt: str, n_views: int, radius: float, pi
     """
     settings = GenerationSettings(prompt, n_views, radius, pitch, y_rotation, seed, bool(randomize_seed),
                                   steps, guidance_scale, image_guidance_scale, resolution, model)
-    return _generate(mesh_path, settings, show_asset, _session_hash(request), progress)
+    result, status = _generate(mesh_path, settings, _session_hash(request), progress)
+    return (result.image, result.pointmap, _figure(result, show_asset), result.ply, result.files,
+            result.seed, status, result)
 
 
 def default_settings(prompt: str, config: AppConfig, model: str) -> GenerationSettings:
@@ -728,10 +735,14 @@ def default_settings(prompt: str, config: AppConfig, model: str) -> GenerationSe
 
 @user_errors
 def generate_example(mesh_path: str, prompt: str, progress: gr.Progress = gr.Progress()):
-    """An example's outputs at the default settings and seed 0 (cached once, shared by everyone)."""
+    """An example's outputs at the default settings and seed 0, with its alignment panel (cached
+    once, shared by everyone)."""
     service = get_service()
     settings = default_settings(prompt, service.config, service.default_model())
-    return _generate(mesh_path, settings, False, EXAMPLES_SESSION, progress)[:-1]
+    result, status = _generate(mesh_path, settings, EXAMPLES_SESSION, progress)
+    panel = _align_generation(result)
+    return (result.image, result.pointmap, _figure(result, False), result.ply, result.files, result.seed,
+            status, *panel)
 
 
 def example_rows() -> tuple[list[list[str]], list[str]]:
@@ -760,6 +771,131 @@ def redraw_pointcloud(result: GenerationResult | None, show_asset: bool):
     if result is None:
         return gr.skip()
     return _figure(result, show_asset)
+
+
+# ---------------------------------------------------------------------------------- alignment
+ALIGNMENT_INTRO = (
+    "After each generation this panel answers *does the image show my asset, in one consistent "
+    "pose?*: the camera is recovered from the predicted point map, the asset is re-rendered there "
+    "and laid over the image, and the match is scored."
+)
+# (label, AlignmentReport attribute, value format, what it measures)
+_ALIGNMENT_SCORES = (
+    ("Inlier ratio", "inlier_ratio", "{:.3f}", "share of the point map's pixels that one camera explains"),
+    ("Median reprojection error", "reprojection_error_px", "{:.2f} px",
+     "how far those pixels land from where the camera puts their asset points"),
+    ("Silhouette IoU", "iou", "{:.3f}", "asset re-rendered at that camera vs the point map's foreground"),
+    ("Image IoU", "image_iou", "{:.3f}", "object found in the generated image vs the point map's foreground"),
+    ("Colour agreement", "colour_psnr", "{:.1f} dB PSNR",
+     "generated image vs re-rendered asset where both show it"),
+    ("Point-map error", "pointmap_error", "{:.2%} of the asset size",
+     "median distance between predicted and re-rendered surface points"),
+)
+
+
+def alignment_markdown(report: Any, heading: str = "Alignment") -> str:
+    """The panel's text: a verdict (or the reason it is not measurable), every score (n/a where it
+    could not be computed), how the object was found in the image, and the recovered camera."""
+    lines = [f"### {heading}"]
+    if report.measurable:
+        lines.append("**Measured:** one camera of this asset explains the point map.")
+        if report.reason:
+            lines.append(f"Note: {report.reason}.")
+    else:
+        lines.append(f"**Not measurable:** {report.reason}.")
+        if report.inlier_ratio is not None:
+            lines.append("The scores below are those of the best camera found; they show how far off it is.")
+    lines += ["", "| Score | Value | What it measures |", "|---|---|---|"]
+    for label, attribute, spec, meaning in _ALIGNMENT_SCORES:
+        value = getattr(report, attribute)
+        lines.append(f"| {label} | {'n/a' if value is None else spec.format(value)} | {meaning} |")
+    lines.append("")
+    if report.image_segmentation:
+        lines.append(f"Object in the image: {report.image_segmentation}.")
+    if report.measurable and report.orbit is not None:
+        o = report.orbit
+        lines.append(
+            f"Recovered camera: azimuth {o['azimuth_deg']:.1f}°, pitch {o['pitch_deg']:.1f}°, "
+            f"roll {o['roll_deg']:.1f}°, distance {o['distance']:.2f} asset half-sizes, focal "
+            f"{report.camera.fy:.0f} px; drawn in red beside the point cloud (Result tab)."
+        )
+    return "\n".join(lines)
+
+
+def _align_files(mesh_path: str | None, image_path: str | None, pointmap_path: str | None,
+                 y_rotation: float):
+    """Validate, then align at the point map's own (the generated) resolution: one PnP and one
+    render, well under a second at 512 px on a CPU."""
+    from refany3d.alignment import align
+
+    service = get_service()
+    problem = mesh_problem(mesh_path, service.config)
+    if problem:
+        raise MeshError(problem)
+    if not pointmap_path:
+        raise InputError("give the predicted point map (PNG) to align")
+    if not _is_finite(y_rotation) or not -360.0 <= y_rotation <= 360.0:
+        raise InputError("y rotation must be between -360 and 360 degrees")
+    return align(service.load_mesh(mesh_path), pointmap_path, image_path or None, y_rotation=float(y_rotation))
+
+
+def _save_overlay(report: Any, folder: Path) -> str | None:
+    overlay = report.overlay()
+    if overlay is None:
+        return None
+    path = folder / "alignment_overlay.png"
+    overlay.save(path)
+    return str(path)
+
+
+def _align_generation(result: GenerationResult) -> tuple[str | None, str, dict[str, Any]]:
+    """Align a generation; the result keeps the camera (for plots) and gets alignment.json.
+
+    Returns the overlay, the panel's text and the report as a dict.
+    """
+    report = _align_files(result.mesh_path, result.image, result.pointmap, result.y_rotation)
+    folder = Path(result.image).parent
+    details = report.to_dict()
+    json_path = folder / "alignment.json"
+    json_path.write_text(json.dumps(details, indent=2) + "\n")
+    if str(json_path) not in result.files:
+        result.files.append(str(json_path))
+    result.camera_segments = report.frustum(frame="own") if report.measurable else None
+    heading = f"Alignment of the generation with seed {result.seed}"
+    return _save_overlay(report, folder), alignment_markdown(report, heading), details
+
+
+@user_errors
+def align_result(result: GenerationResult | None, show_asset: bool):
+    """Run after every generation (CPU, no GPU): the alignment panel (overlay, text, report), the
+    point-cloud plot with the recovered camera, the downloads with alignment.json, the result."""
+    if result is None:
+        return (gr.skip(),) * 6
+    overlay, text, details = _align_generation(result)
+    return overlay, text, details, _figure(result, show_asset), result.files, result
+
+
+@user_errors
+def align_pair(mesh_path: str | None, image_path: str | None, pointmap_path: str | None, y_rotation: float,
+               request: gr.Request):
+    """Align any generated (image, point map) pair with its mesh; `y_rotation` is the one of the
+    reference views. The image is optional (without it, image IoU and colour are not scored).
+
+    Returns the overlay, the panel's text, the report as a dict and a point-cloud plot of the
+    point map with the recovered camera (when measurable). A point map that cannot be measured is
+    a result with the reason, not an error.
+    """
+    from refany3d.alignment import as_float_image
+    from refany3d.outputs import pointcloud_figure, pointcloud_from_pointmap
+
+    report = _align_files(mesh_path, image_path, pointmap_path, y_rotation)
+    pointmap = as_float_image(pointmap_path, "point map")
+    colours = report.image if report.image is not None else pointmap
+    cloud = pointcloud_from_pointmap(pointmap, colours, report.normalization, float(y_rotation))
+    camera = report.frustum(frame="own") if report.measurable else None
+    folder = get_service().sessions.new_run_folder(_session_hash(request), "align-")
+    return (_save_overlay(report, folder), alignment_markdown(report), report.to_dict(),
+            pointcloud_figure(cloud, camera_segments=camera))
 
 
 def validate_generation(mesh_path, prompt, n_views, radius, pitch, y_rotation, seed, randomize_seed,

@@ -166,13 +166,27 @@ def _rgb_strings(colors: np.ndarray) -> list[str]:
     return [f"rgb({r},{g},{b})" for r, g, b in colors.tolist()]
 
 
+def _polyline_coordinates(segments: np.ndarray) -> list[list[float | None]]:
+    """x, y, z lists of line segments (S, 2, 3) for one Plotly lines trace (None breaks the line)."""
+    segments = np.asarray(segments, dtype=np.float64).reshape(-1, 2, 3)
+    breaks = np.full((len(segments), 1, 3), np.nan)
+    joined = np.concatenate([segments, breaks], axis=1).reshape(-1, 3)
+    return [[None if np.isnan(v) else float(v) for v in joined[:, axis]] for axis in range(3)]
+
+
 def pointcloud_figure(
     cloud: PointCloud,
     asset: PointCloud | None = None,
     max_points: int = FIGURE_MAX_POINTS,
     seed: int = 0,
+    camera_segments: np.ndarray | None = None,
+    camera_label: str = "recovered camera",
 ):
-    """Interactive Plotly 3D scatter of the predicted points (and the asset's surface), equal axes."""
+    """Interactive Plotly 3D scatter of the predicted points (and the asset's surface), equal axes.
+
+    `camera_segments` (S, 2, 3), in the points' frame, draws a camera (the alignment's recovered
+    one, as a frustum) beside the cloud, so its pose can be judged against the asset.
+    """
     import plotly.graph_objects as go
 
     shown = subsample(cloud, max_points, seed)
@@ -192,6 +206,12 @@ def pointcloud_figure(
                 marker={"size": 1.5, "color": "rgb(150,150,150)", "opacity": 0.35},
                 name="asset surface",
             )
+        )
+    if camera_segments is not None:
+        x, y, z = _polyline_coordinates(camera_segments)
+        traces.append(
+            go.Scatter3d(x=x, y=y, z=z, mode="lines", line={"color": "rgb(220,40,40)", "width": 4},
+                         name=camera_label)
         )
     figure = go.Figure(traces)
     figure.update_layout(

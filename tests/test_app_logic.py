@@ -1,6 +1,7 @@
 """The app's logic without a server: configuration, registry, validation, models, sessions, errors."""
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import threading
@@ -8,8 +9,11 @@ import time
 from pathlib import Path
 
 import gradio as gr
+import numpy as np
 import pytest
 import torch
+import trimesh
+from PIL import Image
 
 from refany3d import app_logic as logic
 from refany3d.errors import InputError, MeshError, ModelLoadError
@@ -298,3 +302,78 @@ def test_handler_errors_become_gradio_errors():
         out_of_memory()
     with pytest.raises(KeyError):  # a bug keeps its traceback
         bug()
+
+
+# ---------------------------------------------------------------------------------- alignment
+def _rendered_generation(folder: Path, mesh_path: Path, camera, y_rotation: float, seed: int = 3):
+    """A "generation" whose image and point map are the mesh rendered at `camera`: a pair the
+    alignment must find measurable, with the camera known."""
+    from refany3d.mesh import load_mesh, normalization_of
+    from refany3d.outputs import pointcloud_from_pointmap, write_ply, write_settings_json
+    from refany3d.views import pointmap_image, render_at
+
+    mesh = load_mesh(mesh_path)
+    view = render_at(mesh, camera, y_rotation)
+    image, pointmap = folder / "image.png", folder / "pointmap.png"
+    Image.fromarray(view.rgb).save(image)
+    pointmap_image(view.pointmap_xyz).save(pointmap)
+    cloud = pointcloud_from_pointmap(Image.open(pointmap), Image.open(image), normalization_of(mesh), y_rotation)
+    ply = write_ply(cloud, folder / "pointcloud.ply")
+    settings = write_settings_json({"seed": seed, "y_rotation": y_rotation}, folder / "settings.json", mesh_path)
+    files = [str(image), str(pointmap), str(ply), str(settings)]
+    return logic.GenerationResult(str(image), str(pointmap), str(ply), str(settings), str(mesh_path), y_rotation,
+                                  seed, files=list(files)), normalization_of(mesh)
+
+
+def _traces(figure, name_start: str):
+    return [trace for trace in figure.data if trace.name.startswith(name_start)]
+
+
+def test_alignment_of_a_generation_measures_the_known_camera(service, tmp_path):
+    from refany3d.cameras import orbit_camera
+
+    service(logic.AppConfig())
+    camera = orbit_camera(azimuth_deg=40.0, pitch_deg=20.0, radius=4.0, resolution=160)
+    result, normalization = _rendered_generation(tmp_path, VASE, camera, y_rotation=25.0)
+    overlay, text, details, figure, files, kept = logic.align_result(result, True)
+
+    assert details["measurable"] and details["inlier_ratio"] > 0.9 and details["iou"] > 0.95
+    assert details["reprojection_error_px"] < 1.0 and details["pointmap_error"] < 0.01
+    assert abs(details["orbit"]["azimuth_deg"] - 40.0) < 1.0 and abs(details["orbit"]["pitch_deg"] - 20.0) < 1.0
+    assert "**Measured:**" in text and "seed 3" in text
+    assert f"| Inlier ratio | {details['inlier_ratio']:.3f} |" in text
+    assert f"| Silhouette IoU | {details['iou']:.3f} |" in text
+    assert f"{details['colour_agreement']:.1f} dB PSNR" in text
+
+    # the recovered camera is drawn beside the cloud, in the cloud's (the asset's own) frame: 8 frustum
+    # segments, their apex at the true camera position
+    (frustum,) = _traces(figure, "recovered camera")
+    xyz = np.array([frustum.x, frustum.y, frustum.z], dtype=float).T.reshape(8, 3, 3)
+    assert np.isnan(xyz[:, 2]).all()  # a break after every segment
+    apex = normalization.from_normalized(camera.position[None])[0]
+    np.testing.assert_allclose(xyz[:4, 0], np.repeat(apex[None], 4, axis=0), atol=0.01 * np.linalg.norm(apex))
+    predicted = _traces(figure, "predicted")[0]
+    assert len(predicted.x) > 1000 and _traces(figure, "asset surface")  # cloud and overlay still there
+    ply_points = np.asarray(trimesh.load(result.ply).vertices)
+    assert np.abs(apex).max() > np.abs(ply_points).max()  # the camera sits outside the asset, same frame
+
+    # the overlay is the generated-size image; downloads gain the report; the state keeps the camera
+    assert Image.open(overlay).size == (160, 160)
+    assert files[-1].endswith("alignment.json") and len(files) == 5 and kept is result
+    assert kept.camera_segments is not None
+    assert json.loads(Path(files[-1]).read_text())["inlier_ratio"] == details["inlier_ratio"]
+    assert _traces(logic.redraw_pointcloud(kept, False), "recovered camera")  # toggling keeps the camera
+
+
+def test_an_unmeasurable_generation_says_why_without_an_error(service, tmp_path):
+    from refany3d.cameras import orbit_camera
+
+    service(logic.AppConfig())
+    camera = orbit_camera(azimuth_deg=0.0, resolution=96)
+    result, _ = _rendered_generation(tmp_path, VASE, camera, y_rotation=0.0)
+    Image.new("RGB", (96, 96), "white").save(result.pointmap)  # the point map shows nothing
+    overlay, text, details, figure, _, kept = logic.align_result(result, False)
+    assert not details["measurable"] and overlay is None
+    assert "**Not measurable:** only 0 foreground pixels" in text
+    assert "| Inlier ratio | n/a |" in text
+    assert not _traces(figure, "recovered camera") and kept.camera_segments is None
