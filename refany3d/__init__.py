@@ -19,6 +19,7 @@ _EXPORTS = {
     "InputError": "errors",
     "ModelLoadError": "errors",
     "AlignmentError": "errors",
+    "RenderError": "errors",
     "RefAny3DPipeline": "pipeline",
     "RefAny3DOutput": "pipeline",
     "build_tiny_model": "tiny",

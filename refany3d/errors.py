@@ -19,3 +19,7 @@ class ModelLoadError(RefAny3DError, OSError):
 
 class AlignmentError(RefAny3DError, ValueError):
     """An alignment measurement was asked for inputs that cannot be measured."""
+
+
+class RenderError(RefAny3DError, RuntimeError):
+    """No usable offscreen OpenGL (EGL or OSMesa) to render with."""

@@ -22,7 +22,7 @@ import trimesh
 from PIL import Image
 
 from refany3d.cameras import Camera, orbit_camera, reference_azimuths
-from refany3d.errors import InputError
+from refany3d.errors import InputError, RenderError
 from refany3d.mesh import Normalization, load_mesh, normalization_of
 
 MAX_RESOLUTION = 4096
@@ -41,6 +41,31 @@ def _choose_gl_platform() -> None:
 _choose_gl_platform()
 import pyrender  # noqa: E402  (must follow the platform choice)
 from pyrender.constants import GLTF, RenderFlags  # noqa: E402
+
+
+def _keep_egl_display_alive() -> None:
+    """Make deleting one pyrender renderer leave the others working.
+
+    pyrender's EGL platform calls eglTerminate on the display when a renderer is deleted (also when
+    one is garbage-collected). eglGetDisplay hands every renderer in the process the same display,
+    so that breaks every other live renderer (EGL_BAD_DISPLAY). Destroy only the context instead.
+    """
+    if os.environ.get("PYOPENGL_PLATFORM") != "egl":
+        return
+    from pyrender.platforms import egl
+
+    def delete_context(platform) -> None:
+        from OpenGL.EGL import eglDestroyContext
+
+        if platform._egl_display is not None and platform._egl_context is not None:
+            eglDestroyContext(platform._egl_display, platform._egl_context)
+        platform._egl_context = None
+        platform._egl_display = None
+
+    egl.EGLPlatform.delete_context = delete_context
+
+
+_keep_egl_display_alive()
 
 # --------------------------------------------------------------------------------------------
 # Results
@@ -172,7 +197,7 @@ class Renderer:
                 self._offscreen = pyrender.OffscreenRenderer(width, height)
             except Exception as err:  # no usable GL: say what to install instead of a GL traceback
                 platform = os.environ.get("PYOPENGL_PLATFORM", "default")
-                raise RuntimeError(
+                raise RenderError(
                     f"cannot create an offscreen OpenGL context (PYOPENGL_PLATFORM={platform}): {err}. "
                     "Install EGL (libegl1, libegl-mesa0) or OSMesa (libosmesa6)."
                 ) from err

@@ -287,3 +287,15 @@ def test_shared_meshes_render_upright_and_textured(name):
         top, bottom = rows < np.percentile(rows, 20), rows > np.percentile(rows, 80)
         if name != "capsule.obj":
             assert xyz[mask][top, 1].mean() > xyz[mask][bottom, 1].mean()
+
+
+def test_closing_one_renderer_leaves_the_others_working():
+    """pyrender's EGL platform used to terminate the process-wide display on delete (EGL_BAD_DISPLAY)."""
+    from refany3d.examples import EXAMPLES_DIR
+
+    path = EXAMPLES_DIR / "vase.glb"
+    before = render_views(path, n_views=1, resolution=32)
+    with Renderer() as other:
+        other.render(load_mesh(path), before.cameras[0])
+    after = render_views(path, n_views=1, resolution=32)
+    np.testing.assert_array_equal(np.asarray(before.rgb[0]), np.asarray(after.rgb[0]))
