@@ -800,9 +800,9 @@ def alignment_markdown(report: Any, heading: str = "Alignment") -> str:
     if report.measurable:
         lines.append("**Measured:** one camera of this asset explains the point map.")
         if report.reason:
-            lines.append(f"Note: {report.reason}.")
+            lines.append(f"Note: {report.reason.rstrip('.')}.")
     else:
-        lines.append(f"**Not measurable:** {report.reason}.")
+        lines.append(f"**Not measurable:** {report.reason.rstrip('.')}.")
         if report.inlier_ratio is not None:
             lines.append("The scores below are those of the best camera found; they show how far off it is.")
     lines += ["", "| Score | Value | What it measures |", "|---|---|---|"]

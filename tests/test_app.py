@@ -38,8 +38,11 @@ def _generate(client, mesh, prompt="a vase on a wooden table", seed=7, **setting
 
 def test_api_lists_the_main_endpoints(client):
     endpoints = client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    assert {"/generate", "/preview_views", "/display_mesh"} <= set(endpoints)
+    assert {"/generate", "/preview_views", "/display_mesh", "/align"} <= set(endpoints)
     assert "/redraw_pointcloud" not in endpoints  # a display toggle, not part of the API
+    assert "/align_result" not in endpoints  # the UI's automatic step; /align is its API
+    align_params = [p["parameter_name"] for p in endpoints["/align"]["parameters"]]
+    assert align_params == ["mesh_path", "image_path", "pointmap_path", "y_rotation"]
     generate_params = [p["parameter_name"] for p in endpoints["/generate"]["parameters"]]
     assert generate_params[:2] == ["mesh_path", "prompt"]
 
@@ -137,3 +140,45 @@ def test_bad_inputs_give_clear_errors_and_the_app_keeps_serving(client, tmp_path
 def test_point_cloud_only_file_is_refused(client):
     with pytest.raises(AppError, match="no faces"):
         _generate(client, SHARED_MESHES / "points_emptyface.ply")
+
+
+def _rendered_pair(folder: Path, mesh: Path, camera, y_rotation: float) -> tuple[Path, Path]:
+    """The mesh rendered at a known camera, saved as a generation's image and point map."""
+    from refany3d.views import pointmap_image, render_at
+
+    view = render_at(mesh, camera, y_rotation)
+    image, pointmap = folder / f"{mesh.stem}_image.png", folder / f"{mesh.stem}_pointmap.png"
+    Image.fromarray(view.rgb).save(image)
+    pointmap_image(view.pointmap_xyz).save(pointmap)
+    return image, pointmap
+
+
+def _trace(plot, name_start: str):
+    figure = json.loads(plot["plot"])
+    return [trace for trace in figure["data"] if trace["name"].startswith(name_start)]
+
+
+def test_align_measures_a_rendered_pair_and_explains_a_wrong_asset(client, tmp_path):
+    from refany3d.cameras import orbit_camera
+
+    camera = orbit_camera(azimuth_deg=200.0, pitch_deg=-10.0, radius=5.0, resolution=128)
+    image, pointmap = _rendered_pair(tmp_path, VASE, camera, y_rotation=-40.0)
+    overlay, text, details, plot = client.predict(handle_file(str(VASE)), handle_file(str(image)),
+                                                  handle_file(str(pointmap)), -40.0, api_name="/align")
+    assert details["measurable"] and details["inlier_ratio"] > 0.9 and details["iou"] > 0.95
+    assert abs(details["orbit"]["azimuth_deg"] - 200.0) < 1.0 and abs(details["orbit"]["distance"] - 5.0) < 0.05
+    assert f"| Inlier ratio | {details['inlier_ratio']:.3f} |" in text
+    assert np.asarray(Image.open(overlay)).shape == (128, 128, 3)
+    (frustum,) = _trace(plot, "recovered camera")
+    assert len(frustum["x"]) == 8 * 3  # 8 segments, each followed by a break
+
+    # a point map of another asset: a result saying why, not an error
+    cone = REPO / "examples" / "traffic_cone.glb"
+    _, cone_pointmap = _rendered_pair(tmp_path, cone, camera, y_rotation=0.0)
+    _, text, details, plot = client.predict(handle_file(str(VASE)), None, handle_file(str(cone_pointmap)), 0.0,
+                                            api_name="/align")
+    assert not details["measurable"] and details["reason"]
+    assert f"**Not measurable:** {details['reason']}" in text
+    assert not _trace(plot, "recovered camera")
+    with pytest.raises(AppError, match="give the predicted point map"):
+        client.predict(handle_file(str(VASE)), None, None, 0.0, api_name="/align")

@@ -77,6 +77,8 @@ def test_example_preview_generate_and_plot(page):
     page.wait_for_selector("#result-pointmap img")
     page.wait_for_selector("#pointcloud .js-plotly-plot")
     assert page.locator("#pointcloud .scatterlayer, #pointcloud canvas").count() > 0
+    # the alignment runs by itself after the generation and adds its report to the downloads
+    page.wait_for_selector("#downloads td.filename[aria-label='alignment.json']")
     for name in ("image.png", "pointmap.png", "pointcloud.ply", "settings.json"):
         assert page.locator(f"#downloads td.filename[aria-label='{name}']").count() == 1
     assert "asset surface" not in page.inner_text("#pointcloud")
@@ -90,6 +92,19 @@ def test_example_preview_generate_and_plot(page):
     if os.environ.get("REFANY3D_UPDATE_SCREENSHOT") == "1":
         (REPO / "assets").mkdir(exist_ok=True)
         shutil.copyfile(shot, REPO / "assets" / "app_screenshot.png")
+
+    # the Alignment tab: this generation's verdict, every score, and the overlay when a camera was found
+    page.get_by_role("tab", name="Alignment").click()
+    page.wait_for_function(f"document.querySelector('#alignment-numbers').innerText.includes('seed {seed}')")
+    text = page.inner_text("#alignment-numbers")
+    assert "Measured:" in text or "Not measurable:" in text  # a tiny random model: usually the latter
+    for score in ("Inlier ratio", "Median reprojection error", "Silhouette IoU", "Image IoU", "Colour agreement",
+                  "Point-map error"):
+        assert score in text
+    inlier_row = page.locator("#alignment-numbers tr", has_text="Inlier ratio").inner_text()
+    if "n/a" not in inlier_row:  # a camera was found: the asset is re-rendered over the image
+        page.wait_for_selector("#alignment-overlay img")
+    page.screenshot(path=str(ARTIFACTS / "app_alignment_screenshot.png"), full_page=True)
 
 
 def test_bad_uploads_and_settings_show_errors_and_the_app_keeps_serving(page, tmp_path):
