@@ -186,34 +186,26 @@ def pointcloud_figure(
 
     `camera_segments` (S, 2, 3), in the points' frame, draws a camera (the alignment's recovered
     one, as a frustum) beside the cloud, so its pose can be judged against the asset.
+    The traces are plain dicts in a figure built without Plotly's per-value validation: checking
+    20,000 colour strings one by one took ~1.5 s per figure, the same JSON comes out without it.
     """
     import plotly.graph_objects as go
 
     shown = subsample(cloud, max_points, seed)
-    traces = [
-        go.Scatter3d(
-            x=shown.points[:, 0], y=shown.points[:, 1], z=shown.points[:, 2],
-            mode="markers",
-            marker={"size": 2, "color": _rgb_strings(shown.colors)},
-            name=f"predicted ({len(cloud)} points)",
-        )
-    ]
+
+    def scatter(points: np.ndarray, name: str, **style: Any) -> dict[str, Any]:
+        return {"type": "scatter3d", "x": points[:, 0], "y": points[:, 1], "z": points[:, 2], "name": name, **style}
+
+    traces = [scatter(shown.points, f"predicted ({len(cloud)} points)", mode="markers",
+                      marker={"size": 2, "color": _rgb_strings(shown.colors)})]
     if asset is not None:
-        traces.append(
-            go.Scatter3d(
-                x=asset.points[:, 0], y=asset.points[:, 1], z=asset.points[:, 2],
-                mode="markers",
-                marker={"size": 1.5, "color": "rgb(150,150,150)", "opacity": 0.35},
-                name="asset surface",
-            )
-        )
+        traces.append(scatter(asset.points, "asset surface", mode="markers",
+                              marker={"size": 1.5, "color": "rgb(150,150,150)", "opacity": 0.35}))
     if camera_segments is not None:
         x, y, z = _polyline_coordinates(camera_segments)
-        traces.append(
-            go.Scatter3d(x=x, y=y, z=z, mode="lines", line={"color": "rgb(220,40,40)", "width": 4},
-                         name=camera_label)
-        )
-    figure = go.Figure(traces)
+        traces.append({"type": "scatter3d", "x": x, "y": y, "z": z, "mode": "lines", "name": camera_label,
+                       "line": {"color": "rgb(220,40,40)", "width": 4}})
+    figure = go.Figure(traces, _validate=False)
     figure.update_layout(
         scene={"aspectmode": "data", "camera": {"up": {"x": 0, "y": 1, "z": 0}}},
         margin={"l": 0, "r": 0, "t": 0, "b": 0},
