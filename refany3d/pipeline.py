@@ -285,12 +285,22 @@ class RefAny3DPipeline:
         max_sequence_length: int = 512,
         callback: StepCallback | None = None,
         output_type: str = "pil",
+        mode: str = "faithful",
     ) -> RefAny3DOutput:
         """Sample the RGB image and the point map of `prompt`, referencing the given views.
 
         rgb_views / pointmap_views: equal-length lists (N >= 1) of images (PIL, arrays or paths),
         resized to condition_size. `callback(step, total)` runs after every denoising step.
+        mode: "faithful" (this reference path), "exact" (same output, faster) or "cached"
+        (approximate, fastest); see `refany3d.fast`.
         """
+        if mode != "faithful":
+            from refany3d.fast import fast_sampler
+
+            return fast_sampler(self)(
+                prompt, rgb_views, pointmap_views, height, width, condition_size, num_inference_steps, guidance_scale,
+                image_guidance_scale, generator, max_sequence_length, callback, output_type, mode=mode,
+            )
         rgb_images = _as_images(rgb_views, "RGB view")
         pm_images = _as_images(pointmap_views, "point-map view")
         self._check(prompt, rgb_images, pm_images, height, width, condition_size, num_inference_steps, output_type)
