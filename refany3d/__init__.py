@@ -36,6 +36,9 @@ _EXPORTS = {
     "ReferenceViews": "views",
     "render_views": "views",
     "render_at": "views",
+    # issue 8: fast sampler
+    "FastSampler": "fast",
+    "fast_sampler": "fast",
     # issue 6: alignment analysis
     "align": "alignment",
     "align_runs": "alignment",
