@@ -51,9 +51,11 @@ H100_BF16_DENSE_TFLOPS = 989.0
 @dataclass
 class Config:
     name: str
-    size: int  # image and condition size
+    size: int  # image size
     n_views: int
     steps: int
+    condition_size: int | None = None  # default: the image size
+    views: tuple | None = None  # (rgb, point-map) images; default: random images
 
 
 def mid_config() -> TinyConfig:
@@ -105,6 +107,25 @@ def build_in_memory(config: TinyConfig, device: str, dtype: torch.dtype) -> RefA
     return RefAny3DPipeline(flux, embedder).to(device)
 
 
+def load_embedded() -> RefAny3DPipeline:
+    return RefAny3DPipeline.from_pretrained(EMBEDDED_MODEL_DIR / "base", EMBEDDED_MODEL_DIR / "ref", device="cpu")
+
+
+def embedded_config(steps: int) -> Config:
+    """The embedded model at its own settings, with views rendered from a shipped example mesh."""
+    import json
+
+    from refany3d.views import render_views
+
+    settings = json.loads((EMBEDDED_MODEL_DIR / "settings.json").read_text())
+    mesh = Path(__file__).resolve().parents[1] / "examples" / "armchair.glb"
+    rendered = render_views(mesh, n_views=settings["n_views"], resolution=settings["condition_size"])
+    return Config(
+        "embedded (armchair views)", settings["height"], settings["n_views"], steps,
+        settings["condition_size"], (rendered.rgb, rendered.pointmap),
+    )
+
+
 def random_views(n: int, size: int, seed: int = 0) -> tuple[list[Image.Image], list[Image.Image]]:
     rng = np.random.default_rng(seed)
     make = lambda: Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))  # noqa: E731
@@ -154,7 +175,7 @@ def call(pipe, mode: str, views, config: Config, steps: int | None = None):
         *views,
         height=config.size,
         width=config.size,
-        condition_size=config.size,
+        condition_size=config.condition_size or config.size,
         num_inference_steps=steps or config.steps,
         image_guidance_scale=2.0,
         generator=torch.Generator("cpu").manual_seed(0),
@@ -197,7 +218,7 @@ def compare(out, ref) -> str:
 
 def bench(pipe: RefAny3DPipeline, config: Config, repeats: int, modes: tuple[str, ...], peak_tflops: float | None) -> None:
     device = pipe.device
-    views = random_views(config.n_views, config.size)
+    views = config.views or random_views(config.n_views, config.condition_size or config.size)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     flops = {mode: counted_flops(pipe, mode, views, config) for mode in modes}
     fast_sampler(pipe).clear_caches()
@@ -276,8 +297,8 @@ def main() -> int:
                 if not (EMBEDDED_MODEL_DIR / "base").is_dir():
                     print(f"\n== embedded: no model in {EMBEDDED_MODEL_DIR}; skipped ==")
                     continue
-                pipe = RefAny3DPipeline.from_pretrained(EMBEDDED_MODEL_DIR / "base", EMBEDDED_MODEL_DIR / "ref", device="cpu")
-                size = pipe.flux.vae_scale_factor * 16
+                bench(load_embedded(), embedded_config(args.steps), args.repeats, modes, args.peak_tflops)
+                continue
             else:
                 tiny = TinyConfig() if name == "tiny" else mid_config()
                 base, ref = build_tiny_model(Path(tmp) / name, seed=0, config=tiny)
