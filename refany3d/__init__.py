@@ -52,6 +52,12 @@ _EXPORTS = {
     "pointcloud_figure": "outputs",
     "write_ply": "outputs",
     "write_settings_json": "outputs",
+    # issue 7: training data and trainer
+    "make_dataset": "data",
+    "write_real_sample": "data",
+    "SampleDataset": "data",
+    "TrainConfig": "train",
+    "preset_config": "train",
 }
 
 
