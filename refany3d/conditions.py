@@ -71,17 +71,21 @@ def unpack_latents(tokens: torch.Tensor, latent_height: int, latent_width: int) 
     return x.reshape(b, c, latent_height, latent_width)
 
 
-def encode_images(
-    vae, image_processor, images: Sequence[Image.Image], size: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """VAE-encode images resized to size x size; returns FLUX-normalized latents (N, C, h, w).
+def view_posterior(vae, image_processor, image: Image.Image, size: int):
+    """The VAE's posterior of one view resized to size x size (the deterministic, costly part)."""
+    pixels = image_processor.preprocess([image], height=size, width=size)
+    return vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
 
-    The posterior sample draws from `generator`, so a seeded call is reproducible.
-    """
-    pixels = image_processor.preprocess(list(images), height=size, width=size)
-    pixels = pixels.to(device=vae.device, dtype=vae.dtype)
-    latents = vae.encode(pixels).latent_dist.sample(generator=generator)
-    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+def sample_latents(vae, posterior, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A posterior sample drawn from `generator` (so seeded calls repeat), FLUX-normalized."""
+    return (posterior.sample(generator=generator) - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+def pack_conditions(latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views' latents (N, C, h, w) -> packed tokens (N, L, 4C) and their shared position ids (L, 3)."""
+    ids = latent_position_ids(latents.shape[2], latents.shape[3], CONDITION_POSITION_DELTA)
+    return pack_latents(latents), ids.to(latents.device)
 
 
 def condition_tokens(
@@ -92,6 +96,5 @@ def condition_tokens(
     Views are encoded one at a time, as the release does: the VAE's batched forward differs from
     its single-image forward by up to ~1e-3 on CPU, enough to move outputs past parity tolerance.
     """
-    latents = torch.cat([encode_images(vae, image_processor, [img], size, generator) for img in images])
-    ids = latent_position_ids(latents.shape[2], latents.shape[3], CONDITION_POSITION_DELTA)
-    return pack_latents(latents), ids.to(latents.device)
+    posteriors = [view_posterior(vae, image_processor, img, size) for img in images]
+    return pack_conditions(torch.cat([sample_latents(vae, post, generator) for post in posteriors]))

@@ -40,18 +40,19 @@ import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
 from PIL import Image
 
-from refany3d.conditions import CONDITION_POSITION_DELTA, ImageLike, black_like, latent_position_ids, pack_latents
+from refany3d.conditions import pack_conditions, sample_latents, view_posterior
 from refany3d.errors import InputError
-from refany3d.pipeline import (
+from refany3d.transformer import (
     CONDITION_POINTMAP_ADAPTERS,
     CONDITION_RGB_ADAPTERS,
+    POINTMAP_DOMAIN,
+    RGB_DOMAIN,
     TARGET_POINTMAP_ADAPTERS,
     TARGET_RGB_ADAPTERS,
-    RefAny3DOutput,
-    StepCallback,
-    _as_images,
+    Branch,
+    branch_embeddings,
+    lora_linear,
 )
-from refany3d.transformer import POINTMAP_DOMAIN, RGB_DOMAIN, Branch, branch_embeddings, lora_linear
 
 MODES = ("exact", "cached")
 
@@ -462,12 +463,14 @@ def _image_key(image: Image.Image, size: int) -> tuple:
 
 
 class FastSampler:
-    """Samples like `RefAny3DPipeline.__call__`, in "exact" or "cached" mode, reusing prompt
-    encodings and the views' VAE posteriors across calls (LRU, keyed by prompt text / image
-    content); the posterior samples are still drawn from each call's generator."""
+    """The encoders of the fast modes: like the pipeline's, but prompt encodings and the views'
+    VAE posteriors are reused across calls (LRU, keyed by prompt text / image content); posterior
+    samples are still drawn from each call's generator. `compile=True` runs the transformer
+    blocks through torch.compile."""
 
-    def __init__(self, pipe, prompt_cache_size: int = 16, view_cache_size: int = 64):
+    def __init__(self, pipe, prompt_cache_size: int = 16, view_cache_size: int = 64, compile: bool = False):
         self.pipe = pipe
+        self.compile = compile
         self.prompt_cache = _LRU(prompt_cache_size)
         self.view_cache = _LRU(view_cache_size)
 
@@ -482,114 +485,19 @@ class FastSampler:
 
     def posterior(self, image: Image.Image, size: int):
         """The VAE's posterior of one view (the deterministic, expensive part of encoding), cached."""
-        vae = self.pipe.flux.vae
-
-        @torch.no_grad()
-        def encode():
-            pixels = self.pipe.flux.image_processor.preprocess([image], height=size, width=size)
-            return vae.encode(pixels.to(device=vae.device, dtype=vae.dtype)).latent_dist
-
-        return self.view_cache.get_or_compute(_image_key(image, size) + (str(vae.device),), encode)
+        flux = self.pipe.flux
+        key = _image_key(image, size) + (str(flux.vae.device),)
+        return self.view_cache.get_or_compute(
+            key, lambda: view_posterior(flux.vae, flux.image_processor, image, size)
+        )
 
     def encode_views(
         self, images: Sequence[Image.Image], size: int, generator: torch.Generator | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Packed condition tokens (N, L, C) and ids, as `conditions.condition_tokens` makes them:
         one view at a time, each posterior sample drawn from `generator` in the same order."""
-        config = self.pipe.flux.vae.config
-        latents = torch.cat(
-            [(self.posterior(img, size).sample(generator=generator) - config.shift_factor) * config.scaling_factor for img in images]
-        )
-        ids = latent_position_ids(latents.shape[2], latents.shape[3], CONDITION_POSITION_DELTA)
-        return pack_latents(latents), ids.to(latents.device)
-
-    @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str,
-        rgb_views: Sequence[ImageLike],
-        pointmap_views: Sequence[ImageLike],
-        height: int = 512,
-        width: int = 512,
-        condition_size: int = 512,
-        num_inference_steps: int = 28,
-        guidance_scale: float = 3.5,
-        image_guidance_scale: float = 2.0,
-        generator: torch.Generator | None = None,
-        max_sequence_length: int = 512,
-        callback: StepCallback | None = None,
-        output_type: str = "pil",
-        mode: str = "exact",
-        compile: bool = False,
-    ) -> RefAny3DOutput:
-        """Arguments as `RefAny3DPipeline.__call__`; `mode` "exact" (same output as the faithful
-        path) or "cached" (approximate: view keys/values from the first step reused)."""
-        if mode not in MODES:
-            raise InputError(f"mode must be one of faithful, {', '.join(MODES)}, got {mode!r}")
-        pipe = self.pipe
-        rgb_images = _as_images(rgb_views, "RGB view")
-        pm_images = _as_images(pointmap_views, "point-map view")
-        pipe._check(prompt, rgb_images, pm_images, height, width, condition_size, num_inference_steps, output_type)
-        device, dtype = pipe.device, pipe.dtype
-
-        text, pooled = self.encode_prompt(prompt, max_sequence_length)
-        lat_h, lat_w = pipe._latent_size(height, width)
-        shape = (1, pipe.latent_channels, lat_h, lat_w)
-        noise = [torch.randn(shape, generator=generator, device=generator.device if generator else "cpu") for _ in range(2)]
-        targets = [pack_latents(n).to(device=device, dtype=dtype) for n in noise]
-        target_ids = latent_position_ids(lat_h, lat_w).to(device)
-
-        n = len(rgb_images)
-        tokens, cond_ids = self.encode_views(rgb_images + pm_images, condition_size, generator)
-        uncond = None
-        if not math.isclose(image_guidance_scale, 1.0):
-            black, _ = self.encode_views(black_like(rgb_images[:1]), condition_size, generator)
-            uncond = (black, black)
-        guidance = torch.full((1,), guidance_scale, device=device, dtype=torch.float32)
-        denoiser = FastDenoiser(
-            pipe.flux.transformer,
-            pipe.domain_embedder,
-            text,
-            pooled,
-            target_ids,
-            (tokens[:n], tokens[n:], cond_ids),
-            uncond,
-            guidance,
-            mode=mode,
-            compile=compile,
-        )
-
-        timesteps, rgb_scheduler, pm_scheduler = pipe._timesteps(num_inference_steps, targets[0].shape[1])
-        for i, t in enumerate(timesteps):
-            preds = denoiser.predict(targets, (t / 1000).expand(1).to(dtype))
-            if uncond is not None:
-                preds = [u + image_guidance_scale * (c - u) for c, u in zip(*preds)]
-            else:
-                preds = preds[0]
-            targets = [
-                rgb_scheduler.step(preds[0], t, targets[0], return_dict=False)[0],
-                pm_scheduler.step(preds[1], t, targets[1], return_dict=False)[0],
-            ]
-            if callback is not None:
-                callback(i + 1, len(timesteps))
-
-        settings = dict(
-            prompt=prompt,
-            n_views=n,
-            height=height,
-            width=width,
-            condition_size=condition_size,
-            num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale,
-            image_guidance_scale=image_guidance_scale,
-            max_sequence_length=max_sequence_length,
-            mode=mode,
-        )
-        return RefAny3DOutput(
-            image=pipe.decode(targets[0], height, width, output_type),
-            pointmap=pipe.decode(targets[1], height, width, output_type),
-            settings=settings,
-        )
+        vae = self.pipe.flux.vae
+        return pack_conditions(torch.cat([sample_latents(vae, self.posterior(img, size), generator) for img in images]))
 
 
 def fast_sampler(pipe) -> FastSampler:

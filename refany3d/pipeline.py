@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from functools import partial
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,19 +27,14 @@ from refany3d.conditions import (
     unpack_latents,
 )
 from refany3d.errors import InputError, ModelLoadError
-from refany3d.transformer import POINTMAP_DOMAIN, RGB_DOMAIN, Branch, joint_forward, refany3d_group_mask
+from refany3d.transformer import joint_forward, refany3d_branches, refany3d_group_mask
 
 DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
 DEFAULT_REF_MODEL = "JudgementH/RefAny3D"
 REF_WEIGHT_FILES = ("coord.safetensors", "default.safetensors", "domain_embedder.pth")
 
-# LoRA adapters of each branch kind, as the release trained them.
-TARGET_RGB_ADAPTERS: tuple[str, ...] = ()
-TARGET_POINTMAP_ADAPTERS = ("coord",)
-CONDITION_RGB_ADAPTERS = ("default",)
-CONDITION_POINTMAP_ADAPTERS = ("default", "coord")
-
 StepCallback = Callable[[int, int], None]
+SAMPLER_MODES = ("faithful", "exact", "cached")
 
 # The small model trained by this project (`python -m refany3d train`), shipped in the repository.
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "embedded"
@@ -250,24 +246,18 @@ class RefAny3DPipeline:
         # The point-map target steps with a scheduler of its own (same schedule, own step index).
         return timesteps, scheduler, copy.deepcopy(scheduler)
 
-    def _branches(self, text, pooled, targets, target_ids, cond, t, guidance) -> list[Branch]:
-        """[text, rgb target, point-map target, N rgb views, N point-map views]."""
-        rgb_cond, pm_cond, cond_ids = cond
-        zero, one = torch.zeros_like(t), torch.ones_like(guidance) if guidance is not None else None
-        text_ids = torch.zeros(text.shape[1], 3, device=text.device, dtype=target_ids.dtype)
-        branches = [
-            Branch(text, text_ids, t, guidance, pooled, is_text=True),
-            Branch(targets[0], target_ids, t, guidance, pooled, TARGET_RGB_ADAPTERS, RGB_DOMAIN),
-            Branch(targets[1], target_ids, t, guidance, pooled, TARGET_POINTMAP_ADAPTERS, POINTMAP_DOMAIN),
-        ]
-        branches += [
-            Branch(tok[None], cond_ids, zero, one, pooled, CONDITION_RGB_ADAPTERS, RGB_DOMAIN) for tok in rgb_cond
-        ]
-        branches += [
-            Branch(tok[None], cond_ids, zero, one, pooled, CONDITION_POINTMAP_ADAPTERS, POINTMAP_DOMAIN)
-            for tok in pm_cond
-        ]
-        return branches
+    def _predict_faithful(self, text, pooled, target_ids, views, black, guidance, targets, t) -> list[list[torch.Tensor]]:
+        """Per guidance pass (conditional first), the [RGB, point-map] velocity predictions."""
+        transformer, (rgb, pm, view_ids) = self.flux.transformer, views
+        n = rgb.shape[0]
+        branches = refany3d_branches(text, pooled, targets, target_ids, list(rgb[:, None]), list(pm[:, None]),
+                                     view_ids, t, guidance)
+        passes = [joint_forward(transformer, branches, self.domain_embedder, refany3d_group_mask(n).to(t.device))]
+        if black is not None:  # image guidance: every view black, full attention
+            blacks = [black] * n
+            branches = refany3d_branches(text, pooled, targets, target_ids, blacks, blacks, view_ids, t, guidance)
+            passes.append(joint_forward(transformer, branches, self.domain_embedder, None))
+        return passes
 
     @torch.no_grad()
     def __call__(
@@ -291,22 +281,24 @@ class RefAny3DPipeline:
 
         rgb_views / pointmap_views: equal-length lists (N >= 1) of images (PIL, arrays or paths),
         resized to condition_size. `callback(step, total)` runs after every denoising step.
-        mode: "faithful" (this reference path), "exact" (same output, faster) or "cached"
-        (approximate, fastest); see `refany3d.fast`.
+        mode: "faithful" (the reference path, walking the model branch by branch), "exact" (the
+        same output, faster, with prompt/view encodings cached across calls) or "cached"
+        (approximate: the views' keys/values of the first step reused); see `refany3d.fast`.
         """
-        if mode != "faithful":
-            from refany3d.fast import fast_sampler
-
-            return fast_sampler(self)(
-                prompt, rgb_views, pointmap_views, height, width, condition_size, num_inference_steps, guidance_scale,
-                image_guidance_scale, generator, max_sequence_length, callback, output_type, mode=mode,
-            )
+        if mode not in SAMPLER_MODES:
+            raise InputError(f"mode must be one of {', '.join(SAMPLER_MODES)}, got {mode!r}")
         rgb_images = _as_images(rgb_views, "RGB view")
         pm_images = _as_images(pointmap_views, "point-map view")
         self._check(prompt, rgb_images, pm_images, height, width, condition_size, num_inference_steps, output_type)
         device, dtype = self.device, self.dtype
+        if mode == "faithful":
+            encoder = self
+        else:
+            from refany3d.fast import FastDenoiser, fast_sampler
 
-        text, pooled = self.encode_prompt(prompt, max_sequence_length)
+            encoder = fast_sampler(self)  # same encodings, cached across calls
+
+        text, pooled = encoder.encode_prompt(prompt, max_sequence_length)
         lat_h, lat_w = self._latent_size(height, width)
         shape = (1, self.latent_channels, lat_h, lat_w)
         # Noise: RGB target first, then the point-map target, from the same generator.
@@ -316,33 +308,23 @@ class RefAny3DPipeline:
 
         n = len(rgb_images)
         # Conditions draw their VAE posterior samples after the noise, from the same generator.
-        tokens, cond_ids = self.encode_views(rgb_images + pm_images, condition_size, generator)
-        cond = (tokens[:n], tokens[n:], cond_ids)
-        use_image_guidance = not math.isclose(image_guidance_scale, 1.0)
-        if use_image_guidance:
-            black, _ = self.encode_views(black_like(rgb_images[:1]), condition_size, generator)
-            black = black.expand(n, -1, -1)
-            uncond = (black, black, cond_ids)
-        group_mask = refany3d_group_mask(n).to(device)
+        tokens, cond_ids = encoder.encode_views(rgb_images + pm_images, condition_size, generator)
+        views = (tokens[:n], tokens[n:], cond_ids)
+        black = None
+        if not math.isclose(image_guidance_scale, 1.0):
+            black = encoder.encode_views(black_like(rgb_images[:1]), condition_size, generator)[0]
+        guidance = torch.full((1,), guidance_scale, device=device, dtype=torch.float32)
+        if mode == "faithful":
+            predict = partial(self._predict_faithful, text, pooled, target_ids, views, black, guidance)
+        else:
+            uncond = None if black is None else (black, black)
+            predict = FastDenoiser(self.flux.transformer, self.domain_embedder, text, pooled, target_ids, views,
+                                   uncond, guidance, mode=mode, compile=encoder.compile).predict
 
         timesteps, rgb_scheduler, pm_scheduler = self._timesteps(num_inference_steps, targets[0].shape[1])
-        guidance = torch.full((1,), guidance_scale, device=device, dtype=torch.float32)
         for i, t in enumerate(timesteps):
-            tt = (t / 1000).expand(1).to(dtype)
-            preds = joint_forward(
-                self.flux.transformer,
-                self._branches(text, pooled, targets, target_ids, cond, tt, guidance),
-                self.domain_embedder,
-                group_mask,
-            )
-            if use_image_guidance:
-                uncond_preds = joint_forward(
-                    self.flux.transformer,
-                    self._branches(text, pooled, targets, target_ids, uncond, tt, guidance),
-                    self.domain_embedder,
-                    None,
-                )
-                preds = [u + image_guidance_scale * (c - u) for c, u in zip(preds, uncond_preds)]
+            passes = predict(targets, (t / 1000).expand(1).to(dtype))
+            preds = passes[0] if len(passes) == 1 else [u + image_guidance_scale * (c - u) for c, u in zip(*passes)]
             targets = [
                 rgb_scheduler.step(preds[0], t, targets[0], return_dict=False)[0],
                 pm_scheduler.step(preds[1], t, targets[1], return_dict=False)[0],
@@ -350,8 +332,6 @@ class RefAny3DPipeline:
             if callback is not None:
                 callback(i + 1, len(timesteps))
 
-        image = self.decode(targets[0], height, width, output_type)
-        pointmap = self.decode(targets[1], height, width, output_type)
         settings = dict(
             prompt=prompt,
             n_views=n,
@@ -362,8 +342,13 @@ class RefAny3DPipeline:
             guidance_scale=guidance_scale,
             image_guidance_scale=image_guidance_scale,
             max_sequence_length=max_sequence_length,
+            mode=mode,
         )
-        return RefAny3DOutput(image=image, pointmap=pointmap, settings=settings)
+        return RefAny3DOutput(
+            image=self.decode(targets[0], height, width, output_type),
+            pointmap=self.decode(targets[1], height, width, output_type),
+            settings=settings,
+        )
 
     def generate_from_mesh(
         self,

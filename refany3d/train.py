@@ -29,14 +29,8 @@ import torch.nn.functional as F
 from refany3d.conditions import CONDITION_POSITION_DELTA, latent_position_ids, pack_latents
 from refany3d.data import SampleDataset, caption_vocabulary, collate
 from refany3d.errors import InputError
-from refany3d.pipeline import (
-    CONDITION_POINTMAP_ADAPTERS,
-    CONDITION_RGB_ADAPTERS,
-    TARGET_POINTMAP_ADAPTERS,
-    TARGET_RGB_ADAPTERS,
-)
 from refany3d.tiny import TinyConfig, add_refany3d_adapters, build_base_pipeline, new_domain_embedder, save_refany3d_weights
-from refany3d.transformer import POINTMAP_DOMAIN, RGB_DOMAIN, Branch, joint_forward, refany3d_group_mask
+from refany3d.transformer import joint_forward, refany3d_branches, refany3d_group_mask
 
 STAGES = ("vae", "base", "refany3d")
 
@@ -155,22 +149,6 @@ class TextToImageObjective(torch.nn.Module):
         return F.mse_loss(pred.float(), target.float())
 
 
-def refany3d_training_branches(text, pooled, targets, target_ids, rgb_views, pm_views, view_ids, t, guidance) -> list[Branch]:
-    """Branches [text, rgb target, point-map target, N rgb views, N point-map views] for a batch.
-
-    Views are lists of (B, L, C) tokens; conditions are clean (t = 0, guidance 1), as in sampling.
-    """
-    zero, one = torch.zeros_like(t), torch.ones_like(guidance)
-    text_ids = torch.zeros(text.shape[1], 3, device=text.device, dtype=target_ids.dtype)
-    return [
-        Branch(text, text_ids, t, guidance, pooled, is_text=True),
-        Branch(targets[0], target_ids, t, guidance, pooled, TARGET_RGB_ADAPTERS, RGB_DOMAIN),
-        Branch(targets[1], target_ids, t, guidance, pooled, TARGET_POINTMAP_ADAPTERS, POINTMAP_DOMAIN),
-        *[Branch(v, view_ids, zero, one, pooled, CONDITION_RGB_ADAPTERS, RGB_DOMAIN) for v in rgb_views],
-        *[Branch(v, view_ids, zero, one, pooled, CONDITION_POINTMAP_ADAPTERS, POINTMAP_DOMAIN) for v in pm_views],
-    ]
-
-
 class RefAny3DObjective(torch.nn.Module):
     """Stage 1: both targets noised with one t, predicted jointly with the reference views."""
 
@@ -189,7 +167,7 @@ class RefAny3DObjective(torch.nn.Module):
         view_ids = latent_position_ids(*rgb_views.shape[3:], CONDITION_POSITION_DELTA).to(x0.device)
         rgb_tok = [pack_latents(rgb_views[:, k]) for k in range(n)]
         pm_tok = [pack_latents(pm_views[:, k]) for k in range(n)]
-        branches = refany3d_training_branches(
+        branches = refany3d_branches(
             text, pooled, (x_t[:, 0], x_t[:, 1]), target_ids, rgb_tok, pm_tok, view_ids, t, guidance
         )
         preds = joint_forward(self.transformer, branches, self.domain_embedder, self.group if self.group.numel() else None)

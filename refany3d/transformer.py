@@ -61,6 +61,41 @@ def group_attention_mask(lengths: list[int], allowed: torch.Tensor) -> torch.Ten
     return allowed[index][:, index]
 
 
+# LoRA adapters of each branch kind, as the release trained them.
+TARGET_RGB_ADAPTERS: tuple[str, ...] = ()
+TARGET_POINTMAP_ADAPTERS = ("coord",)
+CONDITION_RGB_ADAPTERS = ("default",)
+CONDITION_POINTMAP_ADAPTERS = ("default", "coord")
+
+
+def refany3d_branches(
+    text: torch.Tensor,
+    pooled: torch.Tensor,
+    targets: list[torch.Tensor],
+    target_ids: torch.Tensor,
+    rgb_views: list[torch.Tensor],
+    pointmap_views: list[torch.Tensor],
+    view_ids: torch.Tensor,
+    t: torch.Tensor,
+    guidance: torch.Tensor | None,
+) -> list[Branch]:
+    """RefAny3D's branches [text, RGB target, point-map target, N RGB views, N point-map views].
+
+    Targets sit at time t with the given guidance; views are clean (time 0, guidance 1). Views are
+    lists of (B, L, C) tokens; sampling and training build the same layout with this.
+    """
+    zero = torch.zeros_like(t)
+    one = torch.ones_like(guidance) if guidance is not None else None
+    text_ids = torch.zeros(text.shape[1], 3, device=text.device, dtype=target_ids.dtype)
+    return [
+        Branch(text, text_ids, t, guidance, pooled, is_text=True),
+        Branch(targets[0], target_ids, t, guidance, pooled, TARGET_RGB_ADAPTERS, RGB_DOMAIN),
+        Branch(targets[1], target_ids, t, guidance, pooled, TARGET_POINTMAP_ADAPTERS, POINTMAP_DOMAIN),
+        *[Branch(v, view_ids, zero, one, pooled, CONDITION_RGB_ADAPTERS, RGB_DOMAIN) for v in rgb_views],
+        *[Branch(v, view_ids, zero, one, pooled, CONDITION_POINTMAP_ADAPTERS, POINTMAP_DOMAIN) for v in pointmap_views],
+    ]
+
+
 def refany3d_group_mask(n_views: int) -> torch.Tensor:
     """The release's group mask for branches [text, rgb target, point-map target, N rgb, N point map].
 

@@ -14,7 +14,7 @@ from refany3d import InputError, RefAny3DPipeline
 from refany3d.conditions import latent_position_ids
 from refany3d.fast import KIND_ADAPTERS, FastDenoiser, JointLayout, adapter_ranges, fast_sampler
 from refany3d.tiny import build_tiny_model
-from refany3d.transformer import joint_forward, refany3d_group_mask
+from refany3d.transformer import joint_forward, refany3d_branches, refany3d_group_mask
 
 PARITY = Path(__file__).resolve().parents[1] / ".." / "shared" / "parity" / "fixture"
 PROMPT = "a red chair on the wooden floor"
@@ -146,8 +146,9 @@ def test_fast_forward_matches_joint_forward_with_random_lora(pipe, n_views):
         cond, uncond = denoiser.predict(x["targets"], x["t"])
 
         def reference(rgb, pm, mask):
-            branches = pipe._branches(
-                x["text"], x["pooled"], x["targets"], x["target_ids"], (rgb, pm, x["view_ids"]), x["t"], x["guidance"]
+            branches = refany3d_branches(
+                x["text"], x["pooled"], x["targets"], x["target_ids"], list(rgb[:, None]), list(pm[:, None]),
+                x["view_ids"], x["t"], x["guidance"],
             )
             return joint_forward(transformer, branches, pipe.domain_embedder, mask)
 

@@ -14,7 +14,13 @@ from PIL import Image
 from refany3d import InputError, ModelLoadError, RefAny3DPipeline
 from refany3d.conditions import latent_position_ids, pack_latents, unpack_latents
 from refany3d.tiny import build_tiny_model
-from refany3d.transformer import Branch, group_attention_mask, joint_forward, refany3d_group_mask
+from refany3d.transformer import (
+    Branch,
+    group_attention_mask,
+    joint_forward,
+    refany3d_branches,
+    refany3d_group_mask,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 PARITY = ROOT.parent / "shared" / "parity"
@@ -70,9 +76,8 @@ def test_first_step_predictions_match_release_intermediates():
         target_ids = latent_position_ids(32, 32)
         np.testing.assert_array_equal(target_ids.numpy(), debug["image_ids"])
         n = len(rgb)
-        branches = pipe._branches(
-            text, pooled, targets, target_ids, (tokens[:n], tokens[n:], ids), torch.ones(1), torch.full((1,), 3.5)
-        )
+        branches = refany3d_branches(text, pooled, targets, target_ids, list(tokens[:n, None]), list(tokens[n:, None]),
+                                     ids, torch.ones(1), torch.full((1,), 3.5))
         pred = joint_forward(pipe.flux.transformer, branches, pipe.domain_embedder, refany3d_group_mask(n))
     np.testing.assert_allclose(pred[0].numpy(), debug["step0_pred_image"], atol=1e-4)
     np.testing.assert_allclose(pred[1].numpy(), debug["step0_pred_pointmap"], atol=1e-4)
