@@ -109,6 +109,7 @@ class AppConfig:
     default_resolution: int = 512
     default_steps: int = 28
     default_views: int = 8
+    condition_ratio: float = 1.0  # reference-view size / output size the default model was trained with
     concurrency: int = 1
     session_ttl_s: int = 6 * 3600
     gpu_duration_cap_s: int = 120
@@ -117,8 +118,12 @@ class AppConfig:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AppConfig:
+        from refany3d.pipeline import default_model, recommended_settings
+
         env = os.environ if environ is None else environ
         on_space = bool(env.get("SPACE_ID"))
+        # Starting values follow what the default model was trained for (the embedded one: 64 px).
+        native = recommended_settings(default_model({k: v.strip() for k, v in env.items()})[1])
         config = cls(
             base_model=env.get("REFANY3D_BASE_MODEL", "").strip() or None,
             ref_model=env.get("REFANY3D_REF_MODEL", "").strip() or None,
@@ -131,9 +136,10 @@ class AppConfig:
             max_resolution=_env_number(env, "REFANY3D_MAX_RESOLUTION", cls.max_resolution),
             max_steps=_env_number(env, "REFANY3D_MAX_STEPS", cls.max_steps),
             max_views=_env_number(env, "REFANY3D_MAX_VIEWS", cls.max_views),
-            default_resolution=_env_number(env, "REFANY3D_DEFAULT_RESOLUTION", cls.default_resolution),
-            default_steps=_env_number(env, "REFANY3D_DEFAULT_STEPS", cls.default_steps),
-            default_views=_env_number(env, "REFANY3D_DEFAULT_VIEWS", cls.default_views),
+            default_resolution=_env_number(env, "REFANY3D_DEFAULT_RESOLUTION", native["height"]),
+            default_steps=_env_number(env, "REFANY3D_DEFAULT_STEPS", native["num_inference_steps"]),
+            default_views=_env_number(env, "REFANY3D_DEFAULT_VIEWS", native["n_views"]),
+            condition_ratio=native["condition_size"] / native["height"],
             concurrency=_env_number(env, "REFANY3D_CONCURRENCY", cls.concurrency),
             session_ttl_s=_env_number(env, "REFANY3D_SESSION_TTL", cls.session_ttl_s),
             gpu_duration_cap_s=_env_number(env, "REFANY3D_GPU_DURATION_CAP", cls.gpu_duration_cap_s),
@@ -348,7 +354,9 @@ class GenerationSettings:
 
     @property
     def condition_size(self) -> int:
-        return min(self.resolution, MAX_CONDITION_SIZE)
+        """Reference-view size: the output size scaled as the default model was trained (a multiple of 16)."""
+        scaled = 16 * max(1, round(self.resolution * get_service().config.condition_ratio / 16))
+        return min(scaled, MAX_CONDITION_SIZE)
 
     def to_record(self) -> dict[str, Any]:
         record = asdict(self)

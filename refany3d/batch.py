@@ -37,9 +37,11 @@ class Job:
     guidance_scale: float = 3.5
     image_guidance_scale: float = 2.0
     max_sequence_length: int = 512
+    mode: str = "exact"
 
     @classmethod
-    def from_dict(cls, data: dict, where: str = "job") -> Job:
+    def from_dict(cls, data: dict, where: str = "job", defaults: dict | None = None) -> Job:
+        """A job from its JSON object; settings it leaves out come from `defaults`, then the class."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -47,15 +49,17 @@ class Job:
         for required in ("mesh", "prompt"):
             if not data.get(required):
                 raise InputError(f"{where}: '{required}' is required")
-        return cls(**data)
+        return cls(**{**(defaults or {}), **data})
 
     def sampler_kwargs(self) -> dict:
         view_settings = {"mesh", "prompt", "seed", "name"}
         return {k: v for k, v in asdict(self).items() if k not in view_settings}
 
 
-def read_jobs(path: str | Path) -> list[Job]:
-    """Parse a JSONL file of jobs (one JSON object per line; blank lines and # comments skipped)."""
+def read_jobs(path: str | Path, defaults: dict | None = None) -> list[Job]:
+    """Parse a JSONL file of jobs (one JSON object per line; blank lines and # comments skipped).
+
+    `defaults` fills the settings a line leaves out (the CLI passes the model's own)."""
     path = Path(path)
     try:
         lines = path.read_text().splitlines()
@@ -71,7 +75,7 @@ def read_jobs(path: str | Path) -> list[Job]:
             raise InputError(f"{path.name} line {number}: not valid JSON ({err.msg})") from None
         if not isinstance(data, dict):
             raise InputError(f"{path.name} line {number}: expected a JSON object")
-        job = Job.from_dict(data, f"{path.name} line {number}")
+        job = Job.from_dict(data, f"{path.name} line {number}", defaults)
         if not Path(job.mesh).is_absolute():
             job.mesh = str((path.parent / job.mesh).resolve())
         jobs.append(job)

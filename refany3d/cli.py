@@ -53,11 +53,13 @@ def _add_generate(sub) -> None:
     p.add_argument("--jobs", help="JSONL file, one job per line: {\"mesh\": ..., \"prompt\": ..., \"seed\": ...}")
     p.add_argument("--seed", type=int, help="random seed (default: a random one, recorded in settings.json)")
     defaults = Job(mesh="", prompt="")
+    for flag, field_name, kind in (("--radius", "radius", float), ("--pitch", "pitch", float),
+                                   ("--y-rotation", "y_rotation", float)):
+        default = getattr(defaults, field_name)
+        p.add_argument(flag, dest=field_name, type=kind, default=default, help=f"default {default}")
+    # Settings the model was trained for default to the model's own (see recommended_settings).
     for flag, field_name, kind in (
         ("--views", "n_views", int),
-        ("--radius", "radius", float),
-        ("--pitch", "pitch", float),
-        ("--y-rotation", "y_rotation", float),
         ("--height", "height", int),
         ("--width", "width", int),
         ("--condition-size", "condition_size", int),
@@ -66,8 +68,11 @@ def _add_generate(sub) -> None:
         ("--image-guidance", "image_guidance_scale", float),
         ("--max-sequence-length", "max_sequence_length", int),
     ):
-        default = getattr(defaults, field_name)
-        p.add_argument(flag, dest=field_name, type=kind, default=default, help=f"default {default}")
+        p.add_argument(flag, dest=field_name, type=kind, help=f"default: the model's ({getattr(defaults, field_name)} "
+                       "for FLUX.1-dev)")
+    p.add_argument("--mode", choices=("faithful", "exact", "cached"), default=defaults.mode,
+                   help="sampler: exact (default; the faithful output, faster), faithful (the reference "
+                   "path) or cached (approximate, fastest)")
     p.add_argument("--base-model", help="diffusers FLUX folder or hub id (default: $REFANY3D_BASE_MODEL, "
                    "else the embedded model, else black-forest-labs/FLUX.1-dev)")
     p.add_argument("--ref-model", help="RefAny3D weights folder or hub id (default: $REFANY3D_REF_MODEL, "
@@ -84,22 +89,24 @@ def _run_generate(args) -> int:
 
     from refany3d.batch import Job, read_jobs, run_job, run_jobs
     from refany3d.errors import InputError
-    from refany3d.pipeline import RefAny3DPipeline, default_model
+    from refany3d.pipeline import RefAny3DPipeline, default_model, recommended_settings
 
     if args.jobs and args.mesh:
         raise InputError("give either a MESH or --jobs, not both")
     if not args.jobs and not (args.mesh and args.prompt):
         raise InputError("give a MESH and --prompt (or --jobs FILE)")
-    settings = {f.name: getattr(args, f.name) for f in fields(Job) if hasattr(args, f.name) and f.name not in ("mesh", "name")}
-    jobs = read_jobs(args.jobs) if args.jobs else [Job(mesh=args.mesh, **settings)]
+    base, ref = default_model()
+    base, ref = args.base_model or base, args.ref_model or ref
+    given = {f.name: getattr(args, f.name) for f in fields(Job) if getattr(args, f.name, None) is not None}
+    settings = {**recommended_settings(ref), **given}
+    settings.pop("mesh", None)
+    jobs = read_jobs(args.jobs, defaults=settings) if args.jobs else [Job(mesh=args.mesh, **settings)]
 
     from accelerate import PartialState
 
     state = PartialState(cpu=args.device == "cpu")
     device = args.device if args.device and state.num_processes == 1 else state.device
-    base, ref = default_model()
-    pipe = RefAny3DPipeline.from_pretrained(args.base_model or base, args.ref_model or ref, device=device,
-                                            cpu_offload=args.cpu_offload)
+    pipe = RefAny3DPipeline.from_pretrained(base, ref, device=device, cpu_offload=args.cpu_offload)
     if args.jobs:
         run_jobs(pipe, jobs, args.out, state.process_index, state.num_processes,
                  log=lambda line: print(f"[process {state.process_index}] {line}"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import math
 from functools import partial
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,15 +40,39 @@ SAMPLER_MODES = ("faithful", "exact", "cached")
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parents[1] / "assets" / "embedded"
 
 
-def default_model() -> tuple[str, str]:
+# The settings FLUX.1-dev + RefAny3D were trained for (the release's demo settings).
+RELEASE_SETTINGS = dict(
+    height=512, width=512, condition_size=512, n_views=8, num_inference_steps=28,
+    guidance_scale=3.5, image_guidance_scale=2.0, max_sequence_length=512,
+)
+
+
+def recommended_settings(ref_model: str | Path) -> dict:
+    """The settings a model was trained for: a local model's `settings.json` beside its ref folder
+    (the embedded model ships one: 64 px, 4 views at 32 px), else the release's."""
+    settings = dict(RELEASE_SETTINGS)
+    path = Path(ref_model).expanduser().parent / "settings.json"
+    if Path(ref_model).expanduser().is_dir() and path.is_file():
+        import json
+
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"cannot read the model's settings {str(path)!r}: {err}") from None
+        settings.update({k: v for k, v in stored.items() if k in RELEASE_SETTINGS})
+    return settings
+
+
+def default_model(environ: Mapping[str, str] | None = None) -> tuple[str, str]:
     """(base, ref) to use when none is given: $REFANY3D_BASE_MODEL / $REFANY3D_REF_MODEL, else
     the embedded model when it is present, else the published FLUX.1-dev + RefAny3D weights."""
     import os
 
+    environ = os.environ if environ is None else environ
     embedded = (EMBEDDED_MODEL_DIR / "base").is_dir() and (EMBEDDED_MODEL_DIR / "ref").is_dir()
     base = str(EMBEDDED_MODEL_DIR / "base") if embedded else DEFAULT_BASE_MODEL
     ref = str(EMBEDDED_MODEL_DIR / "ref") if embedded else DEFAULT_REF_MODEL
-    return os.environ.get("REFANY3D_BASE_MODEL") or base, os.environ.get("REFANY3D_REF_MODEL") or ref
+    return environ.get("REFANY3D_BASE_MODEL") or base, environ.get("REFANY3D_REF_MODEL") or ref
 
 
 @dataclass

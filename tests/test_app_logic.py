@@ -1,6 +1,7 @@
 """The app's logic without a server: configuration, registry, validation, models, sessions, errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pickle
@@ -258,9 +259,24 @@ def test_gpu_call_arguments_survive_pickling():
     from refany3d.views import render_views
 
     views = render_views(str(VASE), 2, 32)
-    payload = ("m", "prompt", views.rgb, views.pointmap, _settings().to_record(), gr.Progress())
+    record = _settings().to_record()
+    payload = ("m", "prompt", views.rgb, views.pointmap, record, gr.Progress())
     restored = pickle.loads(pickle.dumps(payload))
-    assert restored[2][0].size == (32, 32) and restored[4]["condition_size"] == 512
+    assert restored[2][0].size == (32, 32) and restored[4] == record
+    assert np.array_equal(np.asarray(restored[3][1]), np.asarray(views.pointmap[1]))
+
+
+def test_condition_size_follows_the_default_models_training_ratio(monkeypatch):
+    """The embedded model was trained with views at half the output size; FLUX.1-dev at the same."""
+    embedded = logic.AppConfig.from_env({})
+    published = logic.AppConfig.from_env({"REFANY3D_REF_MODEL": "JudgementH/RefAny3D"})
+    assert published.condition_ratio == 1.0 and published.default_resolution == 512
+    for config, resolution, expected in ((published, 512, 512), (published, 1024, 512), (published, 64, 64)):
+        monkeypatch.setattr(logic.get_service(), "config", config)
+        assert dataclasses.replace(_settings(), resolution=resolution).condition_size == expected
+    assert embedded.condition_ratio == 0.5 and embedded.default_resolution == 64  # assets/embedded/settings.json
+    monkeypatch.setattr(logic.get_service(), "config", embedded)
+    assert dataclasses.replace(_settings(), resolution=64).condition_size == 32
 
 
 def test_sampling_reports_every_step_to_the_progress_bar(service, tmp_path):

@@ -103,3 +103,20 @@ def test_unreadable_mesh_is_a_clear_error(model_args, tmp_path, capsys):
     bad.write_bytes(b"glTF\x02\x00\x00\x00garbage")
     assert main(["generate", str(bad), "--prompt", "p", "--out", str(tmp_path / "o"), *SMALL, *model_args]) == 2
     assert "broken.glb" in capsys.readouterr().err
+
+
+def test_model_settings_default_to_what_the_model_was_trained_for(tmp_path):
+    from refany3d.pipeline import EMBEDDED_MODEL_DIR, RELEASE_SETTINGS, recommended_settings
+
+    assert recommended_settings("JudgementH/RefAny3D") == RELEASE_SETTINGS
+    shipped = json.loads((EMBEDDED_MODEL_DIR / "settings.json").read_text())
+    embedded = recommended_settings(EMBEDDED_MODEL_DIR / "ref")
+    assert embedded["height"] == shipped["height"] == 64 and embedded["condition_size"] == shipped["condition_size"]
+    (tmp_path / "ref").mkdir()
+    (tmp_path / "settings.json").write_text("{not json")
+    with pytest.raises(Exception, match="cannot read the model's settings"):
+        recommended_settings(tmp_path / "ref")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"mesh": "a.glb", "prompt": "p", "height": 128}\n')
+    job = read_jobs(jobs, defaults=embedded)[0]
+    assert job.height == 128 and job.condition_size == embedded["condition_size"] and job.n_views == embedded["n_views"]
