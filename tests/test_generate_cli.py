@@ -114,7 +114,9 @@ def test_model_settings_default_to_what_the_model_was_trained_for(tmp_path):
     assert embedded["height"] == shipped["height"] == 64 and embedded["condition_size"] == shipped["condition_size"]
     (tmp_path / "ref").mkdir()
     (tmp_path / "settings.json").write_text("{not json")
-    with pytest.raises(Exception, match="cannot read the model's settings"):
+    from refany3d.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="cannot read the model's settings"):
         recommended_settings(tmp_path / "ref")
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text('{"mesh": "a.glb", "prompt": "p", "height": 128}\n')
