@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+from contextlib import contextmanager
 from functools import partial
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -135,7 +136,7 @@ class RefAny3DPipeline:
     def __init__(self, flux, domain_embedder: torch.nn.Module):
         self.flux = flux
         self.domain_embedder = domain_embedder.to(device=flux.transformer.device, dtype=flux.transformer.dtype)
-        self._offloaded = False
+        self.offload_device: torch.device | None = None  # set: weights stay on the CPU between uses
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -183,9 +184,7 @@ class RefAny3DPipeline:
         flux.transformer.requires_grad_(False)
         pipe = cls(flux, embedder.to(dtype))
         if cpu_offload and device.type != "cpu":
-            flux.enable_model_cpu_offload(device=device)
-            pipe.domain_embedder.to(device)
-            pipe._offloaded = True
+            pipe.offload_device = device
         else:
             pipe.to(device)
         return pipe
@@ -197,7 +196,27 @@ class RefAny3DPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self.flux._execution_device if self._offloaded else self.flux.transformer.device
+        """Where sampling runs (with CPU offload: the GPU the models visit)."""
+        return self.offload_device or self.flux.transformer.device
+
+    @contextmanager
+    def _models_on_device(self, *models: torch.nn.Module):
+        """With CPU offload, move `models` to the GPU for the block and back to the CPU after.
+
+        Done here rather than with diffusers' offload hooks: those fire on a model's forward(),
+        and the joint pass calls the transformer's submodules, never its forward()."""
+        if self.offload_device is None:
+            yield
+            return
+        for model in models:
+            model.to(self.offload_device)
+        try:
+            yield
+        finally:
+            for model in models:
+                model.to("cpu")
+            if self.offload_device.type == "cuda":
+                torch.cuda.empty_cache()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -322,7 +341,9 @@ class RefAny3DPipeline:
 
             encoder = fast_sampler(self)  # same encodings, cached across calls
 
-        text, pooled = encoder.encode_prompt(prompt, max_sequence_length)
+        flux = self.flux
+        with self._models_on_device(flux.text_encoder, flux.text_encoder_2):
+            text, pooled = encoder.encode_prompt(prompt, max_sequence_length)
         lat_h, lat_w = self._latent_size(height, width)
         shape = (1, self.latent_channels, lat_h, lat_w)
         # Noise: RGB target first, then the point-map target, from the same generator.
@@ -331,30 +352,31 @@ class RefAny3DPipeline:
         target_ids = latent_position_ids(lat_h, lat_w).to(device)
 
         n = len(rgb_images)
-        # Conditions draw their VAE posterior samples after the noise, from the same generator.
-        tokens, cond_ids = encoder.encode_views(rgb_images + pm_images, condition_size, generator)
-        views = (tokens[:n], tokens[n:], cond_ids)
         black = None
-        if not math.isclose(image_guidance_scale, 1.0):
-            black = encoder.encode_views(black_like(rgb_images[:1]), condition_size, generator)[0]
-        guidance = torch.full((1,), guidance_scale, device=device, dtype=torch.float32)
-        if mode == "faithful":
-            predict = partial(self._predict_faithful, text, pooled, target_ids, views, black, guidance)
-        else:
-            uncond = None if black is None else (black, black)
-            predict = FastDenoiser(self.flux.transformer, self.domain_embedder, text, pooled, target_ids, views,
-                                   uncond, guidance, mode=mode, compile=encoder.compile).predict
-
-        timesteps, rgb_scheduler, pm_scheduler = self._timesteps(num_inference_steps, targets[0].shape[1])
-        for i, t in enumerate(timesteps):
-            passes = predict(targets, (t / 1000).expand(1).to(dtype))
-            preds = passes[0] if len(passes) == 1 else [u + image_guidance_scale * (c - u) for c, u in zip(*passes)]
-            targets = [
-                rgb_scheduler.step(preds[0], t, targets[0], return_dict=False)[0],
-                pm_scheduler.step(preds[1], t, targets[1], return_dict=False)[0],
-            ]
-            if callback is not None:
-                callback(i + 1, len(timesteps))
+        with self._models_on_device(flux.vae):
+            # Conditions draw their VAE posterior samples after the noise, from the same generator.
+            tokens, cond_ids = encoder.encode_views(rgb_images + pm_images, condition_size, generator)
+            if not math.isclose(image_guidance_scale, 1.0):
+                black = encoder.encode_views(black_like(rgb_images[:1]), condition_size, generator)[0]
+        views = (tokens[:n], tokens[n:], cond_ids)
+        with self._models_on_device(flux.transformer, self.domain_embedder):
+            guidance = torch.full((1,), guidance_scale, device=device, dtype=torch.float32)
+            if mode == "faithful":
+                predict = partial(self._predict_faithful, text, pooled, target_ids, views, black, guidance)
+            else:
+                uncond = None if black is None else (black, black)
+                predict = FastDenoiser(self.flux.transformer, self.domain_embedder, text, pooled, target_ids, views,
+                                       uncond, guidance, mode=mode, compile=encoder.compile).predict
+            timesteps, rgb_scheduler, pm_scheduler = self._timesteps(num_inference_steps, targets[0].shape[1])
+            for i, t in enumerate(timesteps):
+                passes = predict(targets, (t / 1000).expand(1).to(dtype))
+                preds = passes[0] if len(passes) == 1 else [u + image_guidance_scale * (c - u) for c, u in zip(*passes)]
+                targets = [
+                    rgb_scheduler.step(preds[0], t, targets[0], return_dict=False)[0],
+                    pm_scheduler.step(preds[1], t, targets[1], return_dict=False)[0],
+                ]
+                if callback is not None:
+                    callback(i + 1, len(timesteps))
 
         settings = dict(
             prompt=prompt,
@@ -368,11 +390,10 @@ class RefAny3DPipeline:
             max_sequence_length=max_sequence_length,
             mode=mode,
         )
-        return RefAny3DOutput(
-            image=self.decode(targets[0], height, width, output_type),
-            pointmap=self.decode(targets[1], height, width, output_type),
-            settings=settings,
-        )
+        with self._models_on_device(flux.vae):
+            image = self.decode(targets[0], height, width, output_type)
+            pointmap = self.decode(targets[1], height, width, output_type)
+        return RefAny3DOutput(image=image, pointmap=pointmap, settings=settings)
 
     def generate_from_mesh(
         self,

@@ -202,3 +202,27 @@ def test_missing_weights_name_what_was_looked_for(tiny_dirs, tmp_path):
         RefAny3DPipeline.from_pretrained(str(tmp_path / "nope"), str(ref), device="cpu")
     with pytest.raises(ModelLoadError, match="--ref-model"):
         RefAny3DPipeline.from_pretrained(str(base), "someone/not-a-local-folder", device="cpu")
+
+
+@pytest.mark.parametrize("mode", ["faithful", "exact"])
+def test_offloaded_sampling_gives_the_same_result(pipe, mode):
+    """The CPU-offload path (models visit the execution device only while used) runs every stage;
+    on this CPU-only machine the execution device is the CPU, so the output must not change."""
+    plain = sample(pipe, seed=4, mode=mode)
+    moved = []
+    original = torch.nn.Module.to
+
+    def spy(module, *args, **kwargs):
+        moved.append(type(module).__name__)
+        return original(module, *args, **kwargs)
+
+    pipe.offload_device = torch.device("cpu")
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(torch.nn.Module, "to", spy)
+            offloaded = sample(pipe, seed=4, mode=mode)
+    finally:
+        pipe.offload_device = None
+    np.testing.assert_array_equal(plain.image, offloaded.image)
+    for model in ("CLIPTextModel", "T5EncoderModel", "AutoencoderKL", "FluxTransformer2DModel", "Sequential"):
+        assert moved.count(model) >= 2, (model, moved)  # there and back
