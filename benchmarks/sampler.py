@@ -14,7 +14,9 @@ torch.utils.flop_counter over a 1-step and a 2-step call: per step = difference)
                                                          # 512², 8 and 4 views, 28 steps (needs CUDA)
     python benchmarks/sampler.py --gpu-full --dry-run    # the same code path, small, on CPU
 
-Cached mode is an approximation; its PSNR is printed next to its speed.
+Cached mode is an approximation; its PSNR is printed next to its speed. Variants: `cached/4`
+refreshes the views' keys/values every 4 steps; `exact+compile` runs torch.compile'd blocks
+(compiled during the warm-up round, which is not timed), e.g. `--modes faithful exact exact+compile`.
 """
 from __future__ import annotations
 
@@ -43,7 +45,26 @@ from refany3d.tiny import (  # noqa: E402
     new_domain_embedder,
 )
 
-MODES = ("faithful", "exact", "cached")
+# Sampler variants: a pipeline mode, optionally "/K" (cached: refresh the views' keys/values every
+# K steps) and "+compile" (torch.compile the fast blocks; timed after the warm-up round compiled).
+MODES = ("faithful", "exact", "cached", "cached/4")
+
+
+@dataclass(frozen=True)
+class Variant:
+    mode: str
+    cache_refresh_every: int = 0
+    compile: bool = False
+
+    @classmethod
+    def parse(cls, name: str) -> Variant:
+        compiled = name.endswith("+compile")
+        mode, _, refresh = name.removesuffix("+compile").partition("/")
+        if mode not in ("faithful", "exact", "cached") or (refresh and (mode != "cached" or not refresh.isdigit())):
+            raise argparse.ArgumentTypeError(f"unknown sampler variant {name!r} (e.g. exact, cached, cached/4, exact+compile)")
+        if compiled and mode == "faithful":
+            raise argparse.ArgumentTypeError("+compile applies to the fast modes only")
+        return cls(mode, int(refresh or 0), compiled)
 PROMPT = "a red table in the room with a wooden floor"
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -169,7 +190,9 @@ class PeakMemory:
             self._thread.join()
 
 
-def call(pipe, mode: str, views, config: Config, steps: int | None = None):
+def call(pipe, name: str, views, config: Config, steps: int | None = None, compile: bool | None = None):
+    variant = Variant.parse(name)
+    pipe.enable_compile(variant.compile if compile is None else compile)
     return pipe(
         PROMPT,
         *views,
@@ -181,7 +204,8 @@ def call(pipe, mode: str, views, config: Config, steps: int | None = None):
         generator=torch.Generator("cpu").manual_seed(0),
         max_sequence_length=512,
         output_type="np",
-        mode=mode,
+        mode=variant.mode,
+        cache_refresh_every=variant.cache_refresh_every,
     )
 
 
@@ -192,8 +216,8 @@ def counted_flops(pipe, mode: str, views, config: Config) -> tuple[float, float]
     totals = []
     for steps in (1, 2):
         fast_sampler(pipe).clear_caches()  # both calls encode the prompt and views
-        with FlopCounterMode(display=False) as counter:
-            call(pipe, mode, views, config, steps)
+        with FlopCounterMode(display=False) as counter:  # counted uncompiled: the same arithmetic
+            call(pipe, mode, views, config, steps, compile=False)
         totals.append(counter.get_total_flops())
     per_step = totals[1] - totals[0]
     return totals[0] + (config.steps - 1) * per_step, per_step
@@ -246,7 +270,7 @@ def bench(pipe: RefAny3DPipeline, config: Config, repeats: int, modes: tuple[str
     for mode in modes:
         t = statistics.median(times[mode])
         total, per_step = flops[mode]
-        line = f"{mode:>8}: {t:8.3f} s"
+        line = f"{mode:>14}: {t:8.3f} s"
         line += f"  x{base / t:5.2f}" if base else ""
         line += f"  {memory[mode]:8.0f} {mem_unit}"
         line += f"  step {si(per_step)}FLOP  achieved {si(total / t)}FLOP/s"
@@ -254,7 +278,7 @@ def bench(pipe: RefAny3DPipeline, config: Config, repeats: int, modes: tuple[str
             line += f" ({100 * total / t / 1e12 / peak_tflops:4.1f}% of {peak_tflops:.0f})"
         if mode != "faithful" and "faithful" in outputs:
             line += f"  vs faithful: {compare(outputs[mode], outputs['faithful'])}"
-        if mode == "cached" and "exact" in outputs:
+        if mode.startswith("cached") and "exact" in outputs:
             line += f"  vs exact: {compare(outputs[mode], outputs['exact'])}"
         print(line, flush=True)
 
@@ -265,7 +289,8 @@ def main() -> int:
     ap.add_argument("--views", type=int, nargs="+", default=[8])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    ap.add_argument("--modes", nargs="+", default=list(MODES), type=lambda name: Variant.parse(name) and name,
+                    help=f"sampler variants (default: {' '.join(MODES)}; also cached/K, exact+compile, cached+compile)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--gpu-full", action="store_true", help="FLUX.1-dev-size random transformer on CUDA (bf16, 512², 8 and 4 views, 28 steps)")
     ap.add_argument("--dry-run", action="store_true", help="with --gpu-full: the same code path with a small model on CPU")

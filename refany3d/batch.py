@@ -38,6 +38,7 @@ class Job:
     image_guidance_scale: float = 2.0
     max_sequence_length: int = 512
     mode: str = "exact"
+    cache_refresh_every: int = 0  # cached mode only: recompute the views' keys/values every k steps
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "job", defaults: dict | None = None) -> Job:

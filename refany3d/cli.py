@@ -73,6 +73,11 @@ def _add_generate(sub) -> None:
     p.add_argument("--mode", choices=("faithful", "exact", "cached"), default=defaults.mode,
                    help="sampler: exact (default; the faithful output, faster), faithful (the reference "
                    "path) or cached (approximate, fastest)")
+    p.add_argument("--cache-refresh-every", dest="cache_refresh_every", type=int, default=defaults.cache_refresh_every,
+                   help="cached mode: recompute the views' keys/values every K steps (default 0: first step only; "
+                   "smaller is slower and closer to exact)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the fast modes' transformer blocks (pays off over many images of one size)")
     p.add_argument("--base-model", help="diffusers FLUX folder or hub id (default: $REFANY3D_BASE_MODEL, "
                    "else the embedded model, else black-forest-labs/FLUX.1-dev)")
     p.add_argument("--ref-model", help="RefAny3D weights folder or hub id (default: $REFANY3D_REF_MODEL, "
@@ -107,6 +112,7 @@ def _run_generate(args) -> int:
     state = PartialState(cpu=args.device == "cpu")
     device = args.device if args.device and state.num_processes == 1 else state.device
     pipe = RefAny3DPipeline.from_pretrained(base, ref, device=device, cpu_offload=args.cpu_offload)
+    pipe.enable_compile(args.compile)
     if args.jobs:
         run_jobs(pipe, jobs, args.out, state.process_index, state.num_processes,
                  log=lambda line: print(f"[process {state.process_index}] {line}"))

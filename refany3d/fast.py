@@ -21,7 +21,8 @@ matrix; it is the reference. Exact mode computes the same function, reorganised:
 Cached mode (approximate, opt-in): the condition views are never noised, so after one full step
 their per-layer keys and values are kept (per guidance pass) and later steps run only text and
 the two targets. It is approximate because with the group mask the views attend to the targets,
-which change every step; `benchmarks/sampler.py` measures how far it drifts (PSNR).
+which change every step; `cache_refresh_every=k` recomputes the views' keys/values with a full
+step every k steps, trading speed for accuracy. `benchmarks/sampler.py` measures the drift (PSNR).
 
 Prompt and view encodings are cached (LRU, keyed by content) across calls of one FastSampler.
 """
@@ -259,12 +260,18 @@ class FastDenoiser:
         guidance: torch.Tensor | None,
         mode: str = "exact",
         compile: bool = False,
+        cache_refresh_every: int = 0,
     ):
         """views: (rgb tokens (N, L, C), point-map tokens (N, L, C), position ids (L, 3));
-        uncond_views: the black view's (rgb, point-map) tokens (1, L, C), or None without image guidance."""
+        uncond_views: the black view's (rgb, point-map) tokens (1, L, C), or None without image guidance.
+        cache_refresh_every: cached mode runs a full step (and re-records the views' keys/values)
+        every this many steps; 0 records them only at the first step."""
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if isinstance(cache_refresh_every, bool) or not isinstance(cache_refresh_every, int) or cache_refresh_every < 0:
+            raise InputError(f"cache_refresh_every must be a whole number >= 0, got {cache_refresh_every!r}")
         self.transformer, self.domain_embedder, self.mode = transformer, domain_embedder, mode
+        self.cache_refresh_every, self.steps_done = cache_refresh_every, 0
         self.pooled, self.guidance, self.target_ids = pooled, guidance, target_ids
         dtype = transformer.dtype
         rgb, pm, self.view_ids = views
@@ -305,11 +312,13 @@ class FastDenoiser:
         """targets: packed RGB and point-map latents (1, L, C); t: (1,) time in [0, 1].
         Returns per guidance pass (conditional first) the [RGB, point-map] predictions (1, L, C)."""
         transformer, dtype = self.transformer, self.transformer.dtype
-        use_cache = self.mode == "cached" and self.kv_cache is not None
-        if self.mode == "cached" and self.kv_cache is None:
+        refresh = self.kv_cache is None or (self.cache_refresh_every > 0 and self.steps_done % self.cache_refresh_every == 0)
+        use_cache = self.mode == "cached" and not refresh
+        if self.mode == "cached" and refresh:
             self.kv_cache = ViewKeyCache()
         elif use_cache:
             self.kv_cache.recording = False
+        self.steps_done += 1
         layout = self.targets_only if use_cache else self.full
         target_rows = [x[0].to(dtype) for x in targets]
         raw = []

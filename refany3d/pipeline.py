@@ -194,6 +194,14 @@ class RefAny3DPipeline:
         self.domain_embedder.to(device)
         return self
 
+    def enable_compile(self, enabled: bool = True) -> RefAny3DPipeline:
+        """Run the fast modes' transformer blocks through `torch.compile`. The first call of each
+        image size compiles (slow); it pays off over many images of one size (batch jobs)."""
+        from refany3d.fast import fast_sampler
+
+        fast_sampler(self).compile = enabled
+        return self
+
     @property
     def device(self) -> torch.device:
         """Where sampling runs (with CPU offload: the GPU the models visit)."""
@@ -319,6 +327,7 @@ class RefAny3DPipeline:
         callback: StepCallback | None = None,
         output_type: str = "pil",
         mode: str = "faithful",
+        cache_refresh_every: int = 0,
     ) -> RefAny3DOutput:
         """Sample the RGB image and the point map of `prompt`, referencing the given views.
 
@@ -327,9 +336,13 @@ class RefAny3DPipeline:
         mode: "faithful" (the reference path, walking the model branch by branch), "exact" (the
         same output, faster, with prompt/view encodings cached across calls) or "cached"
         (approximate: the views' keys/values of the first step reused); see `refany3d.fast`.
+        cache_refresh_every: in cached mode, recompute the views' keys/values every this many steps
+        (0: only at the first step); smaller is slower and closer to exact.
         """
         if mode not in SAMPLER_MODES:
             raise InputError(f"mode must be one of {', '.join(SAMPLER_MODES)}, got {mode!r}")
+        if cache_refresh_every and mode != "cached":
+            raise InputError(f"cache_refresh_every applies to mode='cached' only (mode is {mode!r})")
         rgb_images = _as_images(rgb_views, "RGB view")
         pm_images = _as_images(pointmap_views, "point-map view")
         self._check(prompt, rgb_images, pm_images, height, width, condition_size, num_inference_steps, output_type)
@@ -366,7 +379,8 @@ class RefAny3DPipeline:
             else:
                 uncond = None if black is None else (black, black)
                 predict = FastDenoiser(self.flux.transformer, self.domain_embedder, text, pooled, target_ids, views,
-                                       uncond, guidance, mode=mode, compile=encoder.compile).predict
+                                       uncond, guidance, mode=mode, compile=encoder.compile,
+                                       cache_refresh_every=cache_refresh_every).predict
             timesteps, rgb_scheduler, pm_scheduler = self._timesteps(num_inference_steps, targets[0].shape[1])
             for i, t in enumerate(timesteps):
                 passes = predict(targets, (t / 1000).expand(1).to(dtype))
@@ -389,6 +403,7 @@ class RefAny3DPipeline:
             image_guidance_scale=image_guidance_scale,
             max_sequence_length=max_sequence_length,
             mode=mode,
+            **({"cache_refresh_every": cache_refresh_every} if mode == "cached" else {}),
         )
         with self._models_on_device(flux.vae):
             image = self.decode(targets[0], height, width, output_type)

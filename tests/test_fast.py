@@ -85,6 +85,28 @@ def test_cached_mode_is_close_to_exact(pipe):
     assert psnr(cached.pointmap, exact.pointmap) >= 30
 
 
+def test_cache_refresh_trades_speed_for_accuracy(pipe):
+    kw = dict(n_views=3, seed=6, num_inference_steps=6, image_guidance_scale=2.0)
+    exact = run(pipe, "exact", **kw)
+    # Refreshing at every step is a full step every step: the exact computation.
+    every = run(pipe, "cached", cache_refresh_every=1, **kw)
+    assert max_abs(every.pointmap, exact.pointmap) <= 1e-4 and max_abs(every.image, exact.image) <= 1e-4
+    assert every.settings["cache_refresh_every"] == 1
+    once, some = run(pipe, "cached", **kw), run(pipe, "cached", cache_refresh_every=2, **kw)
+    assert once.settings["cache_refresh_every"] == 0
+    assert 0 < max_abs(some.pointmap, exact.pointmap) < max_abs(once.pointmap, exact.pointmap)
+
+
+@pytest.mark.parametrize("mode, refresh, message", [
+    ("exact", 2, "cache_refresh_every applies to mode='cached' only"),
+    ("cached", -1, "cache_refresh_every must be a whole number >= 0, got -1"),
+    ("cached", 1.5, "cache_refresh_every must be a whole number >= 0, got 1.5"),
+])
+def test_bad_cache_refresh_is_an_input_error(pipe, mode, refresh, message):
+    with pytest.raises(InputError, match=message):
+        run(pipe, mode, cache_refresh_every=refresh)
+
+
 def test_fast_modes_report_every_step(pipe):
     for mode in ("exact", "cached"):
         calls = []
