@@ -432,18 +432,50 @@ _FLUX_WIDTH = 3072
 _LOAD_AND_DECODE_S = 10.0  # moving weights onto the GPU, text encoding, VAE decoding
 
 
-def estimated_gpu_seconds(steps: int, n_views: int, resolution: int, condition_size: int,
-                          image_guidance_scale: float, tflops: float) -> float:
-    """GPU seconds of one generation from the transformer's FLOPs at `tflops` sustained.
+def generation_flops(steps: int, n_views: int, resolution: int, condition_size: int,
+                     image_guidance_scale: float, sampler: str = "exact") -> float:
+    """Transformer FLOPs of one generation at FLUX.1-dev's size: the unit GPU time is measured in.
 
     Tokens: two targets (image + point map) at resolution/16 per side, text (512), and every
     reference view twice (RGB + point map) at condition_size/16 per side; image guidance runs a
-    second pass per step.
+    second pass per step. The cached sampler runs the views only at its first step.
     """
-    tokens = 2 * (resolution // 16) ** 2 + 512 + 2 * n_views * (condition_size // 16) ** 2
-    flops = 2 * _FLUX_PARAMS * tokens + _FLUX_BLOCKS * 4 * tokens**2 * _FLUX_WIDTH
+    views = 2 * n_views * (condition_size // 16) ** 2
+    queries = 2 * (resolution // 16) ** 2 + 512
+
+    def step(rows: int) -> float:  # linear layers over `rows`, attention of `rows` over every key
+        return 2 * _FLUX_PARAMS * rows + _FLUX_BLOCKS * 4 * rows * (queries + views) * _FLUX_WIDTH
+
     passes = 1 if np.isclose(image_guidance_scale, 1.0) else 2
-    return _LOAD_AND_DECODE_S + steps * passes * flops / (tflops * 1e12)
+    per_pass = steps * step(queries + views) if sampler != "cached" else step(queries + views) + (steps - 1) * step(queries)
+    return passes * per_pass
+
+
+class GpuTimings:
+    """Measured speed of the GPU calls, per (model, sampler), so ZeroGPU requests what this GPU and
+    model really need. A rate is generation FLOPs per wall-clock second of a whole `sample_on_gpu`
+    call (start-up and decoding included, so small jobs err long); the slowest of the last few
+    calls is used, with a margin. Measured in the main process: on ZeroGPU the call itself runs in
+    a worker process, while the duration is asked for here."""
+
+    def __init__(self, keep: int = 5, margin: float = 1.3):
+        self.keep, self.margin = keep, margin
+        self._rates: dict[tuple[str, str], list[float]] = {}
+        self._lock = threading.Lock()
+
+    def record(self, key: tuple[str, str], flops: float, seconds: float) -> None:
+        if seconds <= 0 or flops <= 0:
+            return
+        with self._lock:
+            rates = self._rates.setdefault(key, [])
+            rates.append(flops / seconds)
+            del rates[: -self.keep]
+
+    def seconds(self, key: tuple[str, str], flops: float) -> float | None:
+        """Predicted seconds of a call of `flops`, or None before the first measurement."""
+        with self._lock:
+            rates = self._rates.get(key)
+            return None if not rates else self.margin * flops / min(rates)
 
 
 # -------------------------------------------------------------------------------- the service
@@ -457,6 +489,7 @@ class AppService:
         self.sessions = SessionFolders(Path(tempfile.gettempdir()) / "refany3d-sessions", config.session_ttl_s)
         self._meshes: OrderedDict[tuple[str, float], Any] = OrderedDict()
         self._mesh_lock = threading.Lock()
+        self.gpu_timings = GpuTimings()
 
     def default_model(self) -> str:
         return next(iter(self.registry))
@@ -595,13 +628,20 @@ def preview_views(mesh_path: str | None, n_views: int, radius: float, pitch: flo
 
 def gpu_duration(model: str, prompt: str, rgb_views: list, pointmap_views: list, settings: dict,
                  progress: Any = None) -> int:
-    """ZeroGPU seconds to request for `sample_on_gpu` with these arguments (capped, see README)."""
-    config = get_service().config
-    seconds = estimated_gpu_seconds(
-        settings["steps"], len(rgb_views), settings["resolution"], settings["condition_size"],
-        settings["image_guidance_scale"], config.gpu_tflops,
-    )
+    """ZeroGPU seconds to request for `sample_on_gpu` with these arguments: from this process's
+    measured timings of the model and sampler, else from the FLOP estimate (capped, see README)."""
+    service = get_service()
+    config = service.config
+    flops = _call_flops(len(rgb_views), settings)
+    seconds = service.gpu_timings.seconds((model, settings["sampler"]), flops)
+    if seconds is None:
+        seconds = _LOAD_AND_DECODE_S + flops / (config.gpu_tflops * 1e12)
     return int(min(config.gpu_duration_cap_s, max(15.0, seconds)))
+
+
+def _call_flops(n_views: int, settings: dict) -> float:
+    return generation_flops(settings["steps"], n_views, settings["resolution"], settings["condition_size"],
+                            settings["image_guidance_scale"], settings["sampler"])
 
 
 @spaces.GPU(duration=gpu_duration)
@@ -694,7 +734,10 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
     views = render_views(mesh, settings.n_views, settings.condition_size, settings.radius, settings.pitch,
                          settings.y_rotation)
     record = {**settings.to_record(), "sampler": service.config.sampler}
+    began = time.perf_counter()
     image, pointmap = sample_on_gpu(settings.model, settings.prompt, views.rgb, views.pointmap, record, progress)
+    service.gpu_timings.record((settings.model, record["sampler"]), _call_flops(len(views.rgb), record),
+                               time.perf_counter() - began)
 
     progress(1.0, desc="Writing files")
     folder = service.sessions.new_run_folder(session, "run-")

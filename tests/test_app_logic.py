@@ -239,19 +239,45 @@ def test_stale_session_folders_are_cleaned(tmp_path):
 # ---------------------------------------------------------------------------- GPU and errors
 def test_gpu_duration_grows_with_work_and_is_capped(service):
     service(logic.AppConfig(gpu_duration_cap_s=90))
-    estimate = logic.estimated_gpu_seconds
-    assert estimate(28, 8, 512, 512, 2.0, 300) > estimate(14, 8, 512, 512, 2.0, 300)
-    assert estimate(28, 8, 512, 512, 2.0, 300) > estimate(28, 4, 512, 512, 2.0, 300)
-    assert estimate(28, 8, 512, 512, 2.0, 300) > estimate(28, 8, 512, 512, 1.0, 300)
+    flops = logic.generation_flops
+    assert flops(28, 8, 512, 512, 2.0) > flops(14, 8, 512, 512, 2.0)
+    assert flops(28, 8, 512, 512, 2.0) > flops(28, 4, 512, 512, 2.0)
+    assert flops(28, 8, 512, 512, 2.0) == pytest.approx(2 * flops(28, 8, 512, 512, 1.0))  # guidance: 2 passes
+    # cached: the views run at the first step only, so it costs less, and the same at 1 step
+    assert flops(28, 8, 512, 512, 2.0, "cached") < flops(28, 8, 512, 512, 2.0) / 2
+    assert flops(1, 8, 512, 512, 2.0, "cached") == flops(1, 8, 512, 512, 2.0)
 
-    def duration(steps, n_views, resolution):
+    def duration(steps, n_views, resolution, sampler="exact"):
         record = {"steps": steps, "resolution": resolution, "condition_size": min(resolution, 512),
-                  "image_guidance_scale": 2.0}
+                  "image_guidance_scale": 2.0, "sampler": sampler}
         return logic.gpu_duration("m", "p", [None] * n_views, [None] * n_views, record)
 
     assert duration(50, 12, 1024) == 90  # capped so a visitor with little quota is not refused
     assert duration(1, 1, 64) == 15  # floor: start-up and decoding
     assert 15 < duration(10, 4, 512) < 90
+    assert duration(28, 8, 512, "cached") < duration(28, 8, 512)
+
+
+def test_gpu_duration_follows_measured_timings(service):
+    svc = service(logic.AppConfig(gpu_duration_cap_s=300, gpu_tflops=300))
+    record = {"steps": 28, "resolution": 512, "condition_size": 512, "image_guidance_scale": 2.0, "sampler": "exact"}
+    views = [None] * 8
+    work = logic.generation_flops(28, 8, 512, 512, 2.0)
+    unmeasured = logic.gpu_duration("m", "p", views, views, record)
+    assert unmeasured == int(10.0 + work / 300e12)  # FLOP estimate: start-up + FLOPs at 300 TFLOP/s
+    # This GPU turns out to need 40 s for that call (a slow rate), then one 20 s call: the slowest counts.
+    svc.gpu_timings.record(("m", "exact"), work, 40.0)
+    svc.gpu_timings.record(("m", "exact"), work, 20.0)
+    assert logic.gpu_duration("m", "p", views, views, record) == int(1.3 * 40.0)
+    half = {**record, "steps": 14}  # half the work: half the measured time (with the margin)
+    assert logic.gpu_duration("m", "p", views, views, half) == int(1.3 * 20.0)
+    # Timings are per model and sampler: others still use the estimate.
+    assert logic.gpu_duration("other", "p", views, views, record) == unmeasured
+    assert logic.gpu_duration("m", "p", views, views, {**record, "sampler": "cached"}) < unmeasured
+    # Only the last `keep` calls count: five fast calls replace the slow one.
+    for _ in range(5):
+        svc.gpu_timings.record(("m", "exact"), work, 16.0)
+    assert logic.gpu_duration("m", "p", views, views, record) == int(1.3 * 16.0)
 
 
 def test_gpu_call_arguments_survive_pickling():
@@ -292,6 +318,22 @@ def test_sampling_reports_every_step_to_the_progress_bar(service, tmp_path):
                                           lambda value, **kwargs: calls.append(value))
     assert calls == [0.0, (1, 3), (2, 3), (3, 3)]
     assert image.size == pointmap.size == (64, 64)
+
+
+def test_a_generation_calibrates_the_gpu_duration(service, tmp_path):
+    from refany3d.tiny import build_tiny_model
+
+    base, ref = build_tiny_model(tmp_path)
+    # An absurdly slow FLOP estimate: before any measurement the request is the cap.
+    svc = service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu", gpu_tflops=0.001,
+                                  gpu_duration_cap_s=120))
+    record = {**_settings(n_views=1, steps=2, resolution=64).to_record(), "sampler": "exact"}
+    assert logic.gpu_duration(logic.CONFIGURED_MODEL, "p", [None], [None], record) == 120
+    logic.generate(str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 2, 3.5, 2.0, 64,
+                   logic.CONFIGURED_MODEL, False, _Request("calibrate"), lambda *a, **k: None)
+    assert len(svc.gpu_timings._rates[(logic.CONFIGURED_MODEL, "exact")]) == 1
+    # The tiny model took well under a second: the measured rate gives the 15 s floor.
+    assert logic.gpu_duration(logic.CONFIGURED_MODEL, "p", [None], [None], record) == 15
 
 
 def test_spaces_gpu_is_a_no_op_off_spaces():
