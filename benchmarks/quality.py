@@ -9,8 +9,9 @@ image against the re-rendered asset. The caption names a viewpoint ("seen from t
 angle between the recovered camera direction and the sample's true camera direction, and whether
 the recovered camera falls in the named sector, measure whether the caption was followed.
 
-Rows: the held-out targets themselves (the measurement's ceiling), the model with all its views,
-the same model given fewer views, and a render-and-paste baseline (reference view 0 pasted on the
+Rows: the held-out targets themselves (the measurement's ceiling), the model with all its views
+(exact sampler, and the approximate cached sampler with the same seeds), the same model given fewer
+views, and a render-and-paste baseline (reference view 0 pasted on the
 base model's text-to-image scene: perfectly aligned by construction, but it ignores the viewpoint).
 
     python benchmarks/quality.py --data VAL_DIR [--base DIR --ref DIR] [--count 24] [--out OUT]
@@ -84,6 +85,15 @@ def _paste(background: np.ndarray, view_rgb: np.ndarray, view_pm: np.ndarray) ->
     return image.astype(np.uint8), pointmap
 
 
+def _as_uint8(result) -> tuple[np.ndarray, np.ndarray]:
+    return tuple(np.clip(x * 255, 0, 255).round().astype(np.uint8) for x in (result.image, result.pointmap))
+
+
+def _cached_row(views: int, refresh: int) -> str:
+    every = f", refreshed every {refresh} steps" if refresh else ""
+    return f"RefAny3D ({views} views), cached sampler{every}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="held-out dataset (make-data --split val)")
@@ -97,6 +107,9 @@ def main() -> None:
     parser.add_argument("--fewer-views", type=int, nargs="*", default=[2])
     parser.add_argument("--out", default="quality_out", help="folder for images, rows.json and table.md")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cached", type=int, nargs="*", default=[0], metavar="K",
+                        help="also sample in cached mode, refreshing the views' keys/values every K steps (0: "
+                        "never); one row per K (issue: cached mode must not lose alignment quality)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -107,6 +120,7 @@ def main() -> None:
     res = args.resolution
     samples = list_samples([args.data])[: args.count]
     rows: dict[str, list[dict]] = {"held-out targets (ceiling)": [], f"RefAny3D ({args.views} views)": [],
+                                   **{_cached_row(args.views, k): [] for k in args.cached},
                                    **{f"RefAny3D, {k} view(s)": [] for k in args.fewer_views},
                                    "render-and-paste baseline": []}
     seconds = []
@@ -123,19 +137,21 @@ def main() -> None:
         kw = dict(height=res, width=res, condition_size=args.condition_size, num_inference_steps=args.steps, output_type="np")
         generator = torch.Generator().manual_seed(args.seed + i)
         began = time.perf_counter()
-        result = pipe(meta["caption"], list(rgb), list(pm), generator=generator, **kw)
+        result = pipe(meta["caption"], list(rgb), list(pm), generator=generator, mode="exact", **kw)
         seconds.append(time.perf_counter() - began)
-        image, pointmap = (np.clip(x * 255, 0, 255).round().astype(np.uint8) for x in (result.image, result.pointmap))
+        for k in args.cached:
+            cached = pipe(meta["caption"], list(rgb), list(pm), generator=torch.Generator().manual_seed(args.seed + i),
+                          mode="cached", cache_refresh_every=k, **kw)
+            rows[_cached_row(args.views, k)].append(score(mesh_path, *_as_uint8(cached), camera, viewpoint))
+        image, pointmap = _as_uint8(result)
         shown = [np.asarray(Image.fromarray(x).resize((res, res), Image.NEAREST)) for x in (target, target_pm)]
         Image.fromarray(np.concatenate([*shown, image, pointmap], axis=1)).save(out / f"{i:03d}.png")
         rows[f"RefAny3D ({args.views} views)"].append(score(mesh_path, image, pointmap, camera, viewpoint))
         for k in args.fewer_views:
             idx = list(range(0, args.views, args.views // k))[:k]
             few = pipe(meta["caption"], [rgb[j] for j in idx], [pm[j] for j in idx],
-                       generator=torch.Generator().manual_seed(args.seed + i), **kw)
-            rows[f"RefAny3D, {k} view(s)"].append(score(
-                mesh_path, *(np.clip(x * 255, 0, 255).round().astype(np.uint8) for x in (few.image, few.pointmap)),
-                camera, viewpoint))
+                       generator=torch.Generator().manual_seed(args.seed + i), mode="exact", **kw)
+            rows[f"RefAny3D, {k} view(s)"].append(score(mesh_path, *_as_uint8(few), camera, viewpoint))
         scene = pipe.flux(meta["caption"], height=res, width=res, num_inference_steps=args.steps,
                           generator=torch.Generator().manual_seed(args.seed + i), output_type="np").images[0]
         pasted, pasted_pm = _paste((scene * 255).round().astype(np.uint8), rgb[0], pm[0])
@@ -158,7 +174,7 @@ def main() -> None:
                      f"{fmt(s['viewpoint_match'], '.0%')} |")
     lines.append("")
     lines.append(f"Medians over samples (rates for measurable / viewpoint match). {res}x{res}, {args.steps} steps; "
-                 f"generation {statistics.median(seconds):.1f} s per image (median, 1 CPU thread).")
+                 f"generation {statistics.median(seconds):.1f} s per image (median, exact sampler, 1 CPU thread).")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
