@@ -9,10 +9,11 @@ image against the re-rendered asset. The caption names a viewpoint ("seen from t
 angle between the recovered camera direction and the sample's true camera direction, and whether
 the recovered camera falls in the named sector, measure whether the caption was followed.
 
-Rows: the held-out targets themselves (the measurement's ceiling), the model with all its views
-(exact sampler, and the approximate cached sampler with the same seeds), the same model given fewer
-views, and a render-and-paste baseline (reference view 0 pasted on the
-base model's text-to-image scene: perfectly aligned by construction, but it ignores the viewpoint).
+Rows: the held-out targets themselves (the measurement's ceiling), the same targets encoded and
+decoded by the model's VAE (the model's ceiling: it can only draw what its VAE decodes), the model
+with all its views (exact sampler, and the approximate cached sampler with the same seeds), the
+same model given fewer views, and a render-and-paste baseline (reference view 0 pasted on the base
+model's text-to-image scene: perfectly aligned by construction, but it ignores the viewpoint).
 
     python benchmarks/quality.py --data VAL_DIR [--base DIR --ref DIR] [--count 24] [--out OUT]
 """
@@ -89,6 +90,14 @@ def _as_uint8(result) -> tuple[np.ndarray, np.ndarray]:
     return tuple(np.clip(x * 255, 0, 255).round().astype(np.uint8) for x in (result.image, result.pointmap))
 
 
+@torch.no_grad()
+def _vae_round_trip(vae, *images: np.ndarray) -> list[np.ndarray]:
+    """uint8 images encoded and decoded by the model's VAE (posterior mode): what the model could draw at best."""
+    x = torch.tensor(np.stack(images)).permute(0, 3, 1, 2).to(vae.dtype) / 127.5 - 1
+    y = vae.decode(vae.encode(x).latent_dist.mode()).sample
+    return list(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+
+
 def _cached_row(views: int, refresh: int) -> str:
     every = f", refreshed every {refresh} steps" if refresh else ""
     return f"RefAny3D ({views} views), cached sampler{every}"
@@ -119,7 +128,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     res = args.resolution
     samples = list_samples([args.data])[: args.count]
-    rows: dict[str, list[dict]] = {"held-out targets (ceiling)": [], f"RefAny3D ({args.views} views)": [],
+    rows: dict[str, list[dict]] = {"held-out targets (ceiling)": [], "held-out targets through the VAE": [],
+                                   f"RefAny3D ({args.views} views)": [],
                                    **{_cached_row(args.views, k): [] for k in args.cached},
                                    **{f"RefAny3D, {k} view(s)": [] for k in args.fewer_views},
                                    "render-and-paste baseline": []}
@@ -133,6 +143,8 @@ def main() -> None:
         target = np.asarray(Image.open(folder / "image.png").convert("RGB"))
         target_pm = np.asarray(Image.open(folder / "pointmap.png").convert("RGB"))
         rows["held-out targets (ceiling)"].append(score(mesh_path, target, target_pm, camera, viewpoint))
+        rows["held-out targets through the VAE"].append(
+            score(mesh_path, *_vae_round_trip(pipe.flux.vae, target, target_pm), camera, viewpoint))
         rgb, pm, _ = load_asset_views(asset, res, args.views)
         kw = dict(height=res, width=res, condition_size=args.condition_size, num_inference_steps=args.steps, output_type="np")
         generator = torch.Generator().manual_seed(args.seed + i)

@@ -547,8 +547,8 @@ EMBEDDED_TINY = TinyConfig(
     text_dim=64, text_layers=1, vae_channels=(16, 32, 64), latent_channels=8, max_text_tokens=32,
 )
 PRESETS: dict[str, dict[str, Any]] = {
-    "embedded": dict(tiny=EMBEDDED_TINY, resolution=64, condition_size=32, n_views=4, batch_size=8, vae_steps=400,
-                     base_steps=800, ref_steps=550, lora_rank=16, lora_alpha=16, checkpoint_every=100),
+    "embedded": dict(tiny=EMBEDDED_TINY, resolution=64, condition_size=32, n_views=4, batch_size=8, vae_steps=3000,
+                     base_steps=5000, ref_steps=5000, lora_rank=16, lora_alpha=16, checkpoint_every=100),
     # Smoke tests: the smallest model that still has every part.
     "tiny": dict(tiny=TinyConfig(vae_channels=(8, 16), latent_channels=4), resolution=32, n_views=2, batch_size=2,
                  vae_steps=2, base_steps=2, ref_steps=2, lora_rank=4, lora_alpha=4, checkpoint_every=1, warmup_steps=1),
