@@ -33,8 +33,7 @@ import dataclasses
 import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +133,16 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor 
     return out[0] if single else out
 
 
+def _stream_segments(joint_segments: Sequence[Segment], text: bool) -> tuple[Segment, ...]:
+    """The text stream's (or image stream's) segments: the joint ones of that stream, packed from row 0."""
+    segments, row = [], 0
+    for start, stop, kind in joint_segments:
+        if (kind == TEXT) == text:
+            segments.append((row, row + stop - start, kind))
+            row += stop - start
+    return tuple(segments)
+
+
 @dataclass(frozen=True)
 class GuidancePass:
     """One guidance pass: its rows are [text, RGB target, point-map target, point-map views, RGB views]."""
@@ -157,53 +166,34 @@ class JointLayout:
     n_views: int
     guided: bool
     view_queries: bool = True
+    # Derived row bookkeeping, computed once here: plain attributes (not cached_property, whose
+    # lock torch.compile cannot trace) read by every layer.
+    passes: tuple[GuidancePass, ...] = field(init=False)
+    joint_segments: tuple[Segment, ...] = field(init=False)
+    text_segments: tuple[Segment, ...] = field(init=False)
+    image_segments: tuple[Segment, ...] = field(init=False)
+    joint_ranges: RowRanges = field(init=False, compare=False)
+    image_ranges: RowRanges = field(init=False, compare=False)
+    pass_offsets: tuple[int, ...] = field(init=False)  # first joint row of each pass
 
-    @cached_property
-    def passes(self) -> tuple[GuidancePass, ...]:
+    def __post_init__(self) -> None:
         cond = GuidancePass(self.n_views, 1, group_mask=True)
-        return (cond, GuidancePass(1, self.n_views, group_mask=False)) if self.guided else (cond,)
+        passes = (cond, GuidancePass(1, self.n_views, group_mask=False)) if self.guided else (cond,)
+        joint, row = [], 0
+        for p in passes:
+            for kind, length in enumerate(self.part_lengths(p, self.view_queries)):
+                joint.append((row, row + length, kind))
+                row += length
+        derived = dict(passes=passes, joint_segments=tuple(joint),
+                       text_segments=_stream_segments(joint, text=True), image_segments=_stream_segments(joint, text=False))
+        derived.update(joint_ranges=adapter_ranges(derived["joint_segments"]), image_ranges=adapter_ranges(derived["image_segments"]),
+                       pass_offsets=tuple(joint[5 * i][0] for i in range(len(passes))))
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     def part_lengths(self, p: GuidancePass, with_views: bool) -> tuple[int, ...]:
         views = p.n_views * self.view_len if with_views else 0
         return (self.text_len, self.target_len, self.target_len, views, views)
-
-    @cached_property
-    def joint_segments(self) -> tuple[Segment, ...]:
-        segments, row = [], 0
-        for p in self.passes:
-            for kind, length in enumerate(self.part_lengths(p, self.view_queries)):
-                segments.append((row, row + length, kind))
-                row += length
-        return tuple(segments)
-
-    def _stream_segments(self, text: bool) -> tuple[Segment, ...]:
-        segments, row = [], 0
-        for start, stop, kind in self.joint_segments:
-            if (kind == TEXT) == text:
-                segments.append((row, row + stop - start, kind))
-                row += stop - start
-        return tuple(segments)
-
-    @cached_property
-    def text_segments(self) -> tuple[Segment, ...]:
-        return self._stream_segments(text=True)
-
-    @cached_property
-    def image_segments(self) -> tuple[Segment, ...]:
-        return self._stream_segments(text=False)
-
-    @cached_property
-    def joint_ranges(self) -> RowRanges:
-        return adapter_ranges(self.joint_segments)
-
-    @cached_property
-    def image_ranges(self) -> RowRanges:
-        return adapter_ranges(self.image_segments)
-
-    @cached_property
-    def pass_offsets(self) -> tuple[int, ...]:
-        """First joint row of each pass."""
-        return tuple(self.joint_segments[5 * i][0] for i in range(len(self.passes)))
 
     def to_joint(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
         """Interleave text-stream and image-stream rows into joint order."""
