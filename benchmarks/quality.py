@@ -98,9 +98,9 @@ def _vae_round_trip(vae, *images: np.ndarray) -> list[np.ndarray]:
     return list(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
 
 
-def _cached_row(views: int, refresh: int) -> str:
+def _cached_row(model: str, views: int, refresh: int) -> str:
     every = f", refreshed every {refresh} steps" if refresh else ""
-    return f"RefAny3D ({views} views), cached sampler{every}"
+    return f"{model} ({views} views), cached sampler{every}"
 
 
 def main() -> None:
@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--cached", type=int, nargs="*", default=[0], metavar="K",
                         help="also sample in cached mode, refreshing the views' keys/values every K steps (0: "
                         "never); one row per K (issue: cached mode must not lose alignment quality)")
+    parser.add_argument("--no-group-mask", dest="group_mask", action="store_false",
+                        help="the model was trained with --no-group-mask (ablation): sample it with full attention")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -127,11 +129,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = args.resolution
+    model = "RefAny3D" if args.group_mask else "RefAny3D without group mask"
     samples = list_samples([args.data])[: args.count]
     rows: dict[str, list[dict]] = {"held-out targets (ceiling)": [], "held-out targets through the VAE": [],
-                                   f"RefAny3D ({args.views} views)": [],
-                                   **{_cached_row(args.views, k): [] for k in args.cached},
-                                   **{f"RefAny3D, {k} view(s)": [] for k in args.fewer_views},
+                                   f"{model} ({args.views} views)": [],
+                                   **{_cached_row(model, args.views, k): [] for k in args.cached},
+                                   **{f"{model}, {k} view(s)": [] for k in args.fewer_views},
                                    "render-and-paste baseline": []}
     seconds = []
     for i, (root, folder) in enumerate(samples):
@@ -146,7 +149,8 @@ def main() -> None:
         rows["held-out targets through the VAE"].append(
             score(mesh_path, *_vae_round_trip(pipe.flux.vae, target, target_pm), camera, viewpoint))
         rgb, pm, _ = load_asset_views(asset, res, args.views)
-        kw = dict(height=res, width=res, condition_size=args.condition_size, num_inference_steps=args.steps, output_type="np")
+        kw = dict(height=res, width=res, condition_size=args.condition_size, num_inference_steps=args.steps, output_type="np",
+                  group_mask=args.group_mask)
         generator = torch.Generator().manual_seed(args.seed + i)
         began = time.perf_counter()
         result = pipe(meta["caption"], list(rgb), list(pm), generator=generator, mode="exact", **kw)
@@ -154,16 +158,16 @@ def main() -> None:
         for k in args.cached:
             cached = pipe(meta["caption"], list(rgb), list(pm), generator=torch.Generator().manual_seed(args.seed + i),
                           mode="cached", cache_refresh_every=k, **kw)
-            rows[_cached_row(args.views, k)].append(score(mesh_path, *_as_uint8(cached), camera, viewpoint))
+            rows[_cached_row(model, args.views, k)].append(score(mesh_path, *_as_uint8(cached), camera, viewpoint))
         image, pointmap = _as_uint8(result)
         shown = [np.asarray(Image.fromarray(x).resize((res, res), Image.NEAREST)) for x in (target, target_pm)]
         Image.fromarray(np.concatenate([*shown, image, pointmap], axis=1)).save(out / f"{i:03d}.png")
-        rows[f"RefAny3D ({args.views} views)"].append(score(mesh_path, image, pointmap, camera, viewpoint))
+        rows[f"{model} ({args.views} views)"].append(score(mesh_path, image, pointmap, camera, viewpoint))
         for k in args.fewer_views:
             idx = list(range(0, args.views, args.views // k))[:k]
             few = pipe(meta["caption"], [rgb[j] for j in idx], [pm[j] for j in idx],
                        generator=torch.Generator().manual_seed(args.seed + i), mode="exact", **kw)
-            rows[f"RefAny3D, {k} view(s)"].append(score(mesh_path, *_as_uint8(few), camera, viewpoint))
+            rows[f"{model}, {k} view(s)"].append(score(mesh_path, *_as_uint8(few), camera, viewpoint))
         scene = pipe.flux(meta["caption"], height=res, width=res, num_inference_steps=args.steps,
                           generator=torch.Generator().manual_seed(args.seed + i), output_type="np").images[0]
         pasted, pasted_pm = _paste((scene * 255).round().astype(np.uint8), rgb[0], pm[0])

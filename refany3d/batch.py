@@ -39,6 +39,7 @@ class Job:
     max_sequence_length: int = 512
     mode: str = "exact"
     cache_refresh_every: int = 0  # cached mode only: recompute the views' keys/values every k steps
+    group_mask: bool = True  # False only for models trained without it (`train --no-group-mask`)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "job", defaults: dict | None = None) -> Job:

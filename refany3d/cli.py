@@ -76,6 +76,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--cache-refresh-every", dest="cache_refresh_every", type=int, default=defaults.cache_refresh_every,
                    help="cached mode: recompute the views' keys/values every K steps (default 0: first step only; "
                    "smaller is slower and closer to exact)")
+    p.add_argument("--no-group-mask", dest="group_mask", action="store_false", default=None,
+                   help="full attention among all branches, for models trained with `train --no-group-mask`")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the fast modes' transformer blocks (pays off over many images of one size)")
     p.add_argument("--base-model", help="diffusers FLUX folder or hub id (default: $REFANY3D_BASE_MODEL, "

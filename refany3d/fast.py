@@ -166,6 +166,7 @@ class JointLayout:
     n_views: int
     guided: bool
     view_queries: bool = True
+    group_mask: bool = True  # False: the conditional pass attends fully (models trained --no-group-mask)
     # Derived row bookkeeping, computed once here: plain attributes (not cached_property, whose
     # lock torch.compile cannot trace) read by every layer.
     passes: tuple[GuidancePass, ...] = field(init=False)
@@ -177,7 +178,7 @@ class JointLayout:
     pass_offsets: tuple[int, ...] = field(init=False)  # first joint row of each pass
 
     def __post_init__(self) -> None:
-        cond = GuidancePass(self.n_views, 1, group_mask=True)
+        cond = GuidancePass(self.n_views, 1, group_mask=self.group_mask)
         passes = (cond, GuidancePass(1, self.n_views, group_mask=False)) if self.guided else (cond,)
         joint, row = [], 0
         for p in passes:
@@ -251,11 +252,13 @@ class FastDenoiser:
         mode: str = "exact",
         compile: bool = False,
         cache_refresh_every: int = 0,
+        group_mask: bool = True,
     ):
         """views: (rgb tokens (N, L, C), point-map tokens (N, L, C), position ids (L, 3));
         uncond_views: the black view's (rgb, point-map) tokens (1, L, C), or None without image guidance.
         cache_refresh_every: cached mode runs a full step (and re-records the views' keys/values)
-        every this many steps; 0 records them only at the first step."""
+        every this many steps; 0 records them only at the first step. group_mask: False for full
+        attention in the conditional pass too (models trained without the group mask)."""
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if isinstance(cache_refresh_every, bool) or not isinstance(cache_refresh_every, int) or cache_refresh_every < 0:
@@ -266,7 +269,8 @@ class FastDenoiser:
         dtype = transformer.dtype
         rgb, pm, self.view_ids = views
         self.n_views = rgb.shape[0]
-        self.full = JointLayout(text.shape[1], target_ids.shape[0], rgb.shape[1], self.n_views, uncond_views is not None)
+        self.full = JointLayout(text.shape[1], target_ids.shape[0], rgb.shape[1], self.n_views, uncond_views is not None,
+                                group_mask=group_mask)
         self.targets_only = dataclasses.replace(self.full, view_queries=False)
         self.text_rows = transformer.context_embedder(text[0].to(dtype))
         # Raw (not yet embedded) view rows of each pass, in row order [point-map views, RGB views].

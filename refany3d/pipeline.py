@@ -297,13 +297,14 @@ class RefAny3DPipeline:
         # The point-map target steps with a scheduler of its own (same schedule, own step index).
         return timesteps, scheduler, copy.deepcopy(scheduler)
 
-    def _predict_faithful(self, text, pooled, target_ids, views, black, guidance, targets, t) -> list[list[torch.Tensor]]:
+    def _predict_faithful(self, text, pooled, target_ids, views, black, guidance, group_mask, targets, t) -> list[list[torch.Tensor]]:
         """Per guidance pass (conditional first), the [RGB, point-map] velocity predictions."""
         transformer, (rgb, pm, view_ids) = self.flux.transformer, views
         n = rgb.shape[0]
         branches = refany3d_branches(text, pooled, targets, target_ids, list(rgb[:, None]), list(pm[:, None]),
                                      view_ids, t, guidance)
-        passes = [joint_forward(transformer, branches, self.domain_embedder, refany3d_group_mask(n).to(t.device))]
+        mask = refany3d_group_mask(n).to(t.device) if group_mask else None
+        passes = [joint_forward(transformer, branches, self.domain_embedder, mask)]
         if black is not None:  # image guidance: every view black, full attention
             blacks = [black] * n
             branches = refany3d_branches(text, pooled, targets, target_ids, blacks, blacks, view_ids, t, guidance)
@@ -328,6 +329,7 @@ class RefAny3DPipeline:
         output_type: str = "pil",
         mode: str = "faithful",
         cache_refresh_every: int = 0,
+        group_mask: bool = True,
     ) -> RefAny3DOutput:
         """Sample the RGB image and the point map of `prompt`, referencing the given views.
 
@@ -338,9 +340,13 @@ class RefAny3DPipeline:
         (approximate: the views' keys/values of the first step reused); see `refany3d.fast`.
         cache_refresh_every: in cached mode, recompute the views' keys/values every this many steps
         (0: only at the first step); smaller is slower and closer to exact.
+        group_mask: False samples with full attention among all branches, for models trained
+        without the release's group mask (`train --no-group-mask`, the ablation).
         """
         if mode not in SAMPLER_MODES:
             raise InputError(f"mode must be one of {', '.join(SAMPLER_MODES)}, got {mode!r}")
+        if not isinstance(group_mask, bool):
+            raise InputError(f"group_mask must be true or false, got {group_mask!r}")
         if cache_refresh_every and mode != "cached":
             raise InputError(f"cache_refresh_every applies to mode='cached' only (mode is {mode!r})")
         rgb_images = _as_images(rgb_views, "RGB view")
@@ -375,12 +381,12 @@ class RefAny3DPipeline:
         with self._models_on_device(flux.transformer, self.domain_embedder):
             guidance = torch.full((1,), guidance_scale, device=device, dtype=torch.float32)
             if mode == "faithful":
-                predict = partial(self._predict_faithful, text, pooled, target_ids, views, black, guidance)
+                predict = partial(self._predict_faithful, text, pooled, target_ids, views, black, guidance, group_mask)
             else:
                 uncond = None if black is None else (black, black)
                 predict = FastDenoiser(self.flux.transformer, self.domain_embedder, text, pooled, target_ids, views,
                                        uncond, guidance, mode=mode, compile=encoder.compile,
-                                       cache_refresh_every=cache_refresh_every).predict
+                                       cache_refresh_every=cache_refresh_every, group_mask=group_mask).predict
             timesteps, rgb_scheduler, pm_scheduler = self._timesteps(num_inference_steps, targets[0].shape[1])
             for i, t in enumerate(timesteps):
                 passes = predict(targets, (t / 1000).expand(1).to(dtype))
@@ -404,6 +410,7 @@ class RefAny3DPipeline:
             max_sequence_length=max_sequence_length,
             mode=mode,
             **({"cache_refresh_every": cache_refresh_every} if mode == "cached" else {}),
+            **({} if group_mask else {"group_mask": False}),
         )
         with self._models_on_device(flux.vae):
             image = self.decode(targets[0], height, width, output_type)

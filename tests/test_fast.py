@@ -236,3 +236,18 @@ def test_compiled_blocks_match_eager_in_one_graph_each(pipe):
     assert not counters["unimplemented"], list(counters["unimplemented"])  # what dynamo broke the graph on
     # One graph per block function, shared by every layer: no fragments, no per-layer recompiles.
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_sampling_without_the_group_mask_for_the_ablation(pipe):
+    """group_mask=False (models trained --no-group-mask): exact equals faithful, and full attention
+    changes the output (with random LoRA the point-map target then reads the text)."""
+    kw = dict(n_views=3, seed=4, view_seed=4, height=16, width=16, condition_size=16)
+    faithful = run(pipe, "faithful", group_mask=False, **kw)
+    exact = run(pipe, "exact", group_mask=False, **kw)
+    masked = run(pipe, "exact", **kw)
+    assert max_abs(exact.image, faithful.image) <= 1e-4
+    assert max_abs(exact.pointmap, faithful.pointmap) <= 1e-4
+    assert max_abs(exact.pointmap, masked.pointmap) > 1e-3
+    assert faithful.settings["group_mask"] is False and "group_mask" not in masked.settings
+    with pytest.raises(InputError, match="group_mask must be true or false, got 'no'"):
+        run(pipe, "exact", group_mask="no")

@@ -122,3 +122,15 @@ def test_model_settings_default_to_what_the_model_was_trained_for(tmp_path):
     jobs.write_text('{"mesh": "a.glb", "prompt": "p", "height": 128}\n')
     job = read_jobs(jobs, defaults=embedded)[0]
     assert job.height == 128 and job.condition_size == embedded["condition_size"] and job.n_views == embedded["n_views"]
+
+
+def test_no_group_mask_flag_samples_with_full_attention(model_args, tmp_path):
+    mesh = EXAMPLES_DIR / "traffic_cone.glb"
+    common = ["--prompt", "a cone on a street", "--seed", "3", *SMALL, *model_args]
+    assert main(["generate", str(mesh), "--out", str(tmp_path / "masked"), *common]) == 0
+    assert main(["generate", str(mesh), "--out", str(tmp_path / "full"), "--no-group-mask", *common]) == 0
+    record = json.loads((tmp_path / "full" / "settings.json").read_text())
+    assert record["settings"]["group_mask"] is False
+    assert json.loads((tmp_path / "masked" / "settings.json").read_text())["settings"]["group_mask"] is True
+    masked, full = (np.asarray(Image.open(tmp_path / d / "pointmap.png"), np.int16) for d in ("masked", "full"))
+    assert np.abs(masked - full).max() > 0
