@@ -265,7 +265,7 @@ _MAX_BACKGROUND_COLOURED = 0.3  # share of the point-map foreground that may loo
 _GRABCUT_SIDE = 256
 
 
-def segment_object(image: np.ndarray, hint: np.ndarray) -> tuple[np.ndarray | None, str]:
+def segment_object(image: np.ndarray, hint: np.ndarray, seed: int = 0) -> tuple[np.ndarray | None, str]:
     """The object's region in a generated image, and how it was found (or why it was not).
 
     A plain background (most of the image border is one colour) is separated by colour distance,
@@ -273,7 +273,9 @@ def segment_object(image: np.ndarray, hint: np.ndarray) -> tuple[np.ndarray | No
     Otherwise
     GrabCut runs with only a rectangle: the bounding box of `hint` (the point map's foreground)
     grown by 10%; inside it, colour statistics alone decide the shape, so the IoU with `hint` still
-    measures whether the image shows the object where the point map says.
+    measures whether the image shows the object where the point map says. GrabCut's k-means starts
+    from OpenCV's global RNG, so it is seeded with `seed` first: the same image gives the same mask
+    whatever ran before.
     """
     height, width = image.shape[:2]
     border = np.concatenate([image[:2].reshape(-1, 3), image[-2:].reshape(-1, 3),
@@ -309,6 +311,7 @@ def segment_object(image: np.ndarray, hint: np.ndarray) -> tuple[np.ndarray | No
     rect = (int(left * scale), int(top * scale), max(1, int((right - left + 1) * scale)),
             max(1, int((bottom - top + 1) * scale)))
     labels = np.zeros(small.shape[:2], np.uint8)
+    cv2.setRNGSeed(seed)
     try:
         cv2.grabCut(small, labels, rect, np.zeros((1, 65)), np.zeros((1, 65)), 5,
                     cv2.GC_INIT_WITH_RECT)
@@ -573,7 +576,7 @@ def align(
                              foreground=fg, image=img, normalization=normalization,
                              y_rotation=float(y_rotation))
     if img is not None and fg.any():
-        region, report.image_segmentation = segment_object(img, fg)
+        region, report.image_segmentation = segment_object(img, fg, seed)
         report.image_iou = None if region is None else mask_iou(region, fg)
 
     rows, cols = np.nonzero(fg)
