@@ -179,6 +179,9 @@ class RefAny3DPipeline:
                     raise ModelLoadError(f"cannot load LoRA {str(path)!r} as adapter {name!r}: {err}") from None
         finally:
             diffusers_logging.set_verbosity(verbosity)
+        # The branches apply their adapters explicitly (transformer.lora_linear); with peft's own
+        # forward disabled, `pipe.flux` stays the plain base model for text-to-image use.
+        flux.disable_lora()
         inner = flux.transformer.config.num_attention_heads * flux.transformer.config.attention_head_dim
         embedder = load_domain_embedder(ref_files["domain_embedder.pth"], inner)
         flux.transformer.requires_grad_(False)

@@ -226,3 +226,15 @@ def test_offloaded_sampling_gives_the_same_result(pipe, mode):
     np.testing.assert_array_equal(plain.image, offloaded.image)
     for model in ("CLIPTextModel", "T5EncoderModel", "AutoencoderKL", "FluxTransformer2DModel", "Sequential"):
         assert moved.count(model) >= 2, (model, moved)  # there and back
+
+
+def test_pipe_flux_stays_the_plain_base_model(pipe, tiny_dirs):
+    """The LoRAs are applied per branch by the sampler; peft's own forward is off, so text-to-image
+    through `pipe.flux` (e.g. the quality benchmark's scene baseline) is the base model's."""
+    from diffusers import FluxPipeline
+
+    plain = FluxPipeline.from_pretrained(str(tiny_dirs[0]))
+    kw = dict(prompt="a red chair", height=32, width=32, num_inference_steps=2, output_type="np", max_sequence_length=32)
+    with_refany3d = pipe.flux(generator=torch.Generator().manual_seed(0), **kw).images[0]
+    base = plain(generator=torch.Generator().manual_seed(0), **kw).images[0]
+    np.testing.assert_allclose(with_refany3d, base, atol=1e-5)
