@@ -185,12 +185,12 @@ class JointLayout:
             for kind, length in enumerate(self.part_lengths(p, self.view_queries)):
                 joint.append((row, row + length, kind))
                 row += length
-        derived = dict(passes=passes, joint_segments=tuple(joint),
-                       text_segments=_stream_segments(joint, text=True), image_segments=_stream_segments(joint, text=False))
-        derived.update(joint_ranges=adapter_ranges(derived["joint_segments"]), image_ranges=adapter_ranges(derived["image_segments"]),
+        text, image = _stream_segments(joint, text=True), _stream_segments(joint, text=False)
+        derived = dict(passes=passes, joint_segments=tuple(joint), text_segments=text, image_segments=image,
+                       joint_ranges=adapter_ranges(joint), image_ranges=adapter_ranges(image),
                        pass_offsets=tuple(joint[5 * i][0] for i in range(len(passes))))
         for name, value in derived.items():
-            object.__setattr__(self, name, value)
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
     def part_lengths(self, p: GuidancePass, with_views: bool) -> tuple[int, ...]:
         views = p.n_views * self.view_len if with_views else 0
