@@ -56,8 +56,11 @@ def lora_linear(layer: torch.nn.Module, x: torch.Tensor, adapters: tuple[str, ..
 
 
 def group_attention_mask(lengths: list[int], allowed: torch.Tensor) -> torch.Tensor:
-    """Expand a (branches x branches) bool matrix, query -> key, to a token-level bool mask."""
-    index = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    """Expand a (branches x branches) bool matrix, query -> key, to a token-level bool mask.
+
+    The branch index of every token is built from the Python lengths (not repeat_interleave on a
+    tensor), so its shape is static and torch.compile traces the training step in one graph."""
+    index = torch.tensor([branch for branch, length in enumerate(lengths) for _ in range(length)], device=allowed.device)
     return allowed[index][:, index]
 
 

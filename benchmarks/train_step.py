@@ -1,0 +1,105 @@
+#!/usr/bin/env python
+"""Stage-1 training step speed: eager against torch.compile (`train --compile`), side by side.
+
+Builds the RefAny3D objective (LoRA adapters + domain embedder on a frozen base, the group mask)
+on the embedded model's base, feeds it random latents of the native sizes (64² targets, 32²
+views, 4 views), and times whole optimizer steps (forward, backward, AdamW) for each batch size,
+eager and compiled interleaved round by round, so a busy machine slows both alike. Compile time
+(the first compiled step) is printed apart. Throughput in samples/s shows whether a step is
+bound by work (grows with the batch) or by per-operation overhead (flat).
+
+    python benchmarks/train_step.py                       # CPU, batch 8
+    python benchmarks/train_step.py --batch 8 128         # on a GPU: is the step launch-bound?
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from refany3d.pipeline import EMBEDDED_MODEL_DIR  # noqa: E402
+from refany3d.tiny import add_refany3d_adapters, new_domain_embedder  # noqa: E402
+from refany3d.train import RefAny3DObjective  # noqa: E402
+
+
+def build_objective(base: Path, device: str, rank: int, views: int) -> RefAny3DObjective:
+    from diffusers import FluxTransformer2DModel
+
+    transformer = FluxTransformer2DModel.from_pretrained(base / "transformer").to(device)
+    transformer.requires_grad_(False)
+    add_refany3d_adapters(transformer, rank, rank)
+    for name, param in transformer.named_parameters():
+        param.requires_grad_("lora_" in name)
+    inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    return RefAny3DObjective(transformer, new_domain_embedder(inner).to(device), views).to(device)
+
+
+def random_batch(transformer, batch: int, views: int, target: int, view: int, device: str) -> dict[str, torch.Tensor]:
+    c, cfg = transformer.config.in_channels // 4, transformer.config
+    rand = lambda *shape: torch.randn(*shape, device=device)  # noqa: E731
+    return {
+        "rgb_latents": rand(batch, c, target, target), "pm_latents": rand(batch, c, target, target),
+        "rgb_views": rand(batch, views, c, view, view), "pm_views": rand(batch, views, c, view, view),
+        "text": rand(batch, 32, cfg.joint_attention_dim), "pooled": rand(batch, cfg.pooled_projection_dim),
+        "guidance": torch.ones(batch, device=device),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--base", type=Path, default=EMBEDDED_MODEL_DIR / "base", help="diffusers FLUX base folder")
+    ap.add_argument("--batch", type=int, nargs="+", default=[8])
+    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    eager = build_objective(args.base, device, args.rank, args.views)
+    variants = {"eager": eager, "compiled": torch.compile(copy.deepcopy(eager))}
+    optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for name, m in variants.items()}
+
+    def step(name: str, batch: dict[str, torch.Tensor]) -> None:
+        variants[name](**batch).backward()
+        optimizers[name].step()
+        optimizers[name].zero_grad(set_to_none=True)
+
+    print(f"stage-1 training step on {device}, {args.views} views, LoRA rank {args.rank}, base {args.base}")
+    for size in args.batch:
+        batch = random_batch(eager.transformer, size, args.views, 16, 8, device)
+        for name in variants:  # warm-up (compiles; a new batch size recompiles)
+            sync()
+            start = time.perf_counter()
+            step(name, batch)
+            sync()
+            if name == "compiled":
+                print(f"  batch {size}: compiling took {time.perf_counter() - start:.1f} s")
+        times: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name in variants:
+                sync()
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    step(name, batch)
+                sync()
+                times[name].append((time.perf_counter() - start) / args.steps)
+        base = statistics.median(times["eager"])
+        for name, values in times.items():
+            t = statistics.median(values)
+            print(f"  batch {size:4d} {name:>9}: {1000 * t:8.1f} ms/step  x{base / t:5.2f}  {size / t:8.1f} samples/s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
