@@ -254,8 +254,9 @@ def _add_train(sub) -> None:
                        "Rerun the same command to resume. Multi-GPU: `accelerate launch -m refany3d train ...`.")
     p.add_argument("data", nargs="+", help="dataset folder(s) written by make-data or write_real_sample")
     p.add_argument("--out", required=True, help="output folder: base/, ref/, loss_curve.png, checkpoints/")
-    p.add_argument("--preset", choices=("embedded", "tiny"), default="embedded",
-                   help="model size and step counts (embedded: the shipped default; tiny: for smoke tests)")
+    p.add_argument("--preset", choices=("embedded", "gpu", "tiny"), default="embedded",
+                   help="model size and step counts (embedded: the shipped default; gpu: a larger model "
+                   "for GPU runs, give it more steps; tiny: for smoke tests)")
     p.add_argument("--stages", default="vae,base,refany3d", help="comma-separated subset of vae,base,refany3d")
     p.add_argument("--base-model", help="stage 1 on this diffusers FLUX base (folder or hub id) instead of OUT/base")
     for flag, dest, kind in (
@@ -265,7 +266,7 @@ def _add_train(sub) -> None:
         ("--lr", "ref_lr", float), ("--lora-rank", "lora_rank", int), ("--lora-alpha", "lora_alpha", int),
         ("--optimizer", "optimizer", str), ("--mixed-precision", "mixed_precision", str),
         ("--checkpoint-every", "checkpoint_every", int), ("--seed", "seed", int),
-        ("--gradient-accumulation", "gradient_accumulation", int),
+        ("--gradient-accumulation", "gradient_accumulation", int), ("--num-workers", "num_workers", int),
     ):
         p.add_argument(flag, dest=dest, type=kind, help="overrides the preset")
     p.add_argument("--no-group-mask", dest="group_mask", action="store_false", default=None,
@@ -286,7 +287,7 @@ def _run_train(args) -> int:
     overrides = {k: v for k, v in vars(args).items() if v is not None and k in (
         "resolution", "condition_size", "n_views", "batch_size", "vae_steps", "base_steps", "ref_steps", "ref_lr", "lora_rank",
         "lora_alpha", "optimizer", "mixed_precision", "checkpoint_every", "seed", "gradient_accumulation",
-        "group_mask", "base_model", "compile")}
+        "group_mask", "base_model", "compile", "num_workers")}
     config = preset_config(args.preset, data=args.data, output_dir=args.out,
                            stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()), **overrides)
     summary = train(config)

@@ -551,9 +551,18 @@ EMBEDDED_TINY = TinyConfig(
     num_layers=2, num_single_layers=2, num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
     text_dim=64, text_layers=1, vae_channels=(16, 32, 64), latent_channels=8, max_text_tokens=32,
 )
+# A larger model for GPU runs: 4 + 4 blocks, a wider VAE with 16 latent channels (as FLUX has),
+# LoRA rank 32; 26 MB. Its step counts are those of the one 8-minute H200 run (README "Training on
+# a GPU"), which were far too few: give it many more (--vae-steps, --base-steps, --ref-steps).
+GPU_TINY = TinyConfig(
+    num_layers=4, num_single_layers=4, num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
+    text_dim=64, text_layers=1, vae_channels=(24, 48, 96), latent_channels=16, max_text_tokens=32,
+)
 PRESETS: dict[str, dict[str, Any]] = {
     "embedded": dict(tiny=EMBEDDED_TINY, resolution=64, condition_size=32, n_views=4, batch_size=8, vae_steps=3000,
                      base_steps=5000, ref_steps=5000, lora_rank=16, lora_alpha=16, checkpoint_every=100),
+    "gpu": dict(tiny=GPU_TINY, resolution=64, condition_size=32, n_views=4, batch_size=128, vae_steps=708,
+                base_steps=555, ref_steps=444, lora_rank=32, lora_alpha=32, checkpoint_every=100, num_workers=14),
     # Smoke tests: the smallest model that still has every part.
     "tiny": dict(tiny=TinyConfig(vae_channels=(8, 16), latent_channels=4), resolution=32, n_views=2, batch_size=2,
                  vae_steps=2, base_steps=2, ref_steps=2, lora_rank=4, lora_alpha=4, checkpoint_every=1, warmup_steps=1),

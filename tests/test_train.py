@@ -192,3 +192,17 @@ def test_compiled_training_step_matches_eager_in_one_graph(tmp_path: Path) -> No
     assert results[True][0][1] != results[True][0][0]  # the first step changed the weights
     for name, weight in results[False][1].items():
         torch.testing.assert_close(results[True][1][name], weight, rtol=1e-4, atol=1e-5)
+
+
+def test_gpu_preset_is_the_larger_model_under_30_mb() -> None:
+    from refany3d.tiny import add_refany3d_adapters, build_base_pipeline
+
+    config = preset_config("gpu", data=["d"], output_dir="o", num_workers=0)
+    assert (config.batch_size, config.lora_rank, config.num_workers) == (128, 32, 0)
+    pipe = build_base_pipeline(config.tiny)
+    add_refany3d_adapters(pipe.transformer, config.lora_rank, config.lora_alpha)
+    assert len(pipe.transformer.transformer_blocks) == len(pipe.transformer.single_transformer_blocks) == 4
+    assert pipe.vae.config.latent_channels == 16 and pipe.transformer.config.in_channels == 64
+    float32_bytes = 4 * sum(p.numel() for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
+                            for p in m.parameters())
+    assert 20e6 < float32_bytes < 30e6, float32_bytes
