@@ -26,17 +26,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refany3d.pipeline import EMBEDDED_MODEL_DIR  # noqa: E402
 from refany3d.tiny import add_refany3d_adapters, new_domain_embedder  # noqa: E402
-from refany3d.train import RefAny3DObjective  # noqa: E402
+from refany3d.train import RefAny3DObjective, train_only_lora  # noqa: E402
 
 
 def build_objective(base: Path, device: str, rank: int, views: int) -> RefAny3DObjective:
     from diffusers import FluxTransformer2DModel
 
     transformer = FluxTransformer2DModel.from_pretrained(base / "transformer").to(device)
-    transformer.requires_grad_(False)
     add_refany3d_adapters(transformer, rank, rank)
-    for name, param in transformer.named_parameters():
-        param.requires_grad_("lora_" in name)
+    train_only_lora(transformer)
     inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     return RefAny3DObjective(transformer, new_domain_embedder(inner).to(device), views).to(device)
 

@@ -378,6 +378,13 @@ def train_base(config: TrainConfig, accelerator, flux) -> StageResult:
     return result
 
 
+def train_only_lora(transformer) -> None:
+    """Stage 1's trainable set: the LoRA adapters' weights; the base stays frozen."""
+    transformer.requires_grad_(False)
+    for name, param in transformer.named_parameters():
+        param.requires_grad_("lora_" in name)
+
+
 def train_refany3d(config: TrainConfig, accelerator, flux, domain_embedder) -> StageResult:
     """Stage 1: LoRA adapters + domain embedder on a frozen base, the release's objective."""
     generator = torch.Generator().manual_seed(config.seed + 4)
@@ -404,9 +411,7 @@ def train_refany3d(config: TrainConfig, accelerator, flux, domain_embedder) -> S
         return {"rgb_latents": rgb, "pm_latents": pm, "rgb_views": views[:, :, 0], "pm_views": views[:, :, 1],
                 "text": text, "pooled": pooled, "guidance": guidance}
 
-    flux.transformer.requires_grad_(False)
-    for name, param in flux.transformer.named_parameters():
-        param.requires_grad_("lora_" in name)
+    train_only_lora(flux.transformer)
     domain_embedder.requires_grad_(True)
     objective = RefAny3DObjective(flux.transformer, domain_embedder, config.n_views, config.group_mask)
     return run_stage("refany3d", accelerator, objective, _batches(config, accelerator, config.seed + 5), to_inputs,

@@ -157,12 +157,11 @@ def test_compiled_training_step_matches_eager_in_one_graph(tmp_path: Path) -> No
     from accelerate import Accelerator
 
     from refany3d.tiny import TinyConfig, add_refany3d_adapters, build_base_pipeline, new_domain_embedder
-    from refany3d.train import RefAny3DObjective
+    from refany3d.train import RefAny3DObjective, train_only_lora
 
     transformer = build_base_pipeline(TinyConfig(), seed=0).transformer
     add_refany3d_adapters(transformer, 4, 4, init_scale=0.1)
-    for name, param in transformer.named_parameters():
-        param.requires_grad_("lora_" in name)
+    train_only_lora(transformer)
     inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     gen = torch.Generator().manual_seed(1)
     c, b, n = transformer.config.in_channels // 4, 2, 2
