@@ -65,7 +65,7 @@ def main() -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     eager = build_objective(args.base, device, args.rank, args.views)
-    variants = {"eager": eager, "compiled": torch.compile(copy.deepcopy(eager))}
+    variants = {"eager": eager, "compiled": torch.compile(copy.deepcopy(eager), dynamic=False)}
     optimizers = {name: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for name, m in variants.items()}
 
     def step(name: str, batch: dict[str, torch.Tensor]) -> None:

@@ -1,13 +1,13 @@
 """Fast RefAny3D sampling: the faithful pass's arithmetic with less work ("exact"), and an
 approximation that skips most of the work ("cached").
 
-`refany3d.transformer.joint_forward` walks the branches one by one and masks a dense attention
-matrix; it is the reference. Exact mode computes the same function, reorganised:
+`refany3d.transformer.joint_forward` is the reference: the branches as rows of one pass, each
+adapter's delta masked to its branches' rows, a dense group mask, one guidance pass per call.
+Exact mode computes the same function with less work:
 
-- Row layout. All image branches of a step are rows of one matrix, so every linear layer is one
-  matmul; a LoRA adapter adds its low-rank delta to the row ranges of the branches that use it.
-  Rows are ordered [RGB target, point-map target, point-map views, RGB views], which makes the
-  rows of each adapter ("coord": point-map target + views; "default": all views) contiguous.
+- Row ranges. Rows are ordered [RGB target, point-map target, point-map views, RGB views], which
+  makes the rows of each adapter ("coord": point-map target + views; "default": all views)
+  contiguous, so an adapter's low-rank delta runs on those rows only.
 - Branch kinds. The N views of one domain share their timestep, domain and adapters, hence their
   adaLN modulation: it is computed once per kind (5 kinds) and applied per row segment.
 - Grouped attention. The group mask is applied by choosing keys, not by masking: text + RGB
@@ -299,7 +299,7 @@ class FastDenoiser:
             Branch(empty, empty, t if is_step else zero, self.guidance if is_step else one, self.pooled, domain=domain)
             for is_step, domain in _KIND_TIMES
         ]
-        return torch.cat(branch_embeddings(self.transformer, self.domain_embedder, branches))
+        return branch_embeddings(self.transformer, self.domain_embedder, branches)[0]
 
     @torch.no_grad()
     def predict(self, targets: Sequence[torch.Tensor], t: torch.Tensor) -> list[list[torch.Tensor]]:
@@ -335,7 +335,7 @@ class FastDenoiser:
                 lora_linear(
                     transformer.proj_out,
                     transformer.norm_out(joint[None, start:stop], embs[kind : kind + 1]),
-                    KIND_ADAPTERS[kind],
+                    dict.fromkeys(KIND_ADAPTERS[kind]),
                 )
                 for start, stop, kind in layout.joint_segments[5 * i + 1 : 5 * i + 3]
             ]

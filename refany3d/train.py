@@ -70,7 +70,7 @@ class TrainConfig:
     base_guidance_range: tuple[float, float] = (1.0, 5.0)
     group_mask: bool = True
     # torch.compile each stage's objective (forward + backward); pays off over long runs: the small
-    # models here are launch-bound on a GPU, and compiling fuses the per-branch elementwise work
+    # models here are launch-bound on a GPU, and compiling fuses the elementwise work
     compile: bool = False
     # bookkeeping
     checkpoint_every: int = 250
@@ -240,7 +240,7 @@ def run_stage(
         losses, start = state["losses"], state["step"]
         torch.set_rng_state(state["rng"])
     if config.compile:
-        objective = torch.compile(objective)
+        objective = torch.compile(objective, dynamic=False)  # fixed batch shapes; no symbolic sizes
     objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
 
     began = time.perf_counter()
@@ -289,10 +289,35 @@ def _batches(config: TrainConfig, accelerator, seed: int) -> Iterator[dict[str, 
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _encode_text(flux, captions: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    text, pooled, text_ids = flux.encode_prompt(prompt=captions, prompt_2=None, device=flux.transformer.device, max_sequence_length=max_length)
-    return text, pooled, text_ids
+class CaptionEncoder:
+    """The frozen text encoders, remembered per caption: a dataset's captions come back every epoch
+    (the empty one at every text dropout), and on a GPU encoding them cost about as much per step
+    as the transformer's forward and backward. Encodings are kept until `max_bytes` is used, after
+    which new captions are still encoded, just not kept."""
+
+    def __init__(self, flux, max_length: int, max_bytes: int = 1 << 30):
+        self.flux, self.max_length, self.max_bytes = flux, max_length, max_bytes
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.bytes = 0
+
+    @torch.no_grad()
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(text (B, L, C), pooled (B, P), text ids (L, 3)), as `FluxPipeline.encode_prompt` gives them."""
+        fresh: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        missing = [c for c in dict.fromkeys(captions) if c not in self.cache]
+        if missing:
+            text, pooled, _ = self.flux.encode_prompt(
+                prompt=missing, prompt_2=None, device=self.flux.transformer.device, max_sequence_length=self.max_length
+            )
+            for caption, t, p in zip(missing, text, pooled):
+                fresh[caption] = (t, p)
+                size = t.numel() * t.element_size() + p.numel() * p.element_size()
+                if self.bytes + size <= self.max_bytes:
+                    self.cache[caption] = (t.clone(), p.clone())  # not views that would keep the whole batch
+                    self.bytes += size
+        pairs = [self.cache[c] if c in self.cache else fresh[c] for c in captions]
+        text, pooled = torch.stack([t for t, _ in pairs]), torch.stack([p for _, p in pairs])
+        return text, pooled, torch.zeros(text.shape[1], 3, device=text.device, dtype=text.dtype)
 
 
 @torch.no_grad()
@@ -361,11 +386,11 @@ def train_base(config: TrainConfig, accelerator, flux) -> StageResult:
     """Stage 0b: the transformer learns text-to-image rectified flow on the procedural scenes."""
     generator = torch.Generator().manual_seed(config.seed + 2)
     transformer = flux.transformer.train().requires_grad_(True)
-    max_length = _text_length(flux)
+    encode_text = CaptionEncoder(flux, _text_length(flux))
 
     def to_inputs(batch):
         latents = _encode_pixels(flux.vae, batch["image"])
-        text, pooled, text_ids = _encode_text(flux, _drop(batch["caption"], config.text_dropout, generator), max_length)
+        text, pooled, text_ids = encode_text(_drop(batch["caption"], config.text_dropout, generator))
         h, w = latents.shape[2:]
         low, high = config.base_guidance_range
         guidance = low + (high - low) * torch.rand(latents.shape[0], generator=generator).to(latents.device)
@@ -388,7 +413,7 @@ def train_only_lora(transformer) -> None:
 def train_refany3d(config: TrainConfig, accelerator, flux, domain_embedder) -> StageResult:
     """Stage 1: LoRA adapters + domain embedder on a frozen base, the release's objective."""
     generator = torch.Generator().manual_seed(config.seed + 4)
-    max_length = _text_length(flux)
+    encode_text = CaptionEncoder(flux, _text_length(flux))
     black = None
 
     size = config.condition_size or config.resolution
@@ -406,7 +431,7 @@ def train_refany3d(config: TrainConfig, accelerator, flux, domain_embedder) -> S
             black = _encode_pixels(flux.vae, -torch.ones_like(refs[:1, 0, 0]))[0]
         drop = torch.rand(views.shape[0], generator=generator) < config.reference_dropout
         views[drop.to(views.device)] = black.to(views.dtype)
-        text, pooled, _ = _encode_text(flux, _drop(batch["caption"], config.text_dropout, generator), max_length)
+        text, pooled, _ = encode_text(_drop(batch["caption"], config.text_dropout, generator))
         guidance = torch.full((rgb.shape[0],), config.guidance, device=rgb.device)
         return {"rgb_latents": rgb, "pm_latents": pm, "rgb_views": views[:, :, 0], "pm_views": views[:, :, 1],
                 "text": text, "pooled": pooled, "guidance": guidance}

@@ -161,6 +161,54 @@ def test_branch_adapters_matter(pipe):
     assert (plain[1] - swapped[1]).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("adapters", [(), ("coord",), ("default", "coord")])
+def test_joint_forward_of_one_image_branch_is_the_diffusers_forward(pipe, adapters):
+    """With text and one image branch, the row-layout pass is plain FLUX: diffusers' own forward
+    with the adapters switched on through peft (an independent implementation). Diffusers applies
+    them to the text rows of the single blocks too, so here the text branch carries them as well."""
+    tr = pipe.flux.transformer
+    cfg = tr.config
+    gen = torch.Generator().manual_seed(1)
+    text, pooled = torch.randn(1, 5, cfg.joint_attention_dim, generator=gen), torch.randn(1, cfg.pooled_projection_dim, generator=gen)
+    x, ids = torch.randn(1, 16, cfg.in_channels, generator=gen), latent_position_ids(8, 8)
+    t, g = torch.full((1,), 0.7), torch.full((1,), 3.0) if cfg.guidance_embeds else None
+    branches = [Branch(text, torch.zeros(5, 3), t, g, pooled, adapters, is_text=True), Branch(x, ids, t, g, pooled, adapters)]
+    try:
+        if adapters:
+            tr.enable_adapters()
+            tr.set_adapters(list(adapters))
+        with torch.no_grad():
+            reference = tr(hidden_states=x, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
+                           img_ids=ids, txt_ids=torch.zeros(5, 3), guidance=g, return_dict=False)[0]
+    finally:
+        tr.disable_adapters()
+    with torch.no_grad():
+        (ours,) = joint_forward(tr, branches, outputs=(1,))
+    np.testing.assert_allclose(ours.numpy(), reference.numpy(), atol=1e-5)
+
+
+def test_joint_forward_is_equivariant_to_the_order_of_the_views(pipe):
+    """Swapping two reference views (with their point maps) leaves the targets' predictions as they
+    are: rows, adapters, modulation and the group mask follow each branch, not its position."""
+    tr, gen = pipe.flux.transformer, torch.Generator().manual_seed(2)
+    cfg = tr.config
+    text, pooled = torch.randn(1, 5, cfg.joint_attention_dim, generator=gen), torch.randn(1, cfg.pooled_projection_dim, generator=gen)
+    targets = [torch.randn(1, 16, cfg.in_channels, generator=gen) for _ in range(2)]
+    rgb, pm = ([torch.randn(1, 4, cfg.in_channels, generator=gen) for _ in range(2)] for _ in range(2))
+    t, g = torch.full((1,), 0.5), torch.full((1,), 3.5)
+
+    def predict(rgb_views, pm_views):
+        branches = refany3d_branches(text, pooled, targets, latent_position_ids(8, 8), rgb_views, pm_views,
+                                     latent_position_ids(4, 4, (0, -32)), t, g)
+        with torch.no_grad():
+            return torch.cat(joint_forward(tr, branches, pipe.domain_embedder, refany3d_group_mask(2)))
+
+    forward, swapped = predict(rgb, pm), predict(rgb[::-1], pm[::-1])
+    np.testing.assert_allclose(swapped.numpy(), forward.numpy(), atol=1e-5)
+    mismatched = predict(rgb, pm[::-1])  # view 0's point map now pairs with view 1's image
+    assert (mismatched - forward).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [

@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from refany3d.data import load_asset_views, make_dataset
 from refany3d.errors import InputError
-from refany3d.train import TrainConfig, preset_config, run_stage, sample_flow, train
+from refany3d.tiny import TinyConfig, build_base_pipeline
+from refany3d.train import CaptionEncoder, TrainConfig, preset_config, run_stage, sample_flow, train
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +135,28 @@ def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert result.resumed_from == 6 and len(result.losses) == 20
     assert result.losses[:6] == checkpoint["losses"]
     assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
+
+
+def test_caption_encoder_encodes_each_caption_once_and_gives_the_pipelines_encodings() -> None:
+    flux = build_base_pipeline(TinyConfig(vocabulary=["red", "blue", "box", "ball"]), seed=0)
+    asked: list[list[str]] = []
+    encode_prompt = flux.encode_prompt
+    flux.encode_prompt = lambda prompt, **kw: (asked.append(list(prompt)), encode_prompt(prompt=prompt, **kw))[1]
+    encoder = CaptionEncoder(flux, max_length=16)
+    captions = ["red box", "", "blue ball", "red box"]
+    text, pooled, ids = encoder(captions)
+    with torch.no_grad():
+        reference_text, reference_pooled, reference_ids = encode_prompt(prompt=captions, prompt_2=None, max_sequence_length=16)
+    np.testing.assert_allclose(text.numpy(), reference_text.numpy(), atol=1e-6)
+    np.testing.assert_allclose(pooled.numpy(), reference_pooled.numpy(), atol=1e-6)
+    assert ids.shape == reference_ids.shape and not ids.any()
+    encoder(["blue ball", "red ball", ""])
+    assert asked == [["red box", "", "blue ball"], ["red ball"]]  # each caption encoded once, batched
+
+    full = CaptionEncoder(flux, max_length=16, max_bytes=0)  # nothing kept, same answers
+    np.testing.assert_allclose(full(captions)[0].numpy(), text.numpy(), atol=1e-6)
+    full(captions)
+    assert full.cache == {} and full.bytes == 0
 
 
 def test_bad_configs_raise_input_errors() -> None:
