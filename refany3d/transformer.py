@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -131,7 +132,13 @@ def refany3d_group_mask(n_views: int) -> torch.Tensor:
     return allowed
 
 
-Run = tuple[int, int, int, int]  # (first row, first branch, branches, tokens each): equal-length neighbours
+class Run(NamedTuple):
+    """Neighbouring branches of equal length, whose rows can be viewed as (B, count, length, C)."""
+
+    row: int  # first row
+    first: int  # first branch
+    count: int  # branches
+    length: int  # tokens of each
 
 
 @dataclass(frozen=True)
@@ -161,21 +168,23 @@ class RowLayout:
                 for name in names
             }
 
-        runs: list[list[int]] = []
+        runs: list[Run] = []
         row = 0
         for index, (br, length) in enumerate(zip(branches, lengths)):
-            if runs and runs[-1][3] == length and branches[runs[-1][1]].is_text == br.is_text:
-                runs[-1][2] += 1
+            last = runs[-1] if runs else None
+            if last and last.length == length and branches[last.first].is_text == br.is_text:
+                runs[-1] = last._replace(count=last.count + 1)
             else:
-                runs.append([row, index, 1, length])
+                runs.append(Run(row, index, 1, length))
             row += length
-        return cls(tuple(map(tuple, runs)), mask([1] * len(branches)), mask(lengths))
+        return cls(tuple(runs), mask([1] * len(branches)), mask(lengths))
 
     def streams(self) -> tuple[RowLayout, RowLayout]:
         """The layouts of the double blocks' two streams: the text branch, and the image branches after it."""
-        (_, _, _, text_len), *rest = self.runs
-        text = RowLayout(((0, 0, 1, text_len),), {}, {})
-        runs = tuple((row - text_len, first - 1, count, length) for row, first, count, length in rest)
+        text_run, *rest = self.runs
+        text_len = text_run.length
+        text = RowLayout((Run(0, 0, 1, text_len),), {}, {})
+        runs = tuple(Run(r.row - text_len, r.first - 1, r.count, r.length) for r in rest)
         image = RowLayout(runs, {name: m[1:] for name, m in self.branch_adapters.items()},
                           {name: m[text_len:] for name, m in self.row_adapters.items()})
         return text, image
@@ -186,12 +195,13 @@ class RowLayout:
         return list(lora_linear(norm.linear, norm.silu(embs), self.branch_adapters).chunk(chunks, dim=-1))
 
     def _each_run(self, x: torch.Tensor) -> list[tuple[torch.Tensor, slice]]:
-        return [(x[:, row : row + n * length].unflatten(1, (n, length)), slice(first, first + n))
-                for row, first, n, length in self.runs]
+        return [(x[:, r.row : r.row + r.count * r.length].unflatten(1, (r.count, r.length)), slice(r.first, r.first + r.count))
+                for r in self.runs]
 
     def modulate(self, x: torch.Tensor, layer_norm: torch.nn.Module, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """layer_norm(x) * (1 + scale) + shift, each branch's rows with its own parameters."""
-        return _cat_rows([(r * (1 + scale[:, b, None]) + shift[:, b, None]).flatten(1, 2) for r, b in self._each_run(layer_norm(x))])
+        runs = self._each_run(layer_norm(x))
+        return _cat_rows([(r * (1 + scale[:, b, None]) + shift[:, b, None]).flatten(1, 2) for r, b in runs])
 
     def gated(self, gate: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """gate * update, each branch's rows with its own gate (a residual branch's contribution)."""
@@ -223,9 +233,11 @@ def _double_block(block, text, image, embs: torch.Tensor, text_rows: RowLayout, 
     ht = text_rows.modulate(text, block.norm1_context.norm, t_shift, t_scale)
     h = image_rows.modulate(image, block.norm1.norm, shift, scale)
     adapters = image_rows.row_adapters
-    q = torch.cat([attn.norm_added_q(_heads(attn.add_q_proj(ht), d)), attn.norm_q(_heads(lora_linear(attn.to_q, h, adapters), d))], 1)
-    k = torch.cat([attn.norm_added_k(_heads(attn.add_k_proj(ht), d)), attn.norm_k(_heads(lora_linear(attn.to_k, h, adapters), d))], 1)
-    v = torch.cat([_heads(attn.add_v_proj(ht), d), _heads(lora_linear(attn.to_v, h, adapters), d)], 1)
+    q = torch.cat([attn.norm_added_q(_heads(attn.add_q_proj(ht), d)),
+                   attn.norm_q(_heads(lora_linear(attn.to_q, h, adapters), d))], dim=1)
+    k = torch.cat([attn.norm_added_k(_heads(attn.add_k_proj(ht), d)),
+                   attn.norm_k(_heads(lora_linear(attn.to_k, h, adapters), d))], dim=1)
+    v = torch.cat([_heads(attn.add_v_proj(ht), d), _heads(lora_linear(attn.to_v, h, adapters), d)], dim=1)
     attended = _attention(q, k, v, rotary, mask)
     a_text, a_image = attended[:, : text.shape[1]], attended[:, text.shape[1] :]
 

@@ -169,7 +169,8 @@ def test_joint_forward_of_one_image_branch_is_the_diffusers_forward(pipe, adapte
     tr = pipe.flux.transformer
     cfg = tr.config
     gen = torch.Generator().manual_seed(1)
-    text, pooled = torch.randn(1, 5, cfg.joint_attention_dim, generator=gen), torch.randn(1, cfg.pooled_projection_dim, generator=gen)
+    text = torch.randn(1, 5, cfg.joint_attention_dim, generator=gen)
+    pooled = torch.randn(1, cfg.pooled_projection_dim, generator=gen)
     x, ids = torch.randn(1, 16, cfg.in_channels, generator=gen), latent_position_ids(8, 8)
     t, g = torch.full((1,), 0.7), torch.full((1,), 3.0) if cfg.guidance_embeds else None
     branches = [Branch(text, torch.zeros(5, 3), t, g, pooled, adapters, is_text=True), Branch(x, ids, t, g, pooled, adapters)]
@@ -192,7 +193,8 @@ def test_joint_forward_is_equivariant_to_the_order_of_the_views(pipe):
     are: rows, adapters, modulation and the group mask follow each branch, not its position."""
     tr, gen = pipe.flux.transformer, torch.Generator().manual_seed(2)
     cfg = tr.config
-    text, pooled = torch.randn(1, 5, cfg.joint_attention_dim, generator=gen), torch.randn(1, cfg.pooled_projection_dim, generator=gen)
+    text = torch.randn(1, 5, cfg.joint_attention_dim, generator=gen)
+    pooled = torch.randn(1, cfg.pooled_projection_dim, generator=gen)
     targets = [torch.randn(1, 16, cfg.in_channels, generator=gen) for _ in range(2)]
     rgb, pm = ([torch.randn(1, 4, cfg.in_channels, generator=gen) for _ in range(2)] for _ in range(2))
     t, g = torch.full((1,), 0.5), torch.full((1,), 3.5)
