@@ -5,8 +5,9 @@ Builds the RefAny3D objective (LoRA adapters + domain embedder on a frozen base,
 on the embedded model's base, feeds it random latents of the native sizes (64² targets, 32²
 views, 4 views), and times whole optimizer steps (forward, backward, AdamW) for each batch size,
 eager and compiled interleaved round by round, so a busy machine slows both alike. Compile time
-(the first compiled step) is printed apart. Throughput in samples/s shows whether a step is
-bound by work (grows with the batch) or by per-operation overhead (flat).
+(the first compiled step) is printed apart, and so is how many operators (and, on a GPU, kernels)
+an eager step runs. Throughput in samples/s shows whether a step is bound by work (grows with the
+batch) or by per-operation overhead (flat).
 
     python benchmarks/train_step.py                       # CPU, batch 8
     python benchmarks/train_step.py --batch 8 128         # on a GPU: is the step launch-bound?
@@ -50,6 +51,20 @@ def random_batch(transformer, batch: int, views: int, target: int, view: int, de
     }
 
 
+def count_operations(fn) -> tuple[int, int]:
+    """(aten operator calls, nested ones included; GPU kernels) of one call of fn: on a GPU a small
+    model's step costs about one launch per kernel, so these say how launch-bound it can be."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        fn()
+    averages = prof.key_averages()
+    operators = sum(e.count for e in averages if e.key.startswith("aten::"))
+    kernels = sum(e.count for e in averages if e.device_type == torch.autograd.DeviceType.CUDA)
+    return operators, kernels
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path, default=EMBEDDED_MODEL_DIR / "base", help="diffusers FLUX base folder")
@@ -83,6 +98,8 @@ def main() -> int:
             sync()
             if name == "compiled":
                 print(f"  batch {size}: compiling took {time.perf_counter() - start:.1f} s")
+        operators, kernels = count_operations(lambda: (step("eager", batch), sync()))
+        print(f"  batch {size}: an eager step calls {operators} aten operators" + (f", {kernels} GPU kernels" if kernels else ""))
         times: dict[str, list[float]] = {name: [] for name in variants}
         for _ in range(args.rounds):
             for name in variants:
