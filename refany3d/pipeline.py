@@ -339,8 +339,9 @@ class RefAny3DPipeline:
         rgb_views / pointmap_views: equal-length lists (N >= 1) of images (PIL, arrays or paths),
         resized to condition_size. `callback(step, total)` runs after every denoising step.
         mode: "faithful" (the reference pass, `transformer.joint_forward`, once per guidance
-        pass), "exact" (the same output, faster, with prompt/view encodings cached across calls) or "cached"
-        (approximate: the views' keys/values of the first step reused); see `refany3d.fast`.
+        pass), "exact" (the same output, faster, with prompt/view encodings cached across calls)
+        or "cached" (approximate: the views' keys/values of the first step reused); see
+        `refany3d.fast`.
         cache_refresh_every: in cached mode, recompute the views' keys/values every this many steps
         (0: only at the first step); smaller is slower and closer to exact.
         group_mask: False samples with full attention among all branches, for models trained

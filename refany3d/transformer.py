@@ -29,7 +29,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from refany3d.errors import InputError
 
 RGB_DOMAIN, POINTMAP_DOMAIN = 0, 1
-AdapterRows = Mapping[str, "torch.Tensor | None"]  # adapter -> (R, 1) 0/1 row mask, or None: every row
+AdapterRows = Mapping[str, torch.Tensor | None]  # adapter -> (R, 1) 0/1 row mask, or None: every row
 
 
 @dataclass
