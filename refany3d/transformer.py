@@ -194,6 +194,12 @@ class RowLayout:
         adapters), split into shift/scale/gate chunks."""
         return list(lora_linear(norm.linear, norm.silu(embs), self.branch_adapters).chunk(chunks, dim=-1))
 
+    def branch_rows(self, branch: int) -> slice:
+        """The rows of one branch."""
+        run = next(r for r in self.runs if r.first <= branch < r.first + r.count)
+        start = run.row + (branch - run.first) * run.length
+        return slice(start, start + run.length)
+
     def _each_run(self, x: torch.Tensor) -> list[tuple[torch.Tensor, slice]]:
         return [(x[:, r.row : r.row + r.count * r.length].unflatten(1, (r.count, r.length)), slice(r.first, r.first + r.count))
                 for r in self.runs]
@@ -319,13 +325,10 @@ def joint_forward(
     for block in transformer.single_transformer_blocks:
         hidden = _single_block(block, hidden, embs, rows, rotary, mask)
 
-    starts = [0]
-    for br in branches:
-        starts.append(starts[-1] + br.hidden.shape[1])
     return [
         lora_linear(
             transformer.proj_out,
-            transformer.norm_out(hidden[:, starts[i] : starts[i + 1]], embs[:, i]),
+            transformer.norm_out(hidden[:, rows.branch_rows(i)], embs[:, i]),
             dict.fromkeys(branches[i].adapters),
         )
         for i in outputs
