@@ -110,10 +110,15 @@ class TrainConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def sample_flow(x0: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """t = sigmoid(randn) per sample, x_t = (1 - t) x0 + t noise; returns (x_t, t, noise - x0)."""
-    t = torch.sigmoid(torch.randn(x0.shape[0], generator=generator, device=x0.device))
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+def sample_flow(
+    x0: torch.Tensor, generator: torch.Generator | None = None, t: torch.Tensor | None = None, noise: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x_t = (1 - t) x0 + t noise with t = sigmoid(randn) per sample (unless t or noise are given,
+    as probes of a trained model give them); returns (x_t, t, noise - x0)."""
+    if t is None:
+        t = torch.sigmoid(torch.randn(x0.shape[0], generator=generator, device=x0.device))
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     tt = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
     return (1 - tt) * x0 + tt * noise, t, noise - x0
 
@@ -162,9 +167,18 @@ class RefAny3DObjective(torch.nn.Module):
 
     def forward(self, rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance) -> torch.Tensor:
         """Latents (B, C, h, w); views (B, N, C, h, w) (already black where dropped)."""
+        rgb_loss, pm_loss = self.branch_losses(rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance)
+        return (rgb_loss + pm_loss) / 2
+
+    def branch_losses(
+        self, rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance,
+        t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flow losses of the RGB and the point-map target; t (B,) and noise (B, 2, L, C) are
+        drawn as in training unless given (`benchmarks/reference_use.py` fixes them)."""
         n = rgb_views.shape[1]
         x0 = torch.stack([pack_latents(rgb_latents), pack_latents(pm_latents)], dim=1)  # (B, 2, L, C)
-        x_t, t, target = sample_flow(x0)
+        x_t, t, target = sample_flow(x0, t=t, noise=noise)
         h, w = rgb_latents.shape[2:]
         target_ids = latent_position_ids(h, w).to(x0.device)
         view_ids = latent_position_ids(*rgb_views.shape[3:], CONDITION_POSITION_DELTA).to(x0.device)
@@ -174,7 +188,8 @@ class RefAny3DObjective(torch.nn.Module):
             text, pooled, (x_t[:, 0], x_t[:, 1]), target_ids, rgb_tok, pm_tok, view_ids, t, guidance
         )
         preds = joint_forward(self.transformer, branches, self.domain_embedder, self.group if self.group.numel() else None)
-        return sum(F.mse_loss(p.float(), target[:, i].float()) for i, p in enumerate(preds)) / 2
+        rgb_pred, pm_pred = preds
+        return F.mse_loss(rgb_pred.float(), target[:, 0].float()), F.mse_loss(pm_pred.float(), target[:, 1].float())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -410,32 +425,48 @@ def train_only_lora(transformer) -> None:
         param.requires_grad_("lora_" in name)
 
 
-def train_refany3d(config: TrainConfig, accelerator, flux, domain_embedder) -> StageResult:
-    """Stage 1: LoRA adapters + domain embedder on a frozen base, the release's objective."""
-    generator = torch.Generator().manual_seed(config.seed + 4)
-    encode_text = CaptionEncoder(flux, _text_length(flux))
-    black = None
+class RefAny3DInputs:
+    """A data batch as stage 1's objective takes it: VAE latents of both targets and of the views
+    (resized to the condition size as the sampler resizes them), the caption encodings, and the
+    release's dropouts (an empty caption, all views black)."""
 
-    size = config.condition_size or config.resolution
+    def __init__(
+        self, flux, condition_size: int, generator: torch.Generator,
+        text_dropout: float = 0.1, reference_dropout: float = 0.1, guidance: float = 1.0,
+    ):
+        self.flux, self.size, self.generator = flux, condition_size, generator
+        self.text_dropout, self.reference_dropout, self.guidance = text_dropout, reference_dropout, guidance
+        self.encode_text = CaptionEncoder(flux, _text_length(flux))
+        self.black: torch.Tensor | None = None
 
-    def to_inputs(batch):
-        nonlocal black
-        rgb = _encode_pixels(flux.vae, batch["image"])
-        pm = _encode_pixels(flux.vae, batch["pointmap"])
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        vae, size = self.flux.vae, self.size
+        rgb = _encode_pixels(vae, batch["image"])
+        pm = _encode_pixels(vae, batch["pointmap"])
         refs = torch.stack([batch["ref_rgb"], batch["ref_pointmap"]], dim=2)
         if size != refs.shape[-1]:  # resized like the sampler resizes its views (bicubic, antialiased)
             flat = F.interpolate(refs.flatten(0, 2), size=(size, size), mode="bicubic", antialias=True)
             refs = flat.clamp(-1, 1).view(*refs.shape[:3], 3, size, size)
-        views = _encode_pixels(flux.vae, refs)
-        if black is None:
-            black = _encode_pixels(flux.vae, -torch.ones_like(refs[:1, 0, 0]))[0]
-        drop = torch.rand(views.shape[0], generator=generator) < config.reference_dropout
-        views[drop.to(views.device)] = black.to(views.dtype)
-        text, pooled, _ = encode_text(_drop(batch["caption"], config.text_dropout, generator))
-        guidance = torch.full((rgb.shape[0],), config.guidance, device=rgb.device)
+        views = _encode_pixels(vae, refs)
+        drop = torch.rand(views.shape[0], generator=self.generator) < self.reference_dropout
+        views[drop.to(views.device)] = self.black_view().to(views.dtype)
+        text, pooled, _ = self.encode_text(_drop(batch["caption"], self.text_dropout, self.generator))
+        guidance = torch.full((rgb.shape[0],), self.guidance, device=rgb.device)
         return {"rgb_latents": rgb, "pm_latents": pm, "rgb_views": views[:, :, 0], "pm_views": views[:, :, 1],
                 "text": text, "pooled": pooled, "guidance": guidance}
 
+    def black_view(self) -> torch.Tensor:
+        """Latents (C, h, w) of a black view: what reference dropout (and image guidance) shows the model."""
+        if self.black is None:
+            vae = self.flux.vae
+            self.black = _encode_pixels(vae, -torch.ones(1, 3, self.size, self.size, device=vae.device))[0]
+        return self.black
+
+
+def train_refany3d(config: TrainConfig, accelerator, flux, domain_embedder) -> StageResult:
+    """Stage 1: LoRA adapters + domain embedder on a frozen base, the release's objective."""
+    to_inputs = RefAny3DInputs(flux, config.condition_size or config.resolution, torch.Generator().manual_seed(config.seed + 4),
+                               config.text_dropout, config.reference_dropout, config.guidance)
     train_only_lora(flux.transformer)
     domain_embedder.requires_grad_(True)
     objective = RefAny3DObjective(flux.transformer, domain_embedder, config.n_views, config.group_mask)

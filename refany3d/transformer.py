@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import apply_rotary_emb
+from torch.overrides import TorchFunctionMode
 
 from refany3d.errors import InputError
 
@@ -76,6 +77,41 @@ def group_attention_mask(lengths: list[int], allowed: torch.Tensor) -> torch.Ten
     tensor), so its shape is static and torch.compile traces the training step in one graph."""
     index = torch.tensor([branch for branch, length in enumerate(lengths) for _ in range(length)], device=allowed.device)
     return allowed[index][:, index]
+
+
+class AttentionRecorder(TorchFunctionMode):
+    """Within `with AttentionRecorder() as rec:`, keeps the attention probabilities of every
+    `scaled_dot_product_attention` call (one per block of `joint_forward`), averaged over heads, in
+    `rec.maps` as (B, queries, keys): what probes of a trained model read to see which branches it
+    looks at. Analysis only; it computes every softmax a second time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.maps: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k = args[0], args[1]
+            mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+            scale = kwargs.get("scale") or q.shape[-1] ** -0.5
+            logits = (q @ k.transpose(-1, -2)).float() * scale
+            if mask is not None:
+                logits = logits.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else logits + mask
+            self.maps.append(logits.softmax(-1).mean(1).detach())
+        return func(*args, **kwargs)
+
+
+def branch_attention(maps: list[torch.Tensor], lengths: list[int]) -> torch.Tensor:
+    """(calls, branches, branches): the share of a query branch's attention (averaged over its
+    tokens and the batch) that goes to each key branch; rows sum to 1. `lengths` are the branches'
+    token counts in `joint_forward`'s order (text first), e.g. from `[b.hidden.shape[1] for b in branches]`."""
+    bounds = torch.tensor([0, *lengths]).cumsum(0).tolist()
+    spans = list(zip(bounds[:-1], bounds[1:]))
+    return torch.stack([
+        torch.stack([torch.stack([m[:, q0:q1, k0:k1].sum(-1).mean() for k0, k1 in spans]) for q0, q1 in spans])
+        for m in maps
+    ])
 
 
 # LoRA adapters of each branch kind, as the release trained them.

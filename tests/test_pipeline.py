@@ -15,7 +15,9 @@ from refany3d import InputError, ModelLoadError, RefAny3DPipeline
 from refany3d.conditions import latent_position_ids, pack_latents, unpack_latents
 from refany3d.tiny import build_tiny_model
 from refany3d.transformer import (
+    AttentionRecorder,
     Branch,
+    branch_attention,
     group_attention_mask,
     joint_forward,
     refany3d_branches,
@@ -209,6 +211,36 @@ def test_joint_forward_is_equivariant_to_the_order_of_the_views(pipe):
     np.testing.assert_allclose(swapped.numpy(), forward.numpy(), atol=1e-5)
     mismatched = predict(rgb, pm[::-1])  # view 0's point map now pairs with view 1's image
     assert (mismatched - forward).abs().max() > 1e-4
+
+
+def test_attention_recorder_shares_follow_the_group_mask(pipe):
+    """The recorded attention is a distribution over keys, zero where the group mask forbids (the
+    point-map target never sees the text, a view never sees another pair), and the recorder does
+    not change the pass."""
+    tr, gen = pipe.flux.transformer, torch.Generator().manual_seed(4)
+    cfg = tr.config
+    text = torch.randn(2, 5, cfg.joint_attention_dim, generator=gen)
+    pooled = torch.randn(2, cfg.pooled_projection_dim, generator=gen)
+    targets = [torch.randn(2, 16, cfg.in_channels, generator=gen) for _ in range(2)]
+    rgb, pm = ([torch.randn(2, 4, cfg.in_channels, generator=gen) for _ in range(2)] for _ in range(2))
+    branches = refany3d_branches(text, pooled, targets, latent_position_ids(8, 8), rgb, pm,
+                                 latent_position_ids(4, 4, (0, -32)), torch.full((2,), 0.5), torch.full((2,), 3.5))
+    lengths = [b.hidden.shape[1] for b in branches]
+    with torch.no_grad():
+        plain = joint_forward(tr, branches, pipe.domain_embedder, refany3d_group_mask(2))
+        with AttentionRecorder() as masked:
+            recorded = joint_forward(tr, branches, pipe.domain_embedder, refany3d_group_mask(2))
+        with AttentionRecorder() as full:
+            joint_forward(tr, branches, pipe.domain_embedder, None)
+    for a, b in zip(plain, recorded):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    blocks = len(tr.transformer_blocks) + len(tr.single_transformer_blocks)
+    shares = branch_attention(masked.maps, lengths)
+    assert shares.shape == (blocks, 7, 7)
+    torch.testing.assert_close(shares.sum(-1), torch.ones(blocks, 7))
+    allowed = refany3d_group_mask(2)
+    assert (shares[:, ~allowed] == 0).all() and (shares[:, allowed] > 0).all()
+    assert (branch_attention(full.maps, lengths)[:, 2, 0] > 0).all()  # without the mask it does see the text
 
 
 @pytest.mark.parametrize(

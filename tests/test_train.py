@@ -216,6 +216,66 @@ def test_compiled_training_step_matches_eager_in_one_graph(tmp_path: Path) -> No
         torch.testing.assert_close(results[True][1][name], weight, rtol=1e-4, atol=1e-5)
 
 
+def _tiny_objective(n_views: int):
+    from refany3d.tiny import add_refany3d_adapters, new_domain_embedder
+    from refany3d.train import RefAny3DObjective
+
+    transformer = build_base_pipeline(TinyConfig(), seed=0).transformer
+    add_refany3d_adapters(transformer, 4, 4, init_scale=0.1)
+    inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    return RefAny3DObjective(transformer, new_domain_embedder(inner), n_views)
+
+
+def test_objective_is_the_mean_of_its_branch_losses_and_they_follow_t_and_noise() -> None:
+    objective = _tiny_objective(2)
+    cfg, gen = objective.transformer.config, torch.Generator().manual_seed(2)
+    c, b = cfg.in_channels // 4, 3
+    batch = {
+        "rgb_latents": torch.randn(b, c, 8, 8, generator=gen), "pm_latents": torch.randn(b, c, 8, 8, generator=gen),
+        "rgb_views": torch.randn(b, 2, c, 4, 4, generator=gen), "pm_views": torch.randn(b, 2, c, 4, 4, generator=gen),
+        "text": torch.randn(b, 6, cfg.joint_attention_dim, generator=gen),
+        "pooled": torch.randn(b, cfg.pooled_projection_dim, generator=gen), "guidance": torch.ones(b),
+    }
+    with torch.no_grad():
+        torch.manual_seed(9)
+        loss = objective(**batch)
+        torch.manual_seed(9)
+        rgb, pm = objective.branch_losses(**batch)
+        torch.testing.assert_close(loss, (rgb + pm) / 2)
+        assert abs(rgb.item() - pm.item()) > 1e-4  # two different terms
+        noise = torch.randn(b, 2, 16, cfg.in_channels, generator=gen)
+        fixed = [objective.branch_losses(**batch, t=torch.full((b,), 0.8), noise=noise) for _ in range(2)]
+        assert fixed[0] == fixed[1]  # nothing drawn: only the condition can change it
+        later = objective.branch_losses(**batch, t=torch.full((b,), 0.3), noise=noise)
+        other_noise = objective.branch_losses(**batch, t=torch.full((b,), 0.8), noise=noise.flip(0))
+    assert all(abs(x.item() - y.item()) > 1e-4 for pair in (zip(fixed[0], later), zip(fixed[0], other_noise)) for x, y in pair)
+
+
+def test_refany3d_inputs_apply_the_release_dropouts(dataset: Path) -> None:
+    """Stage 1's inputs: latents at the condition size, and with dropout 1 every caption empty and
+    every view the black view's latents; with dropout 0 neither."""
+    from refany3d.data import SampleDataset, collate
+    from refany3d.train import RefAny3DInputs
+
+    flux = build_base_pipeline(TinyConfig(vae_channels=(8, 16), latent_channels=4), seed=0)
+    items = SampleDataset([dataset], 32, 2, shuffle=False, repeat=False)
+    batch = collate([items.item(i) for i in range(3)])
+    keep = RefAny3DInputs(flux, 16, torch.Generator().manual_seed(0), text_dropout=0.0, reference_dropout=0.0)(batch)
+    drop_all = RefAny3DInputs(flux, 16, torch.Generator().manual_seed(0), text_dropout=1.0, reference_dropout=1.0)
+    dropped = drop_all(batch)
+    assert keep["rgb_latents"].shape == (3, 4, 16, 16) and keep["rgb_views"].shape == (3, 2, 4, 8, 8)
+    black = drop_all.black_view()
+    assert black.shape == (4, 8, 8)
+    for key in ("rgb_views", "pm_views"):
+        assert (dropped[key] == black.expand_as(dropped[key])).all()
+        assert (keep[key] - black.expand_as(keep[key])).abs().amax(dim=(1, 2, 3, 4)).min() > 1e-3
+    empty, _, _ = drop_all.encode_text([""] * 3)
+    captions, _, _ = drop_all.encode_text(batch["caption"])
+    torch.testing.assert_close(dropped["text"], empty)
+    torch.testing.assert_close(keep["text"], captions)
+    assert (keep["text"] - empty).abs().max() > 1e-3
+
+
 def test_gpu_preset_is_the_larger_model_under_30_mb() -> None:
     from refany3d.tiny import add_refany3d_adapters, build_base_pipeline
 

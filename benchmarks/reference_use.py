@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""Does a trained RefAny3D model use its reference views? Flow losses under swapped conditions,
+and where its targets' attention goes.
+
+A model that draws *this* asset must predict its targets better from the asset's own views than
+from another asset's. On held-out samples, with t and the noise fixed so that only the condition
+changes, this prints the stage-1 flow loss of each target (RGB, point map) given
+
+- the caption and the sample's own views (as trained),
+- the caption and another sample's views (another asset: the views carry nothing about this one),
+- the caption and black views (what reference dropout and image guidance show the model),
+- an empty caption and the own views,
+
+and the gain of the own views over another asset's. It then records the attention of one joint
+pass (`refany3d.transformer.AttentionRecorder`) and prints, per block, the share of each target's
+attention that goes to the text, the two targets and the two kinds of views. Seconds on a CPU for
+the embedded model, where `benchmarks/quality.py` takes minutes, so it also tracks a training run.
+
+    python benchmarks/reference_use.py --data VAL_DIR [--base DIR --ref DIR] [--count 32]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from refany3d.conditions import CONDITION_POSITION_DELTA, latent_position_ids, pack_latents  # noqa: E402
+from refany3d.data import SampleDataset, collate  # noqa: E402
+from refany3d.pipeline import RefAny3DPipeline, default_model  # noqa: E402
+from refany3d.train import RefAny3DInputs, RefAny3DObjective  # noqa: E402
+from refany3d.transformer import AttentionRecorder, branch_attention, joint_forward, refany3d_branches  # noqa: E402
+
+KEY_GROUPS = ("text", "RGB target", "point-map target", "RGB views", "point-map views")
+
+
+def other_asset(assets: list[str]) -> list[int]:
+    """For each sample, the next sample (cyclically) that shows a different asset: held-out sets
+    put several scenes of one asset side by side."""
+    order = []
+    for i, asset in enumerate(assets):
+        j = next((j % len(assets) for j in range(i + 1, i + len(assets)) if assets[j % len(assets)] != asset), None)
+        if j is None:
+            raise SystemExit("every sample shows the same asset; another asset's views are needed (raise --count)")
+        order.append(j)
+    return order
+
+
+def conditions(inputs: dict, others: list[int], black: torch.Tensor, empty_caption: tuple[torch.Tensor, torch.Tensor]) -> dict[str, dict]:
+    """The same targets under each condition the table compares."""
+    swapped = {k: inputs[k][others] for k in ("rgb_views", "pm_views")}
+    blacks = {k: black.expand_as(inputs[k]).clone() for k in ("rgb_views", "pm_views")}
+    text, pooled = (x.expand(inputs["text"].shape[0], *x.shape[1:]) for x in empty_caption)
+    return {"own views": inputs, "another asset's views": {**inputs, **swapped}, "black views": {**inputs, **blacks},
+            "own views, empty caption": {**inputs, "text": text, "pooled": pooled}}
+
+
+def attention_shares(objective: RefAny3DObjective, inputs: dict, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """(blocks, 2, 5): per block, the RGB and the point-map target's attention shares over KEY_GROUPS."""
+    x0 = torch.stack([pack_latents(inputs["rgb_latents"]), pack_latents(inputs["pm_latents"])], dim=1)
+    tt = t.view(-1, 1, 1, 1)
+    x_t = (1 - tt) * x0 + tt * noise
+    n = inputs["rgb_views"].shape[1]
+    view_ids = latent_position_ids(*inputs["rgb_views"].shape[3:], CONDITION_POSITION_DELTA)
+    branches = refany3d_branches(
+        inputs["text"], inputs["pooled"], (x_t[:, 0], x_t[:, 1]), latent_position_ids(*inputs["rgb_latents"].shape[2:]),
+        [pack_latents(inputs["rgb_views"][:, k]) for k in range(n)], [pack_latents(inputs["pm_views"][:, k]) for k in range(n)],
+        view_ids, t, inputs["guidance"],
+    )
+    with AttentionRecorder() as recorder:
+        joint_forward(objective.transformer, branches, objective.domain_embedder, objective.group)
+    shares = branch_attention(recorder.maps, [b.hidden.shape[1] for b in branches])[:, 1:3]  # target queries
+    # keys: text, RGB target, point-map target, then the N RGB views and the N point-map views summed
+    return torch.cat([shares[..., :3], shares[..., 3:3 + n].sum(-1, keepdim=True), shares[..., 3 + n:].sum(-1, keepdim=True)], -1)
+
+
+@torch.no_grad()
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="held-out dataset (make-data --split val)")
+    ap.add_argument("--base", help="base model folder (default: the embedded model)")
+    ap.add_argument("--ref", help="RefAny3D weights folder (default: the embedded model)")
+    ap.add_argument("--count", type=int, default=32)
+    ap.add_argument("--resolution", type=int, default=64)
+    ap.add_argument("--condition-size", type=int, default=32, help="size of the reference views (embedded: 32)")
+    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--times", type=float, nargs="+", default=[0.5, 0.8, 0.95], help="flow times t to probe")
+    ap.add_argument("--attention-time", type=float, default=0.8)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    if args.count < 2:
+        ap.error("--count must be at least 2 (another sample's views stand for another asset)")
+
+    base, ref = default_model()
+    pipe = RefAny3DPipeline.from_pretrained(args.base or base, args.ref or ref, device="cpu")
+    dataset = SampleDataset([args.data], args.resolution, args.views, shuffle=False, repeat=False)
+    count = min(args.count, len(dataset))
+    batch = collate([dataset.item(i) for i in range(count)])
+    assets = [json.loads((folder / "meta.json").read_text())["asset"] for _, folder in dataset.samples[:count]]
+    torch.manual_seed(args.seed)  # the VAE's posterior samples
+    make_inputs = RefAny3DInputs(pipe.flux, args.condition_size, torch.Generator(), text_dropout=0.0, reference_dropout=0.0)
+    inputs = make_inputs(batch)
+    black = make_inputs.black_view()
+    empty = make_inputs.encode_text([""])[:2]
+    objective = RefAny3DObjective(pipe.flux.transformer, pipe.domain_embedder, args.views).eval()
+    b = inputs["rgb_latents"].shape[0]
+    noise = torch.randn(b, 2, *pack_latents(inputs["rgb_latents"]).shape[1:], generator=torch.Generator().manual_seed(args.seed))
+
+    print(f"flow loss on {b} held-out samples of {args.data} (lower is better), RGB / point map")
+    cases = conditions(inputs, other_asset(assets), black, empty)
+    print("| t | " + " | ".join(cases) + " | gain of own views over another asset's |")
+    print("|---" * (len(cases) + 2) + "|")
+    for value in args.times:
+        t = torch.full((b,), value)
+        losses = {name: [x.item() for x in objective.branch_losses(**kw, t=t, noise=noise)] for name, kw in cases.items()}
+        own, other = losses["own views"], losses["another asset's views"]
+        gain = " / ".join(f"{100 * (o / m - 1):+.1f}%" for m, o in zip(own, other))
+        print(f"| {value} | " + " | ".join(f"{r:.4f} / {p:.4f}" for r, p in losses.values()) + f" | {gain} |")
+
+    shares = attention_shares(objective, inputs, torch.full((b,), args.attention_time), noise)
+    print(f"\nattention of the targets at t = {args.attention_time} (share per key group; rows sum to 1)")
+    print("| block | target | " + " | ".join(KEY_GROUPS) + " |")
+    print("|---" * (len(KEY_GROUPS) + 2) + "|")
+    for block, per_target in enumerate(shares):
+        for target, row in zip(("RGB", "point map"), per_target):
+            print(f"| {block} | {target} | " + " | ".join(f"{x:.3f}" for x in row.tolist()) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
