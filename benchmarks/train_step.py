@@ -9,8 +9,14 @@ eager and compiled interleaved round by round, so a busy machine slows both alik
 an eager step runs. Throughput in samples/s shows whether a step is bound by work (grows with the
 batch) or by per-operation overhead (flat).
 
+With --data, it also times what comes before each step: turning a batch of a dataset into the
+objective's inputs (`train.RefAny3DInputs`: VAE encodings of targets and views, caption
+encodings), with the VAE posteriors encoded afresh every time (cache size 0) against remembered
+(`train.PosteriorCache`, warmed by one pass over the batches).
+
     python benchmarks/train_step.py                       # CPU, batch 8
     python benchmarks/train_step.py --batch 8 128         # on a GPU: is the step launch-bound?
+    python benchmarks/train_step.py --data data/train     # also the input preparation
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refany3d.pipeline import EMBEDDED_MODEL_DIR  # noqa: E402
 from refany3d.tiny import add_refany3d_adapters, new_domain_embedder  # noqa: E402
-from refany3d.train import RefAny3DObjective, train_only_lora  # noqa: E402
+from refany3d.train import PosteriorCache, RefAny3DInputs, RefAny3DObjective, train_only_lora  # noqa: E402
 
 
 def build_objective(base: Path, device: str, rank: int, views: int) -> RefAny3DObjective:
@@ -65,6 +71,37 @@ def count_operations(fn) -> tuple[int, int]:
     return operators, kernels
 
 
+def time_inputs(base: Path, data: Path, batch: int, views: int, resolution: int, condition_size: int, device: str,
+                rounds: int) -> None:
+    """Input preparation of 8 batches, posteriors encoded afresh vs remembered, interleaved per round."""
+    from diffusers import FluxPipeline
+
+    from refany3d.data import SampleDataset, collate
+
+    flux = FluxPipeline.from_pretrained(base).to(device)
+    dataset = SampleDataset([data], resolution, views, shuffle=False, repeat=False)
+    items = [dataset.item(i) for i in range(min(8 * batch, len(dataset)))]
+    batches = [collate(items[i:i + batch]) for i in range(0, len(items), batch)]
+    batches = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()} for b in batches]
+    variants = {"afresh": RefAny3DInputs(flux, condition_size, torch.Generator()),
+                "cached": RefAny3DInputs(flux, condition_size, torch.Generator())}
+    variants["afresh"].encode = PosteriorCache(flux.vae, max_bytes=0)
+    for prepare in variants.values():  # warm-up: caption encodings of both, the posteriors of "cached"
+        for b in batches:
+            prepare(b)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, prepare in variants.items():
+            start = time.perf_counter()
+            for b in batches:
+                prepare(b)
+            times[name].append((time.perf_counter() - start) / len(batches))
+    afresh = statistics.median(times["afresh"])
+    for name, values in times.items():
+        t = statistics.median(values)
+        print(f"  inputs of a batch of {batch}, posteriors {name:>6}: {1000 * t:7.1f} ms  x{afresh / t:5.2f}", flush=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path, default=EMBEDDED_MODEL_DIR / "base", help="diffusers FLUX base folder")
@@ -74,6 +111,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--data", type=Path, help="a dataset (make-data): also time the input preparation on it")
+    ap.add_argument("--resolution", type=int, default=64, help="size the targets are encoded at (embedded: 64)")
+    ap.add_argument("--condition-size", type=int, default=32, help="size the views are encoded at (embedded: 32)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,6 +129,9 @@ def main() -> int:
         optimizers[name].zero_grad(set_to_none=True)
 
     print(f"stage-1 training step on {device}, {args.views} views, LoRA rank {args.rank}, base {args.base}")
+    if args.data:
+        for size in args.batch:
+            time_inputs(args.base, args.data, size, args.views, args.resolution, args.condition_size, device, args.rounds)
     for size in args.batch:
         batch = random_batch(eager.transformer, size, args.views, 16, 8, device)
         for name in variants:  # warm-up (compiles; a new batch size recompiles)

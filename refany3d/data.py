@@ -611,7 +611,8 @@ class SampleDataset(IterableDataset):
     """Streams samples as tensors: an infinite, shuffled stream split over processes and workers.
 
     Items: {"image": (3,H,W), "pointmap": (3,H,W), "ref_rgb": (V,3,H,W), "ref_pointmap": (V,3,H,W)
-    in [-1, 1], "caption": str}. `rank`/`world_size` give each training process a disjoint share.
+    in [-1, 1], "caption": str, "sample"/"asset": their folders (keys for caches of encodings)}.
+    `rank`/`world_size` give each training process a disjoint share.
     """
 
     def __init__(
@@ -650,6 +651,8 @@ class SampleDataset(IterableDataset):
         meta = json.loads((folder / "meta.json").read_text())
         rgb, pm = self._asset(root / "assets" / meta["asset"])
         return {
+            "sample": str(folder),
+            "asset": str(root / "assets" / meta["asset"]),
             "image": _to_tensor(_read_image(folder / "image.png", self.resolution)),
             "pointmap": _to_tensor(_read_image(folder / "pointmap.png", self.resolution)),
             "ref_rgb": _to_tensor(rgb),
@@ -674,5 +677,5 @@ class SampleDataset(IterableDataset):
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack tensors and keep captions as a list."""
-    return {k: ([it[k] for it in items] if k == "caption" else torch.stack([it[k] for it in items])) for k in items[0]}
+    """Stack tensors; keep strings (captions, sample and asset names) as lists."""
+    return {k: [it[k] for it in items] if isinstance(items[0][k], str) else torch.stack([it[k] for it in items]) for k in items[0]}

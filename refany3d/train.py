@@ -340,8 +340,46 @@ def _encode_pixels(vae, pixels: torch.Tensor) -> torch.Tensor:
     """FLUX-normalized latents of (..., 3, H, W) pixels in [-1, 1]."""
     lead = pixels.shape[:-3]
     latents = vae.encode(pixels.reshape(-1, *pixels.shape[-3:]).to(vae.dtype)).latent_dist.sample()
-    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-    return latents.reshape(*lead, *latents.shape[1:])
+    return _normalized(vae, latents.reshape(*lead, *latents.shape[1:]))
+
+
+def _normalized(vae, latents: torch.Tensor) -> torch.Tensor:
+    return (latents - vae.config.shift_factor) * vae.config.scaling_factor
+
+
+class PosteriorCache:
+    """The frozen VAE's posteriors (mean, std), remembered per key (a sample's image, an asset's
+    views): a dataset's pictures come back every epoch, and encoding them is a large share of a
+    small model's step. Latents are still drawn afresh from the posterior at every use, with the
+    same random numbers as `vae.encode(...).latent_dist.sample()`, so training is unchanged.
+    Posteriors are kept until `max_bytes` is used; past that they are computed, not kept."""
+
+    def __init__(self, vae, max_bytes: int = 1 << 30):
+        self.vae, self.max_bytes = vae, max_bytes
+        self.store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.bytes = 0
+
+    @torch.no_grad()
+    def __call__(self, keys: list[str], pixels: torch.Tensor) -> torch.Tensor:
+        """FLUX-normalized latents of pixels (K, ..., 3, H, W) in [-1, 1], row k named keys[k]."""
+        vae, item = self.vae, pixels.shape[1:-3]
+        fresh: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        first = {key: row for row, key in reversed(list(enumerate(keys)))}
+        missing = [key for key in first if key not in self.store]
+        if missing:
+            rows = pixels[[first[key] for key in missing]]
+            posterior = vae.encode(rows.reshape(-1, *pixels.shape[-3:]).to(vae.dtype)).latent_dist
+            means = posterior.mean.reshape(len(missing), *item, *posterior.mean.shape[1:])
+            stds = posterior.std.reshape(means.shape)
+            for key, mean, std in zip(missing, means, stds):
+                fresh[key] = (mean, std)
+                size = 2 * mean.numel() * mean.element_size()
+                if self.bytes + size <= self.max_bytes:
+                    self.store[key] = (mean.clone(), std.clone())  # not views that would keep the whole batch
+                    self.bytes += size
+        pairs = [self.store[key] if key in self.store else fresh[key] for key in keys]
+        mean, std = torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
+        return _normalized(vae, mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype))
 
 
 def _drop(captions: list[str], p: float, generator: torch.Generator) -> list[str]:
@@ -402,9 +440,10 @@ def train_base(config: TrainConfig, accelerator, flux) -> StageResult:
     generator = torch.Generator().manual_seed(config.seed + 2)
     transformer = flux.transformer.train().requires_grad_(True)
     encode_text = CaptionEncoder(flux, _text_length(flux))
+    encode_image = PosteriorCache(flux.vae)
 
     def to_inputs(batch):
-        latents = _encode_pixels(flux.vae, batch["image"])
+        latents = encode_image(batch["sample"], batch["image"])
         text, pooled, text_ids = encode_text(_drop(batch["caption"], config.text_dropout, generator))
         h, w = latents.shape[2:]
         low, high = config.base_guidance_range
@@ -437,17 +476,18 @@ class RefAny3DInputs:
         self.flux, self.size, self.generator = flux, condition_size, generator
         self.text_dropout, self.reference_dropout, self.guidance = text_dropout, reference_dropout, guidance
         self.encode_text = CaptionEncoder(flux, _text_length(flux))
+        self.encode = PosteriorCache(flux.vae)
         self.black: torch.Tensor | None = None
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        vae, size = self.flux.vae, self.size
-        rgb = _encode_pixels(vae, batch["image"])
-        pm = _encode_pixels(vae, batch["pointmap"])
+        size, samples = self.size, batch["sample"]
+        rgb = self.encode([f"{s}:image" for s in samples], batch["image"])
+        pm = self.encode([f"{s}:pointmap" for s in samples], batch["pointmap"])
         refs = torch.stack([batch["ref_rgb"], batch["ref_pointmap"]], dim=2)
         if size != refs.shape[-1]:  # resized like the sampler resizes its views (bicubic, antialiased)
             flat = F.interpolate(refs.flatten(0, 2), size=(size, size), mode="bicubic", antialias=True)
             refs = flat.clamp(-1, 1).view(*refs.shape[:3], 3, size, size)
-        views = _encode_pixels(vae, refs)
+        views = self.encode([f"{a}:views@{size}" for a in batch["asset"]], refs)
         drop = torch.rand(views.shape[0], generator=self.generator) < self.reference_dropout
         views[drop.to(views.device)] = self.black_view().to(views.dtype)
         text, pooled, _ = self.encode_text(_drop(batch["caption"], self.text_dropout, self.generator))

@@ -251,6 +251,36 @@ def test_objective_is_the_mean_of_its_branch_losses_and_they_follow_t_and_noise(
     assert all(abs(x.item() - y.item()) > 1e-4 for pair in (zip(fixed[0], later), zip(fixed[0], other_noise)) for x, y in pair)
 
 
+def test_posterior_cache_encodes_each_key_once_and_samples_like_the_vae() -> None:
+    """Cached latents are draws from the same posterior with the same random numbers as encoding
+    afresh (`vae.encode(...).latent_dist.sample()`), the encoder runs once per new key (repeats in
+    a batch included), and `max_bytes=0` keeps nothing."""
+    from refany3d.train import PosteriorCache, _encode_pixels
+
+    vae = build_base_pipeline(TinyConfig(vae_channels=(8, 16), latent_channels=4), seed=0).vae
+    vae.register_to_config(shift_factor=0.1, scaling_factor=2.0)
+    pixels = torch.rand(3, 2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    keys = ["a", "b", "a"]
+    pixels[2] = pixels[0]  # a repeated key names the same pictures
+    calls = []
+    encode = vae.encode
+    vae.encode = lambda x: calls.append(x.shape[0]) or encode(x)
+    cache, nothing_kept = PosteriorCache(vae), PosteriorCache(vae, max_bytes=0)
+    for round_ in range(2):
+        for c in (cache, nothing_kept):
+            torch.manual_seed(round_)
+            cached = c(keys, pixels)
+            torch.manual_seed(round_)
+            afresh = _encode_pixels(vae, pixels)
+            torch.testing.assert_close(cached, afresh, rtol=1e-5, atol=1e-5)
+    # 2 keys x 2 views per cached encode (6 afresh); in round 2 the cache encodes nothing, the other all again
+    assert calls == [4, 6, 4, 6, 6, 4, 6]
+    assert cache.bytes > 0 and nothing_kept.bytes == 0 and not nothing_kept.store
+    torch.manual_seed(5)
+    again = cache(keys, pixels)
+    assert (again - cached).abs().max() > 1e-3  # a new draw from the posterior, not a stored latent
+
+
 def test_refany3d_inputs_apply_the_release_dropouts(dataset: Path) -> None:
     """Stage 1's inputs: latents at the condition size, and with dropout 1 every caption empty and
     every view the black view's latents; with dropout 0 neither."""
