@@ -72,7 +72,7 @@ def attention_shares(objective: RefAny3DObjective, inputs: dict, t: torch.Tensor
         view_ids, t, inputs["guidance"],
     )
     with AttentionRecorder() as recorder:
-        joint_forward(objective.transformer, branches, objective.domain_embedder, objective.group)
+        joint_forward(objective.transformer, branches, objective.domain_embedder, objective.group if objective.group.numel() else None)
     shares = branch_attention(recorder.maps, [b.hidden.shape[1] for b in branches])[:, 1:3]  # target queries
     # keys: text, RGB target, point-map target, then the N RGB views and the N point-map views summed
     return torch.cat([shares[..., :3], shares[..., 3:3 + n].sum(-1, keepdim=True), shares[..., 3 + n:].sum(-1, keepdim=True)], -1)
@@ -91,6 +91,8 @@ def main() -> int:
     ap.add_argument("--times", type=float, nargs="+", default=[0.5, 0.8, 0.95], help="flow times t to probe")
     ap.add_argument("--attention-time", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-group-mask", dest="group_mask", action="store_false",
+                    help="the model was trained with --no-group-mask (ablation): probe it with full attention")
     args = ap.parse_args()
     if args.count < 2:
         ap.error("--count must be at least 2 (another sample's views stand for another asset)")
@@ -106,7 +108,7 @@ def main() -> int:
     inputs = make_inputs(batch)
     black = make_inputs.black_view()
     empty = make_inputs.encode_text([""])[:2]
-    objective = RefAny3DObjective(pipe.flux.transformer, pipe.domain_embedder, args.views).eval()
+    objective = RefAny3DObjective(pipe.flux.transformer, pipe.domain_embedder, args.views, args.group_mask).eval()
     b = inputs["rgb_latents"].shape[0]
     noise = torch.randn(b, 2, *pack_latents(inputs["rgb_latents"]).shape[1:], generator=torch.Generator().manual_seed(args.seed))
 
