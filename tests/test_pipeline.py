@@ -190,15 +190,21 @@ def test_joint_forward_of_one_image_branch_is_the_diffusers_forward(pipe, adapte
     np.testing.assert_allclose(ours.numpy(), reference.numpy(), atol=1e-5)
 
 
+def _random_refany3d_tokens(transformer, batch: int, seed: int):
+    """Random (text, pooled, [RGB, point-map] targets of 4x4 tokens, 2 RGB views, 2 point-map views of 2x2)."""
+    cfg, gen = transformer.config, torch.Generator().manual_seed(seed)
+    text = torch.randn(batch, 5, cfg.joint_attention_dim, generator=gen)
+    pooled = torch.randn(batch, cfg.pooled_projection_dim, generator=gen)
+    targets = [torch.randn(batch, 16, cfg.in_channels, generator=gen) for _ in range(2)]
+    rgb, pm = ([torch.randn(batch, 4, cfg.in_channels, generator=gen) for _ in range(2)] for _ in range(2))
+    return text, pooled, targets, rgb, pm
+
+
 def test_joint_forward_is_equivariant_to_the_order_of_the_views(pipe):
     """Swapping two reference views (with their point maps) leaves the targets' predictions as they
     are: rows, adapters, modulation and the group mask follow each branch, not its position."""
-    tr, gen = pipe.flux.transformer, torch.Generator().manual_seed(2)
-    cfg = tr.config
-    text = torch.randn(1, 5, cfg.joint_attention_dim, generator=gen)
-    pooled = torch.randn(1, cfg.pooled_projection_dim, generator=gen)
-    targets = [torch.randn(1, 16, cfg.in_channels, generator=gen) for _ in range(2)]
-    rgb, pm = ([torch.randn(1, 4, cfg.in_channels, generator=gen) for _ in range(2)] for _ in range(2))
+    tr = pipe.flux.transformer
+    text, pooled, targets, rgb, pm = _random_refany3d_tokens(tr, batch=1, seed=2)
     t, g = torch.full((1,), 0.5), torch.full((1,), 3.5)
 
     def predict(rgb_views, pm_views):
@@ -217,12 +223,8 @@ def test_attention_recorder_shares_follow_the_group_mask(pipe):
     """The recorded attention is a distribution over keys, zero where the group mask forbids (the
     point-map target never sees the text, a view never sees another pair), and the recorder does
     not change the pass."""
-    tr, gen = pipe.flux.transformer, torch.Generator().manual_seed(4)
-    cfg = tr.config
-    text = torch.randn(2, 5, cfg.joint_attention_dim, generator=gen)
-    pooled = torch.randn(2, cfg.pooled_projection_dim, generator=gen)
-    targets = [torch.randn(2, 16, cfg.in_channels, generator=gen) for _ in range(2)]
-    rgb, pm = ([torch.randn(2, 4, cfg.in_channels, generator=gen) for _ in range(2)] for _ in range(2))
+    tr = pipe.flux.transformer
+    text, pooled, targets, rgb, pm = _random_refany3d_tokens(tr, batch=2, seed=4)
     branches = refany3d_branches(text, pooled, targets, latent_position_ids(8, 8), rgb, pm,
                                  latent_position_ids(4, 4, (0, -32)), torch.full((2,), 0.5), torch.full((2,), 3.5))
     lengths = [b.hidden.shape[1] for b in branches]
