@@ -661,7 +661,7 @@ GPU_TINY = TinyConfig(
 )
 PRESETS: dict[str, dict[str, Any]] = {
     "embedded": dict(tiny=EMBEDDED_TINY, resolution=64, condition_size=32, n_views=4, batch_size=8, vae_steps=3000,
-                     base_steps=5000, ref_steps=5000, lora_rank=16, lora_alpha=16, checkpoint_every=100),
+                     base_steps=5000, ref_steps=16000, lora_rank=16, lora_alpha=16, checkpoint_every=100),
     "gpu": dict(tiny=GPU_TINY, resolution=64, condition_size=32, n_views=4, batch_size=128, vae_steps=708,
                 base_steps=555, ref_steps=444, lora_rank=32, lora_alpha=32, checkpoint_every=100, num_workers=14),
     # Smoke tests: the smallest model that still has every part.
