@@ -29,11 +29,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from refany3d.conditions import CONDITION_POSITION_DELTA, latent_position_ids, pack_latents  # noqa: E402
+from refany3d.conditions import pack_latents  # noqa: E402
 from refany3d.data import SampleDataset, collate  # noqa: E402
 from refany3d.pipeline import RefAny3DPipeline, default_model  # noqa: E402
 from refany3d.train import RefAny3DInputs, RefAny3DObjective  # noqa: E402
-from refany3d.transformer import AttentionRecorder, branch_attention, joint_forward, refany3d_branches  # noqa: E402
+from refany3d.transformer import AttentionRecorder, branch_attention, joint_forward  # noqa: E402
 
 KEY_GROUPS = ("text", "RGB target", "point-map target", "RGB views", "point-map views")
 
@@ -61,20 +61,12 @@ def conditions(inputs: dict, others: list[int], black: torch.Tensor, empty_capti
 
 def attention_shares(objective: RefAny3DObjective, inputs: dict, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """(blocks, 2, 5): per block, the RGB and the point-map target's attention shares over KEY_GROUPS."""
-    x0 = torch.stack([pack_latents(inputs["rgb_latents"]), pack_latents(inputs["pm_latents"])], dim=1)
-    tt = t.view(-1, 1, 1, 1)
-    x_t = (1 - tt) * x0 + tt * noise
-    n = inputs["rgb_views"].shape[1]
-    view_ids = latent_position_ids(*inputs["rgb_views"].shape[3:], CONDITION_POSITION_DELTA)
-    branches = refany3d_branches(
-        inputs["text"], inputs["pooled"], (x_t[:, 0], x_t[:, 1]), latent_position_ids(*inputs["rgb_latents"].shape[2:]),
-        [pack_latents(inputs["rgb_views"][:, k]) for k in range(n)], [pack_latents(inputs["pm_views"][:, k]) for k in range(n)],
-        view_ids, t, inputs["guidance"],
-    )
+    branches, _ = objective.noised_branches(**inputs, t=t, noise=noise)
     with AttentionRecorder() as recorder:
-        joint_forward(objective.transformer, branches, objective.domain_embedder, objective.group if objective.group.numel() else None)
+        joint_forward(objective.transformer, branches, objective.domain_embedder, objective.group_mask)
     shares = branch_attention(recorder.maps, [b.hidden.shape[1] for b in branches])[:, 1:3]  # target queries
     # keys: text, RGB target, point-map target, then the N RGB views and the N point-map views summed
+    n = inputs["rgb_views"].shape[1]
     return torch.cat([shares[..., :3], shares[..., 3:3 + n].sum(-1, keepdim=True), shares[..., 3 + n:].sum(-1, keepdim=True)], -1)
 
 

@@ -30,7 +30,7 @@ from refany3d.conditions import CONDITION_POSITION_DELTA, latent_position_ids, p
 from refany3d.data import SampleDataset, caption_vocabulary, collate
 from refany3d.errors import InputError
 from refany3d.tiny import TinyConfig, add_refany3d_adapters, build_base_pipeline, new_domain_embedder, save_refany3d_weights
-from refany3d.transformer import joint_forward, refany3d_branches, refany3d_group_mask
+from refany3d.transformer import Branch, joint_forward, refany3d_branches, refany3d_group_mask
 
 STAGES = ("vae", "base", "refany3d")
 
@@ -176,6 +176,15 @@ class RefAny3DObjective(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The flow losses of the RGB and the point-map target; t (B,) and noise (B, 2, L, C) are
         drawn as in training unless given (`benchmarks/reference_use.py` fixes them)."""
+        branches, target = self.noised_branches(rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance, t, noise)
+        rgb_pred, pm_pred = joint_forward(self.transformer, branches, self.domain_embedder, self.group_mask)
+        return F.mse_loss(rgb_pred.float(), target[:, 0].float()), F.mse_loss(pm_pred.float(), target[:, 1].float())
+
+    def noised_branches(
+        self, rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance,
+        t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+    ) -> tuple[list[Branch], torch.Tensor]:
+        """The joint pass's branches, both targets noised to one x_t, and the flow target (noise - x0)."""
         n = rgb_views.shape[1]
         x0 = torch.stack([pack_latents(rgb_latents), pack_latents(pm_latents)], dim=1)  # (B, 2, L, C)
         x_t, t, target = sample_flow(x0, t=t, noise=noise)
@@ -187,9 +196,12 @@ class RefAny3DObjective(torch.nn.Module):
         branches = refany3d_branches(
             text, pooled, (x_t[:, 0], x_t[:, 1]), target_ids, rgb_tok, pm_tok, view_ids, t, guidance
         )
-        preds = joint_forward(self.transformer, branches, self.domain_embedder, self.group if self.group.numel() else None)
-        rgb_pred, pm_pred = preds
-        return F.mse_loss(rgb_pred.float(), target[:, 0].float()), F.mse_loss(pm_pred.float(), target[:, 1].float())
+        return branches, target
+
+    @property
+    def group_mask(self) -> torch.Tensor | None:
+        """The release's group mask, or None for the no-mask ablation (full attention)."""
+        return self.group if self.group.numel() else None
 
 
 # ---------------------------------------------------------------------------------------------
