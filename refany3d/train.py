@@ -316,6 +316,21 @@ def _batches(config: TrainConfig, accelerator, seed: int) -> Iterator[dict[str, 
 # ---------------------------------------------------------------------------------------------
 
 
+class _BoundedStore(dict):
+    """Tensor tuples by key, kept while their bytes fit in `max_bytes`: the memory of the encoder
+    caches below. Kept tensors are clones, not views that would keep a whole batch alive."""
+
+    def __init__(self, max_bytes: int):
+        super().__init__()
+        self.max_bytes, self.bytes = max_bytes, 0
+
+    def keep(self, key: str, tensors: tuple[torch.Tensor, ...]) -> None:
+        size = sum(t.numel() * t.element_size() for t in tensors)
+        if self.bytes + size <= self.max_bytes:
+            self[key] = tuple(t.clone() for t in tensors)
+            self.bytes += size
+
+
 class CaptionEncoder:
     """The frozen text encoders, remembered per caption: a dataset's captions come back every epoch
     (the empty one at every text dropout), and on a GPU encoding them cost about as much per step
@@ -323,9 +338,8 @@ class CaptionEncoder:
     which new captions are still encoded, just not kept."""
 
     def __init__(self, flux, max_length: int, max_bytes: int = 1 << 30):
-        self.flux, self.max_length, self.max_bytes = flux, max_length, max_bytes
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.bytes = 0
+        self.flux, self.max_length = flux, max_length
+        self.cache = _BoundedStore(max_bytes)
 
     @torch.no_grad()
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -338,10 +352,7 @@ class CaptionEncoder:
             )
             for caption, t, p in zip(missing, text, pooled):
                 fresh[caption] = (t, p)
-                size = t.numel() * t.element_size() + p.numel() * p.element_size()
-                if self.bytes + size <= self.max_bytes:
-                    self.cache[caption] = (t.clone(), p.clone())  # not views that would keep the whole batch
-                    self.bytes += size
+                self.cache.keep(caption, (t, p))
         pairs = [self.cache[c] if c in self.cache else fresh[c] for c in captions]
         text, pooled = torch.stack([t for t, _ in pairs]), torch.stack([p for _, p in pairs])
         return text, pooled, torch.zeros(text.shape[1], 3, device=text.device, dtype=text.dtype)
@@ -367,9 +378,8 @@ class PosteriorCache:
     Posteriors are kept until `max_bytes` is used; past that they are computed, not kept."""
 
     def __init__(self, vae, max_bytes: int = 1 << 30):
-        self.vae, self.max_bytes = vae, max_bytes
-        self.store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.bytes = 0
+        self.vae = vae
+        self.store = _BoundedStore(max_bytes)
 
     @torch.no_grad()
     def __call__(self, keys: list[str], pixels: torch.Tensor) -> torch.Tensor:
@@ -385,10 +395,7 @@ class PosteriorCache:
             stds = posterior.std.reshape(means.shape)
             for key, mean, std in zip(missing, means, stds):
                 fresh[key] = (mean, std)
-                size = 2 * mean.numel() * mean.element_size()
-                if self.bytes + size <= self.max_bytes:
-                    self.store[key] = (mean.clone(), std.clone())  # not views that would keep the whole batch
-                    self.bytes += size
+                self.store.keep(key, (mean, std))
         pairs = [self.store[key] if key in self.store else fresh[key] for key in keys]
         mean, std = torch.stack([m for m, _ in pairs]), torch.stack([s for _, s in pairs])
         return _normalized(vae, mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype))

@@ -156,7 +156,7 @@ def test_caption_encoder_encodes_each_caption_once_and_gives_the_pipelines_encod
     full = CaptionEncoder(flux, max_length=16, max_bytes=0)  # nothing kept, same answers
     np.testing.assert_allclose(full(captions)[0].numpy(), text.numpy(), atol=1e-6)
     full(captions)
-    assert full.cache == {} and full.bytes == 0
+    assert full.cache == {} and full.cache.bytes == 0
 
 
 def test_bad_configs_raise_input_errors() -> None:
@@ -275,7 +275,7 @@ def test_posterior_cache_encodes_each_key_once_and_samples_like_the_vae() -> Non
             torch.testing.assert_close(cached, afresh, rtol=1e-5, atol=1e-5)
     # 2 keys x 2 views per cached encode (6 afresh); in round 2 the cache encodes nothing, the other all again
     assert calls == [4, 6, 4, 6, 6, 4, 6]
-    assert cache.bytes > 0 and nothing_kept.bytes == 0 and not nothing_kept.store
+    assert cache.store.bytes > 0 and nothing_kept.store.bytes == 0 and not nothing_kept.store
     torch.manual_seed(5)
     again = cache(keys, pixels)
     assert (again - cached).abs().max() > 1e-3  # a new draw from the posterior, not a stored latent
