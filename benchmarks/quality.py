@@ -8,6 +8,10 @@ foreground, IoU of that foreground with the object segmented in the image, and c
 image against the re-rendered asset. The caption names a viewpoint ("seen from the left"); the
 angle between the recovered camera direction and the sample's true camera direction, and whether
 the recovered camera falls in the named sector, measure whether the caption was followed.
+Without a point map: `refany3d.alignment.fit_asset_to_image` fits the asset's renders to the image
+alone; its PSNR, and its margin over the fit of another held-out asset's renders, say whether the
+image shows this asset at all (the only measure of the no-point-map ablation, whose model has no
+point map to align).
 
 Rows: the held-out targets themselves (the measurement's ceiling), the same targets encoded and
 decoded by the model's VAE (the model's ceiling: it can only draw what its VAE decodes), the model
@@ -16,6 +20,7 @@ same model given fewer views, and a render-and-paste baseline (reference view 0 
 model's text-to-image scene: perfectly aligned by construction, but it ignores the viewpoint).
 
     python benchmarks/quality.py --data VAL_DIR [--base DIR --ref DIR] [--count 24] [--out OUT]
+        [--no-group-mask | --no-pointmap-branch]  (ablation models)
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ import math
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +39,13 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from refany3d.alignment import align  # noqa: E402
+from refany3d.alignment import align, asset_templates, fit_asset_to_image  # noqa: E402
 from refany3d.cameras import Camera  # noqa: E402
-from refany3d.data import list_samples, load_asset_views, viewpoint_phrase  # noqa: E402
+from refany3d.data import list_samples, load_asset_views, other_asset_indices, viewpoint_phrase  # noqa: E402
 from refany3d.pipeline import RefAny3DPipeline, default_model  # noqa: E402
 
 METRICS = ("measurable", "inlier_ratio", "reprojection_error_px", "iou", "image_iou", "colour_psnr",
-           "direction_error_deg", "viewpoint_match")
+           "direction_error_deg", "viewpoint_match", "fit_psnr", "fit_margin")
 
 
 def _direction_error(report, true_camera: Camera) -> float | None:
@@ -51,11 +57,16 @@ def _direction_error(report, true_camera: Camera) -> float | None:
     return math.degrees(math.acos(max(-1.0, min(1.0, cos))))
 
 
-def score(mesh_path: Path, image, pointmap, true_camera: Camera, viewpoint: str) -> dict:
-    """alignment numbers plus the viewpoint agreement of one (image, point map) pair."""
+def score_sample(mesh_path: Path, image, pointmap, true_camera: Camera, viewpoint: str, templates: tuple) -> dict:
+    """alignment numbers plus the viewpoint agreement of one (image, point map) pair (None without a
+    point map), and the image-only fit of the asset's `templates` against another asset's."""
+    own, other = (fit_asset_to_image(t, image).psnr for t in templates)
+    row = {**dict.fromkeys(METRICS), "fit_psnr": own, "fit_margin": own - other}
+    if pointmap is None:
+        return row
     report = align(mesh_path, pointmap, image, estimate_focal=True)
-    row = {name: getattr(report, name) for name in ("measurable", "inlier_ratio", "reprojection_error_px",
-                                                     "iou", "image_iou", "colour_psnr")}
+    row.update({name: getattr(report, name) for name in ("measurable", "inlier_ratio", "reprojection_error_px",
+                                                          "iou", "image_iou", "colour_psnr")})
     orbit = report.orbit
     row["direction_error_deg"] = _direction_error(report, true_camera)
     row["viewpoint_match"] = None if orbit is None else viewpoint_phrase(orbit["azimuth_deg"], orbit["pitch_deg"]) == viewpoint
@@ -73,7 +84,7 @@ def summarize(rows: list[dict]) -> dict:
         values = [r[name] for r in rows]
         if name in ("measurable", "viewpoint_match"):
             known = [v for v in values if v is not None]
-            out[name] = sum(map(bool, known)) / len(rows) if rows else None
+            out[name] = sum(map(bool, known)) / len(rows) if known else None
         else:
             out[name] = _median(values)
     return out
@@ -86,8 +97,8 @@ def _paste(background: np.ndarray, view_rgb: np.ndarray, view_pm: np.ndarray) ->
     return image.astype(np.uint8), pointmap
 
 
-def _as_uint8(result) -> tuple[np.ndarray, np.ndarray]:
-    return tuple(np.clip(x * 255, 0, 255).round().astype(np.uint8) for x in (result.image, result.pointmap))
+def _as_uint8(result) -> tuple[np.ndarray, np.ndarray | None]:
+    return tuple(None if x is None else np.clip(x * 255, 0, 255).round().astype(np.uint8) for x in (result.image, result.pointmap))
 
 
 @torch.no_grad()
@@ -116,12 +127,19 @@ def main() -> None:
     parser.add_argument("--fewer-views", type=int, nargs="*", default=[2])
     parser.add_argument("--out", default="quality_out", help="folder for images, rows.json and table.md")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--cached", type=int, nargs="*", default=[0], metavar="K",
+    parser.add_argument("--cached", type=int, nargs="*", default=None, metavar="K",
                         help="also sample in cached mode, refreshing the views' keys/values every K steps (0: "
                         "never); one row per K (issue: cached mode must not lose alignment quality)")
     parser.add_argument("--no-group-mask", dest="group_mask", action="store_false",
                         help="the model was trained with --no-group-mask (ablation): sample it with full attention")
+    parser.add_argument("--no-pointmap-branch", dest="pointmap_branch", action="store_false",
+                        help="the model was trained with --no-pointmap-branch (ablation): sample its image alone "
+                        "(faithful sampler) and score it by the image-only fit")
     args = parser.parse_args()
+    if args.cached is None:
+        args.cached = [0] if args.pointmap_branch else []
+    elif args.cached and not args.pointmap_branch:
+        parser.error("--cached needs the point-map branch (the cached sampler does not run the ablation)")
 
     torch.set_num_threads(1)
     base, ref = default_model()
@@ -130,17 +148,26 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     res = args.resolution
     model = "RefAny3D" if args.group_mask else "RefAny3D without group mask"
+    model = model if args.pointmap_branch else f"{model} without point-map branch"
     samples = list_samples([args.data])[: args.count]
+    metas = [json.loads((folder / "meta.json").read_text()) for _, folder in samples]
+    others = other_asset_indices([meta["asset"] for meta in metas])
+    templates: dict[Path, object] = {}
     rows: dict[str, list[dict]] = {"held-out targets (ceiling)": [], "held-out targets through the VAE": [],
                                    f"{model} ({args.views} views)": [],
                                    **{_cached_row(model, args.views, k): [] for k in args.cached},
                                    **{f"{model}, {k} view(s)": [] for k in args.fewer_views},
                                    "render-and-paste baseline": []}
     seconds = []
-    for i, (root, folder) in enumerate(samples):
-        meta = json.loads((folder / "meta.json").read_text())
+    for i, ((root, folder), meta) in enumerate(zip(samples, metas)):
         asset = root / "assets" / meta["asset"]
         mesh_path = asset / "mesh.ply"
+        pair = []
+        for path in (mesh_path, samples[others[i]][0] / "assets" / metas[others[i]]["asset"] / "mesh.ply"):
+            if path not in templates:
+                templates[path] = asset_templates(path, res)
+            pair.append(templates[path])
+        score = partial(score_sample, templates=tuple(pair))
         camera = Camera.from_dict(meta["camera"])
         viewpoint = meta["viewpoint"]
         target = np.asarray(Image.open(folder / "image.png").convert("RGB"))
@@ -150,23 +177,24 @@ def main() -> None:
             score(mesh_path, *_vae_round_trip(pipe.flux.vae, target, target_pm), camera, viewpoint))
         rgb, pm, _ = load_asset_views(asset, res, args.views)
         kw = dict(height=res, width=res, condition_size=args.condition_size, num_inference_steps=args.steps, output_type="np",
-                  group_mask=args.group_mask)
+                  group_mask=args.group_mask, pointmap_branch=args.pointmap_branch,
+                  mode="exact" if args.pointmap_branch else "faithful")
         generator = torch.Generator().manual_seed(args.seed + i)
         began = time.perf_counter()
-        result = pipe(meta["caption"], list(rgb), list(pm), generator=generator, mode="exact", **kw)
+        result = pipe(meta["caption"], list(rgb), list(pm), generator=generator, **kw)
         seconds.append(time.perf_counter() - began)
         for k in args.cached:
             cached = pipe(meta["caption"], list(rgb), list(pm), generator=torch.Generator().manual_seed(args.seed + i),
-                          mode="cached", cache_refresh_every=k, **kw)
+                          **{**kw, "mode": "cached"}, cache_refresh_every=k)
             rows[_cached_row(model, args.views, k)].append(score(mesh_path, *_as_uint8(cached), camera, viewpoint))
         image, pointmap = _as_uint8(result)
         shown = [np.asarray(Image.fromarray(x).resize((res, res), Image.NEAREST)) for x in (target, target_pm)]
-        Image.fromarray(np.concatenate([*shown, image, pointmap], axis=1)).save(out / f"{i:03d}.png")
+        Image.fromarray(np.concatenate([*shown, image, *([] if pointmap is None else [pointmap])], axis=1)).save(out / f"{i:03d}.png")
         rows[f"{model} ({args.views} views)"].append(score(mesh_path, image, pointmap, camera, viewpoint))
         for k in args.fewer_views:
             idx = list(range(0, args.views, args.views // k))[:k]
             few = pipe(meta["caption"], [rgb[j] for j in idx], [pm[j] for j in idx],
-                       generator=torch.Generator().manual_seed(args.seed + i), mode="exact", **kw)
+                       generator=torch.Generator().manual_seed(args.seed + i), **kw)
             rows[f"{model}, {k} view(s)"].append(score(mesh_path, *_as_uint8(few), camera, viewpoint))
         scene = pipe.flux(meta["caption"], height=res, width=res, num_inference_steps=args.steps,
                           generator=torch.Generator().manual_seed(args.seed + i), output_type="np").images[0]
@@ -177,8 +205,8 @@ def main() -> None:
     table = {name: summarize(r) for name, r in rows.items()}
     (out / "rows.json").write_text(json.dumps({"rows": rows, "summary": table, "seconds_per_image": seconds}, indent=1, default=float))
     header = ("| setting | n | measurable | inlier ratio | reproj. error (px) | IoU | image IoU | colour PSNR (dB) "
-              "| viewpoint error (deg) | viewpoint match |")
-    lines = [header, "|" + "---|" * 10]
+              "| viewpoint error (deg) | viewpoint match | image-only fit PSNR (dB) | fit margin over another asset (dB) |")
+    lines = [header, "|" + "---|" * 12]
 
     def fmt(v, spec):
         return "n/a" if v is None else format(v, spec)
@@ -187,10 +215,10 @@ def main() -> None:
         lines.append(f"| {name} | {s['n']} | {fmt(s['measurable'], '.0%')} | {fmt(s['inlier_ratio'], '.2f')} | "
                      f"{fmt(s['reprojection_error_px'], '.2f')} | {fmt(s['iou'], '.2f')} | {fmt(s['image_iou'], '.2f')} | "
                      f"{fmt(s['colour_psnr'], '.1f')} | {fmt(s['direction_error_deg'], '.0f')} | "
-                     f"{fmt(s['viewpoint_match'], '.0%')} |")
+                     f"{fmt(s['viewpoint_match'], '.0%')} | {fmt(s['fit_psnr'], '.1f')} | {fmt(s['fit_margin'], '+.1f')} |")
     lines.append("")
     lines.append(f"Medians over samples (rates for measurable / viewpoint match). {res}x{res}, {args.steps} steps; "
-                 f"generation {statistics.median(seconds):.1f} s per image (median, exact sampler, 1 CPU thread).")
+                 f"generation {statistics.median(seconds):.1f} s per image (median, {kw['mode']} sampler, 1 CPU thread).")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -30,24 +30,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refany3d.conditions import pack_latents  # noqa: E402
-from refany3d.data import SampleDataset, collate  # noqa: E402
+from refany3d.data import SampleDataset, collate, other_asset_indices  # noqa: E402
 from refany3d.pipeline import RefAny3DPipeline, default_model  # noqa: E402
 from refany3d.train import RefAny3DInputs, RefAny3DObjective  # noqa: E402
 from refany3d.transformer import AttentionRecorder, branch_attention, joint_forward  # noqa: E402
 
 KEY_GROUPS = ("text", "RGB target", "point-map target", "RGB views", "point-map views")
-
-
-def other_asset(assets: list[str]) -> list[int]:
-    """For each sample, the next sample (cyclically) that shows a different asset: held-out sets
-    put several scenes of one asset side by side."""
-    order = []
-    for i, asset in enumerate(assets):
-        j = next((j % len(assets) for j in range(i + 1, i + len(assets)) if assets[j % len(assets)] != asset), None)
-        if j is None:
-            raise SystemExit("every sample shows the same asset; another asset's views are needed (raise --count)")
-        order.append(j)
-    return order
 
 
 def conditions(inputs: dict, others: list[int], black: torch.Tensor, empty_caption: tuple[torch.Tensor, torch.Tensor]) -> dict[str, dict]:
@@ -60,14 +48,20 @@ def conditions(inputs: dict, others: list[int], black: torch.Tensor, empty_capti
 
 
 def attention_shares(objective: RefAny3DObjective, inputs: dict, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """(blocks, 2, 5): per block, the RGB and the point-map target's attention shares over KEY_GROUPS."""
-    branches, _ = objective.noised_branches(**inputs, t=t, noise=noise)
+    """(blocks, targets, 5): per block, each target's attention shares over KEY_GROUPS (0 for the
+    point-map groups of a model without the point-map branch)."""
+    branches, target = objective.noised_branches(**inputs, t=t, noise=noise)
     with AttentionRecorder() as recorder:
         joint_forward(objective.transformer, branches, objective.domain_embedder, objective.group_mask)
-    shares = branch_attention(recorder.maps, [b.hidden.shape[1] for b in branches])[:, 1:3]  # target queries
-    # keys: text, RGB target, point-map target, then the N RGB views and the N point-map views summed
-    n = inputs["rgb_views"].shape[1]
-    return torch.cat([shares[..., :3], shares[..., 3:3 + n].sum(-1, keepdim=True), shares[..., 3 + n:].sum(-1, keepdim=True)], -1)
+    targets, n = target.shape[1], inputs["rgb_views"].shape[1]
+    shares = branch_attention(recorder.maps, [b.hidden.shape[1] for b in branches])[:, 1:1 + targets]  # target queries
+    # keys: text, the targets, then the N views of each domain summed
+    views = [shares[..., 1 + targets + k * n: 1 + targets + (k + 1) * n].sum(-1, keepdim=True) for k in range(targets)]
+    groups = [shares[..., : 1 + targets], *views]
+    if targets == 1:
+        zero = torch.zeros_like(views[0])
+        groups = [shares[..., :2], zero, views[0], zero]
+    return torch.cat(groups, -1)
 
 
 @torch.no_grad()
@@ -85,6 +79,8 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-group-mask", dest="group_mask", action="store_false",
                     help="the model was trained with --no-group-mask (ablation): probe it with full attention")
+    ap.add_argument("--no-pointmap-branch", dest="pointmap_branch", action="store_false",
+                    help="the model was trained with --no-pointmap-branch (ablation): probe its RGB target alone")
     args = ap.parse_args()
     if args.count < 2:
         ap.error("--count must be at least 2 (another sample's views stand for another asset)")
@@ -100,12 +96,13 @@ def main() -> int:
     inputs = make_inputs(batch)
     black = make_inputs.black_view()
     empty = make_inputs.encode_text([""])[:2]
-    objective = RefAny3DObjective(pipe.flux.transformer, pipe.domain_embedder, args.views, args.group_mask).eval()
+    objective = RefAny3DObjective(pipe.flux.transformer, pipe.domain_embedder, args.views, args.group_mask,
+                                  args.pointmap_branch).eval()
     b = inputs["rgb_latents"].shape[0]
     noise = torch.randn(b, 2, *pack_latents(inputs["rgb_latents"]).shape[1:], generator=torch.Generator().manual_seed(args.seed))
 
     print(f"flow loss on {b} held-out samples of {args.data} (lower is better), RGB / point map")
-    cases = conditions(inputs, other_asset(assets), black, empty)
+    cases = conditions(inputs, other_asset_indices(assets), black, empty)
     print("| t | " + " | ".join(cases) + " | gain of own views over another asset's |")
     print("|---" * (len(cases) + 2) + "|")
     for value in args.times:
@@ -113,14 +110,14 @@ def main() -> int:
         losses = {name: [x.item() for x in objective.branch_losses(**kw, t=t, noise=noise)] for name, kw in cases.items()}
         own, other = losses["own views"], losses["another asset's views"]
         gain = " / ".join(f"{100 * (o / m - 1):+.1f}%" for m, o in zip(own, other))
-        print(f"| {value} | " + " | ".join(f"{r:.4f} / {p:.4f}" for r, p in losses.values()) + f" | {gain} |")
+        print(f"| {value} | " + " | ".join(" / ".join(f"{x:.4f}" for x in pair) for pair in losses.values()) + f" | {gain} |")
 
     shares = attention_shares(objective, inputs, torch.full((b,), args.attention_time), noise)
     print(f"\nattention of the targets at t = {args.attention_time} (share per key group; rows sum to 1)")
     print("| block | target | " + " | ".join(KEY_GROUPS) + " |")
     print("|---" * (len(KEY_GROUPS) + 2) + "|")
     for block, per_target in enumerate(shares):
-        for target, row in zip(("RGB", "point map"), per_target):
+        for target, row in zip(("RGB", "point map"), per_target):  # RGB alone without the point-map branch
             print(f"| {block} | {target} | " + " | ".join(f"{x:.3f}" for x in row.tolist()) + " |")
     return 0
 

@@ -622,6 +622,107 @@ def align(
 
 
 # --------------------------------------------------------------------------------------------
+# Without a point map: fit the asset's renders to the image
+# --------------------------------------------------------------------------------------------
+
+FIT_AZIMUTHS = tuple(range(0, 360, 15))  # degrees: the orbit directions templates are rendered from
+FIT_PITCHES = (-5, 10, 25, 40, 55)
+FIT_SIZES = tuple(np.geomspace(0.3, 0.75, 9))  # image-width fractions spanned by the bounding sphere
+FIT_GAIN = (0.8, 1.2)  # brightness the fit may apply to a template (scenes dim or brighten the asset)
+_FIT_SPHERE = 1.25  # radius, in normalized units, that a template's width spans
+_FIT_FOV_DEG = 28.0  # templates are seen from ~5 units away: the middle of the training targets' 2.6-7.9
+
+
+@dataclass
+class AssetTemplates:
+    """The asset's unlit renders and silhouettes from a grid of orbit directions, each framed so a
+    sphere of radius 1.25 around it spans the template: what `fit_asset_to_image` slides over an image."""
+
+    rgb: np.ndarray  # (D, T, T, 3) float in [0, 1]
+    mask: np.ndarray  # (D, T, T) bool
+    directions: list[tuple[float, float]]  # (azimuth, pitch) in degrees, orbit_camera's convention
+
+
+def asset_templates(mesh: Any, resolution: int = 64, azimuths=FIT_AZIMUTHS, pitches=FIT_PITCHES,
+                    renderer: Any = None) -> AssetTemplates:
+    """Render the templates of `mesh` (a trimesh mesh or a path) once; fit them to many images."""
+    from refany3d.cameras import orbit_camera
+    from refany3d.mesh import load_mesh
+    from refany3d.views import render_at
+
+    if isinstance(mesh, (str, Path)):
+        mesh = load_mesh(mesh)
+    fov = _FIT_FOV_DEG
+    radius = _FIT_SPHERE / math.tan(math.radians(fov) / 2.0)
+    directions = [(float(a), float(p)) for p in pitches for a in azimuths]
+    views = [render_at(mesh, orbit_camera(a, p, radius, resolution, fov), renderer=renderer) for a, p in directions]
+    return AssetTemplates(np.stack([v.rgb for v in views]).astype(np.float32) / 255.0,
+                          np.stack([v.mask for v in views]), directions)
+
+
+@dataclass
+class ImageFit:
+    """The asset template that best explains an image, and where: see `fit_asset_to_image`."""
+
+    psnr: float  # dB between the image and the placed template (times `gain`) inside its silhouette
+    azimuth_deg: float
+    pitch_deg: float
+    size: float  # fraction of the image width the template spans
+    gain: float
+    mask: np.ndarray = field(repr=False)  # HxW bool: the placed silhouette
+
+
+def fit_asset_to_image(templates: AssetTemplates, image: Any, sizes=FIT_SIZES) -> ImageFit:
+    """Find the direction, size, position and brightness at which the asset's render best matches
+    the image (least squares inside the silhouette), for images that come without a point map.
+
+    It asks "does this image show this asset anywhere, from some side?". The best of many
+    placements flatters any image a little, so compare it with the fit of another asset's
+    templates to the same image. Placements keep the whole template inside the image.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    img = as_float_image(image, "image")
+    height, width = img.shape[:2]
+    x = torch.from_numpy(img).permute(2, 0, 1)[None]
+    squares = (x ** 2).sum(1, keepdim=True)
+    rgb = torch.from_numpy(templates.rgb).permute(0, 3, 1, 2)
+    silhouettes = torch.from_numpy(templates.mask).float()[:, None]
+    best: tuple[float, ...] | None = None
+    with torch.no_grad():
+        for size in sizes:
+            k = int(round(size * width))
+            if not 4 <= k <= min(height, width):
+                continue
+            t = F.interpolate(rgb, size=(k, k), mode="area")
+            m = F.interpolate(silhouettes, size=(k, k), mode="area")
+            area = m.sum((1, 2, 3)) * 3  # weighted pixel-channels of each template
+            energy = (m * t ** 2).sum((1, 2, 3))
+            keep = area > 0
+            if not keep.any():
+                continue
+            cross = F.conv2d(x, m * t)[0]  # (D, H-k+1, W-k+1): sum of mask * template * image
+            image_energy = F.conv2d(squares, m)[0]
+            gain = (cross / energy.clamp_min(1e-8)[:, None, None]).clamp(*FIT_GAIN)
+            mse = (image_energy - 2 * gain * cross + gain ** 2 * energy[:, None, None]) / area.clamp_min(1e-8)[:, None, None]
+            mse[~keep] = math.inf
+            flat = int(torch.argmin(mse))
+            d, y, x0 = np.unravel_index(flat, mse.shape)
+            if best is None or float(mse[d, y, x0]) < best[0]:
+                best = (float(mse[d, y, x0]), int(d), float(size), int(y), int(x0), float(gain[d, y, x0]),
+                        (m[d, 0] > 0.5).numpy())
+    if best is None:
+        raise InputError(f"the image ({width}x{height}) is too small to fit the asset's templates")
+    mse, d, size, y, x0, gain, placed = best
+    mask = np.zeros((height, width), dtype=bool)
+    mask[y:y + placed.shape[0], x0:x0 + placed.shape[1]] = placed
+    psnr = 100.0 if mse <= 1e-10 else min(100.0, 10.0 * math.log10(1.0 / max(mse, 1e-10)))
+    azimuth, pitch = templates.directions[d]
+    return ImageFit(psnr, azimuth, pitch, size, gain, mask)
+
+
+# --------------------------------------------------------------------------------------------
 # Many runs: a folder of generate outputs
 # --------------------------------------------------------------------------------------------
 

@@ -601,6 +601,19 @@ def list_samples(roots: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     return found
 
 
+def other_asset_indices(assets: Sequence[str]) -> list[int]:
+    """For each sample (given by its asset id), the next sample, cyclically, that shows a different
+    asset: a held-out set puts several scenes of one asset side by side, and probes that swap in
+    "another asset" must not pick the same one."""
+    order = []
+    for i, asset in enumerate(assets):
+        j = next((j % len(assets) for j in range(i + 1, i + len(assets)) if assets[j % len(assets)] != asset), None)
+        if j is None:
+            raise InputError("every sample shows the same asset; comparing with another asset needs more samples")
+        order.append(j)
+    return order
+
+
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 (...,H,W,3) -> float (...,3,H,W) in [-1, 1], the VAE's input range."""
     t = torch.from_numpy(np.array(images, dtype=np.float32)).div(127.5).sub(1.0)

@@ -81,7 +81,7 @@ class RefAny3DOutput:
     """The generated image and its pixel-aligned point map (PIL images, or float HxWx3 in [0,1])."""
 
     image: Image.Image | np.ndarray
-    pointmap: Image.Image | np.ndarray
+    pointmap: Image.Image | np.ndarray | None  # None only for the no-point-map ablation
     settings: dict = field(default_factory=dict)
 
 
@@ -301,17 +301,18 @@ class RefAny3DPipeline:
         return timesteps, scheduler, copy.deepcopy(scheduler)
 
     def _predict_faithful(self, text, pooled, target_ids, views, black, guidance, group_mask, targets, t) -> list[list[torch.Tensor]]:
-        """Per guidance pass (conditional first), the [RGB, point-map] velocity predictions."""
+        """Per guidance pass (conditional first), the velocity predictions of the targets
+        ([RGB, point map], or [RGB] for the no-point-map ablation, whose `views` have no point maps)."""
         transformer, (rgb, pm, view_ids) = self.flux.transformer, views
-        n = rgb.shape[0]
+        n, outputs = rgb.shape[0], tuple(range(1, 1 + len(targets)))
         branches = refany3d_branches(text, pooled, targets, target_ids, list(rgb[:, None]), list(pm[:, None]),
                                      view_ids, t, guidance)
-        mask = refany3d_group_mask(n).to(t.device) if group_mask else None
-        passes = [joint_forward(transformer, branches, self.domain_embedder, mask)]
+        mask = refany3d_group_mask(n, pointmap_branch=pm.shape[0] > 0).to(t.device) if group_mask else None
+        passes = [joint_forward(transformer, branches, self.domain_embedder, mask, outputs)]
         if black is not None:  # image guidance: every view black, full attention
             blacks = [black] * n
-            branches = refany3d_branches(text, pooled, targets, target_ids, blacks, blacks, view_ids, t, guidance)
-            passes.append(joint_forward(transformer, branches, self.domain_embedder, None))
+            branches = refany3d_branches(text, pooled, targets, target_ids, blacks, blacks[: pm.shape[0]], view_ids, t, guidance)
+            passes.append(joint_forward(transformer, branches, self.domain_embedder, None, outputs))
         return passes
 
     @torch.no_grad()
@@ -333,6 +334,7 @@ class RefAny3DPipeline:
         mode: str = "faithful",
         cache_refresh_every: int = 0,
         group_mask: bool = True,
+        pointmap_branch: bool = True,
     ) -> RefAny3DOutput:
         """Sample the RGB image and the point map of `prompt`, referencing the given views.
 
@@ -346,11 +348,18 @@ class RefAny3DPipeline:
         (0: only at the first step); smaller is slower and closer to exact.
         group_mask: False samples with full attention among all branches, for models trained
         without the release's group mask (`train --no-group-mask`, the ablation).
+        pointmap_branch: False samples a model trained without the point-map target and views
+        (`train --no-pointmap-branch`, the ablation; faithful mode): the point-map views are
+        encoded as usual, so a seed draws the same numbers, but not shown to the model, and the
+        output has no point map.
         """
         if mode not in SAMPLER_MODES:
             raise InputError(f"mode must be one of {', '.join(SAMPLER_MODES)}, got {mode!r}")
-        if not isinstance(group_mask, bool):
-            raise InputError(f"group_mask must be true or false, got {group_mask!r}")
+        for name, flag in (("group_mask", group_mask), ("pointmap_branch", pointmap_branch)):
+            if not isinstance(flag, bool):
+                raise InputError(f"{name} must be true or false, got {flag!r}")
+        if not pointmap_branch and mode != "faithful":
+            raise InputError(f"pointmap_branch=False (the ablation) samples in mode='faithful' only (mode is {mode!r})")
         if cache_refresh_every and mode != "cached":
             raise InputError(f"cache_refresh_every applies to mode='cached' only (mode is {mode!r})")
         rgb_images = _as_images(rgb_views, "RGB view")
@@ -381,7 +390,8 @@ class RefAny3DPipeline:
             tokens, cond_ids = encoder.encode_views(rgb_images + pm_images, condition_size, generator)
             if not math.isclose(image_guidance_scale, 1.0):
                 black = encoder.encode_views(black_like(rgb_images[:1]), condition_size, generator)[0]
-        views = (tokens[:n], tokens[n:], cond_ids)
+        views = (tokens[:n], tokens[n:] if pointmap_branch else tokens[:0], cond_ids)
+        targets = targets if pointmap_branch else targets[:1]
         with self._models_on_device(flux.transformer, self.domain_embedder):
             guidance = torch.full((1,), guidance_scale, device=device, dtype=torch.float32)
             if mode == "faithful":
@@ -391,14 +401,11 @@ class RefAny3DPipeline:
                 predict = FastDenoiser(self.flux.transformer, self.domain_embedder, text, pooled, target_ids, views,
                                        uncond, guidance, mode=mode, compile=encoder.compile,
                                        cache_refresh_every=cache_refresh_every, group_mask=group_mask).predict
-            timesteps, rgb_scheduler, pm_scheduler = self._timesteps(num_inference_steps, targets[0].shape[1])
+            timesteps, *schedulers = self._timesteps(num_inference_steps, targets[0].shape[1])
             for i, t in enumerate(timesteps):
                 passes = predict(targets, (t / 1000).expand(1).to(dtype))
                 preds = passes[0] if len(passes) == 1 else [u + image_guidance_scale * (c - u) for c, u in zip(*passes)]
-                targets = [
-                    rgb_scheduler.step(preds[0], t, targets[0], return_dict=False)[0],
-                    pm_scheduler.step(preds[1], t, targets[1], return_dict=False)[0],
-                ]
+                targets = [sch.step(p, t, x, return_dict=False)[0] for sch, p, x in zip(schedulers, preds, targets)]
                 if callback is not None:
                     callback(i + 1, len(timesteps))
 
@@ -415,10 +422,11 @@ class RefAny3DPipeline:
             mode=mode,
             **({"cache_refresh_every": cache_refresh_every} if mode == "cached" else {}),
             **({} if group_mask else {"group_mask": False}),
+            **({} if pointmap_branch else {"pointmap_branch": False}),
         )
         with self._models_on_device(flux.vae):
             image = self.decode(targets[0], height, width, output_type)
-            pointmap = self.decode(targets[1], height, width, output_type)
+            pointmap = self.decode(targets[1], height, width, output_type) if pointmap_branch else None
         return RefAny3DOutput(image=image, pointmap=pointmap, settings=settings)
 
     def generate_from_mesh(

@@ -69,6 +69,7 @@ class TrainConfig:
     # teacher to distil guidance from) learns to ignore it and samples alike at any setting.
     base_guidance_range: tuple[float, float] = (1.0, 5.0)
     group_mask: bool = True
+    pointmap_branch: bool = True  # False: the ablation without point-map target and views
     # torch.compile each stage's objective (forward + backward); pays off over long runs: the small
     # models here are launch-bound on a GPU, and compiling fuses the elementwise work
     compile: bool = False
@@ -158,44 +159,52 @@ class TextToImageObjective(torch.nn.Module):
 
 
 class RefAny3DObjective(torch.nn.Module):
-    """Stage 1: both targets noised with one t, predicted jointly with the reference views."""
+    """Stage 1: both targets noised with one t, predicted jointly with the reference views.
 
-    def __init__(self, transformer, domain_embedder, n_views: int, group_mask: bool = True):
+    pointmap_branch=False is the reviewers' ablation: no point-map target and no point-map views,
+    so the model learns the RGB target from the RGB views alone.
+    """
+
+    def __init__(self, transformer, domain_embedder, n_views: int, group_mask: bool = True, pointmap_branch: bool = True):
         super().__init__()
-        self.transformer, self.domain_embedder = transformer, domain_embedder
-        self.register_buffer("group", refany3d_group_mask(n_views) if group_mask else torch.empty(0), persistent=False)
+        self.transformer, self.domain_embedder, self.pointmap_branch = transformer, domain_embedder, pointmap_branch
+        mask = refany3d_group_mask(n_views, pointmap_branch) if group_mask else torch.empty(0)
+        self.register_buffer("group", mask, persistent=False)
 
     def forward(self, rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance) -> torch.Tensor:
         """Latents (B, C, h, w); views (B, N, C, h, w) (already black where dropped)."""
-        rgb_loss, pm_loss = self.branch_losses(rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance)
-        return (rgb_loss + pm_loss) / 2
+        losses = self.branch_losses(rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance)
+        return sum(losses) / len(losses)
 
     def branch_losses(
         self, rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance,
         t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The flow losses of the RGB and the point-map target; t (B,) and noise (B, 2, L, C) are
-        drawn as in training unless given (`benchmarks/reference_use.py` fixes them)."""
+    ) -> tuple[torch.Tensor, ...]:
+        """The flow losses of the RGB and the point-map target (the RGB one alone without the
+        point-map branch); t (B,) and noise (B, 2, L, C) are drawn as in training unless given
+        (`benchmarks/reference_use.py` fixes them)."""
         branches, target = self.noised_branches(rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance, t, noise)
-        rgb_pred, pm_pred = joint_forward(self.transformer, branches, self.domain_embedder, self.group_mask)
-        return F.mse_loss(rgb_pred.float(), target[:, 0].float()), F.mse_loss(pm_pred.float(), target[:, 1].float())
+        outputs = tuple(range(1, 1 + target.shape[1]))
+        preds = joint_forward(self.transformer, branches, self.domain_embedder, self.group_mask, outputs)
+        return tuple(F.mse_loss(pred.float(), target[:, i].float()) for i, pred in enumerate(preds))
 
     def noised_branches(
         self, rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance,
         t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
     ) -> tuple[list[Branch], torch.Tensor]:
-        """The joint pass's branches, both targets noised to one x_t, and the flow target (noise - x0)."""
+        """The joint pass's branches, the targets noised to one x_t, and the flow target (noise - x0),
+        (B, targets, L, C)."""
         n = rgb_views.shape[1]
         x0 = torch.stack([pack_latents(rgb_latents), pack_latents(pm_latents)], dim=1)  # (B, 2, L, C)
         x_t, t, target = sample_flow(x0, t=t, noise=noise)
+        if not self.pointmap_branch:  # noised as above, so the RGB target's noise is the same without it
+            x_t, target = x_t[:, :1], target[:, :1]
         h, w = rgb_latents.shape[2:]
         target_ids = latent_position_ids(h, w).to(x0.device)
         view_ids = latent_position_ids(*rgb_views.shape[3:], CONDITION_POSITION_DELTA).to(x0.device)
         rgb_tok = [pack_latents(rgb_views[:, k]) for k in range(n)]
-        pm_tok = [pack_latents(pm_views[:, k]) for k in range(n)]
-        branches = refany3d_branches(
-            text, pooled, (x_t[:, 0], x_t[:, 1]), target_ids, rgb_tok, pm_tok, view_ids, t, guidance
-        )
+        pm_tok = [pack_latents(pm_views[:, k]) for k in range(n)] if self.pointmap_branch else []
+        branches = refany3d_branches(text, pooled, list(x_t.unbind(1)), target_ids, rgb_tok, pm_tok, view_ids, t, guidance)
         return branches, target
 
     @property
@@ -528,7 +537,7 @@ def train_refany3d(config: TrainConfig, accelerator, flux, domain_embedder) -> S
                                config.text_dropout, config.reference_dropout, config.guidance)
     train_only_lora(flux.transformer)
     domain_embedder.requires_grad_(True)
-    objective = RefAny3DObjective(flux.transformer, domain_embedder, config.n_views, config.group_mask)
+    objective = RefAny3DObjective(flux.transformer, domain_embedder, config.n_views, config.group_mask, config.pointmap_branch)
     return run_stage("refany3d", accelerator, objective, _batches(config, accelerator, config.seed + 5), to_inputs,
                      config.ref_steps, config.ref_lr, config)
 

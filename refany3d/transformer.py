@@ -135,36 +135,42 @@ def refany3d_branches(
     """RefAny3D's branches [text, RGB target, point-map target, N RGB views, N point-map views].
 
     Targets sit at time t with the given guidance; views are clean (time 0, guidance 1). Views are
-    lists of (B, L, C) tokens; sampling and training build the same layout with this.
+    lists of (B, L, C) tokens; sampling and training build the same layout with this. Given one
+    target and no point-map views, it builds the no-point-map ablation [text, RGB target, N RGB views].
     """
+    if len(targets) != (2 if pointmap_views else 1):
+        raise InputError("give two targets with point-map views, one target (RGB) without them")
     zero = torch.zeros_like(t)
     one = torch.ones_like(guidance) if guidance is not None else None
     text_ids = torch.zeros(text.shape[1], 3, device=text.device, dtype=target_ids.dtype)
+    kinds = ((TARGET_RGB_ADAPTERS, RGB_DOMAIN), (TARGET_POINTMAP_ADAPTERS, POINTMAP_DOMAIN))
     return [
         Branch(text, text_ids, t, guidance, pooled, is_text=True),
-        Branch(targets[0], target_ids, t, guidance, pooled, TARGET_RGB_ADAPTERS, RGB_DOMAIN),
-        Branch(targets[1], target_ids, t, guidance, pooled, TARGET_POINTMAP_ADAPTERS, POINTMAP_DOMAIN),
+        *[Branch(x, target_ids, t, guidance, pooled, adapters, domain) for x, (adapters, domain) in zip(targets, kinds)],
         *[Branch(v, view_ids, zero, one, pooled, CONDITION_RGB_ADAPTERS, RGB_DOMAIN) for v in rgb_views],
         *[Branch(v, view_ids, zero, one, pooled, CONDITION_POINTMAP_ADAPTERS, POINTMAP_DOMAIN) for v in pointmap_views],
     ]
 
 
-def refany3d_group_mask(n_views: int) -> torch.Tensor:
+def refany3d_group_mask(n_views: int, pointmap_branch: bool = True) -> torch.Tensor:
     """The release's group mask for branches [text, rgb target, point-map target, N rgb, N point map].
 
     Targets and text see everything, except that the point-map target does not see the text; each
     reference view sees the text, both targets, itself and its partner view of the other domain.
+    pointmap_branch=False: the same rule for the ablation's branches [text, rgb target, N rgb].
     """
-    n = 3 + 2 * n_views
+    targets = 2 if pointmap_branch else 1
+    heads = 1 + targets  # text and targets: the branches every view sees
+    n = heads + targets * n_views
     allowed = torch.zeros(n, n, dtype=torch.bool)
-    allowed[:3, :] = True
-    allowed[2, 0] = False
+    allowed[:heads, :] = True
+    if pointmap_branch:
+        allowed[2, 0] = False
     for k in range(n_views):
-        rgb, pm = 3 + k, 3 + n_views + k
-        for row in (rgb, pm):
-            allowed[row, :3] = True
-            allowed[row, rgb] = True
-            allowed[row, pm] = True
+        group = [heads + k + j * n_views for j in range(targets)]  # view k of each domain
+        for row in group:
+            allowed[row, :heads] = True
+            allowed[row, group] = True
     return allowed
 
 

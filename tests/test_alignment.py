@@ -16,10 +16,12 @@ import trimesh
 from PIL import Image
 
 from refany3d.alignment import (
-    align, frustum_segments, mask_iou, overlay_image, segment_object, to_frame,
+    FIT_SIZES, align, asset_templates, fit_asset_to_image, frustum_segments, mask_iou, overlay_image, segment_object,
+    to_frame,
 )
 from refany3d.cameras import Camera, focal_from_fov, look_at
 from refany3d.cli import main
+from refany3d.errors import InputError
 from refany3d.mesh import normalization_of
 from refany3d.outputs import write_settings_json
 from refany3d.views import pointmap_image, render_at
@@ -232,6 +234,28 @@ def test_pointmap_of_a_different_asset_scores_clearly_worse(asset, other_asset):
     assert wrong.iou < right.iou - 0.2
     assert wrong.inlier_ratio < right.inlier_ratio
     assert wrong.pointmap_error is None or wrong.pointmap_error > 10 * right.pointmap_error
+
+
+def test_image_only_fit_finds_the_asset_its_side_and_size(asset, other_asset):
+    """An image without a point map: the asset rendered at a grid direction and size, off centre,
+    dimmed, on noise. The fit recovers direction, size, brightness and silhouette; another asset's
+    templates fit clearly worse."""
+    res, fov, size = 64, 40.0, FIT_SIZES[4]
+    distance = 1.25 / (size * math.tan(math.radians(fov) / 2))  # the templates' sphere spans `size` of the width
+    view = render_at(asset, _camera(135, 25, distance, fov=fov, principal_offset=(7.0, -5.0), res=res))
+    noise = np.random.default_rng(0).integers(0, 256, (res, res, 3))
+    image = np.where(view.mask[..., None], view.rgb * 0.9, noise).round().astype(np.uint8)
+    grid = dict(azimuths=range(0, 360, 45), pitches=(-5, 25, 55))
+    fit = fit_asset_to_image(asset_templates(asset, res, **grid), image)
+    assert (fit.azimuth_deg, fit.pitch_deg) == (135, 25)
+    step = FIT_SIZES[1] / FIT_SIZES[0]  # the templates' perspective differs a little: the size may be one step off
+    assert abs(math.log(fit.size / size)) <= math.log(step) + 1e-6
+    assert fit.gain == pytest.approx(0.9, abs=0.05)
+    assert mask_iou(fit.mask, view.mask) > 0.85
+    wrong = fit_asset_to_image(asset_templates(other_asset, res, **grid), image)
+    assert fit.psnr > 20 and wrong.psnr < fit.psnr - 6
+    with pytest.raises(InputError, match="too small"):
+        fit_asset_to_image(asset_templates(asset, res, **grid), image[:4, :4])
 
 
 def test_random_pointmap_is_not_measurable(asset):
@@ -447,7 +471,6 @@ def test_cli_eval_bad_input_is_one_line_error(tmp_path, capsys):
 
 
 def test_bad_inputs_raise_typed_errors(asset):
-    from refany3d.errors import InputError
 
     with pytest.raises(InputError, match="aspect ratios"):
         align(asset, _blank(), np.zeros((50, 100, 3), np.uint8))

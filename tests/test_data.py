@@ -16,6 +16,7 @@ from refany3d.data import (
     camera_from_object_pose,
     list_samples,
     make_dataset,
+    other_asset_indices,
     random_asset,
     random_target_camera,
     viewpoint_phrase,
@@ -204,3 +205,9 @@ def test_make_data_cli(tmp_path: Path, capsys) -> None:
     assert json.loads((tmp_path / "d" / "dataset.json").read_text())["count"] == 2
     assert main(["make-data", str(tmp_path / "e"), "--count", "0"]) == 2
     assert "count must be at least 1" in capsys.readouterr().err
+
+
+def test_other_asset_indices_skip_scenes_of_the_same_asset() -> None:
+    assert other_asset_indices(["a", "a", "b", "b", "a"]) == [2, 2, 4, 4, 2]
+    with pytest.raises(InputError, match="same asset"):
+        other_asset_indices(["a", "a"])

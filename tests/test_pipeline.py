@@ -96,6 +96,10 @@ def test_group_mask_structure():
         for row in (rgb[k], pm[k]):
             seen = set(np.flatnonzero(m[row]))
             assert seen == {text, rgb_t, pm_t, rgb[k], pm[k]}
+    ablation = refany3d_group_mask(3, pointmap_branch=False).numpy()  # [text, rgb target, 3 rgb views]
+    assert ablation.shape == (5, 5) and ablation[:2].all()
+    for k in range(3):
+        assert set(np.flatnonzero(ablation[2 + k])) == {text, rgb_t, 2 + k}
     token_mask = group_attention_mask([2, 1, 3], torch.tensor([[1, 0, 1], [1, 1, 0], [0, 0, 1]], dtype=torch.bool))
     assert token_mask.shape == (6, 6)
     assert token_mask[0, :2].all() and not token_mask[0, 2] and token_mask[0, 3:].all()
@@ -141,6 +145,20 @@ def test_views_and_guidance_change_the_result(pipe):
     assert np.abs(base.image - other_views.image).max() > 1e-4
     no_image_guidance = sample(pipe, image_guidance_scale=1.0)
     assert np.abs(base.image - no_image_guidance.image).max() > 1e-4
+
+
+def test_no_pointmap_branch_ablation_samples_the_image_from_the_rgb_views_alone(pipe):
+    full, ablation = sample(pipe, seed=4), sample(pipe, seed=4, pointmap_branch=False)
+    assert ablation.pointmap is None and ablation.image.shape == (32, 32, 3)
+    assert ablation.settings["pointmap_branch"] is False and "pointmap_branch" not in full.settings
+    assert np.abs(full.image - ablation.image).max() > 1e-4  # the point-map branches took part in the full pass
+    rgb, _ = views(2)
+    _, other_pointmaps = views(2, seed=9)
+    unseen = pipe("a red chair on the floor", rgb, other_pointmaps, height=32, width=32, condition_size=32,
+                  num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(4), pointmap_branch=False)
+    np.testing.assert_array_equal(unseen.image, ablation.image)
+    with pytest.raises(InputError, match="faithful"):
+        sample(pipe, pointmap_branch=False, mode="exact")
 
 
 def test_callback_reports_every_step(pipe):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from refany3d.data import load_asset_views, make_dataset
 from refany3d.errors import InputError
 from refany3d.tiny import TinyConfig, build_base_pipeline
-from refany3d.train import CaptionEncoder, TrainConfig, preset_config, run_stage, sample_flow, train
+from refany3d.train import CaptionEncoder, RefAny3DObjective, TrainConfig, preset_config, run_stage, sample_flow, train
 
 
 @pytest.fixture(scope="module")
@@ -216,14 +216,34 @@ def test_compiled_training_step_matches_eager_in_one_graph(tmp_path: Path) -> No
         torch.testing.assert_close(results[True][1][name], weight, rtol=1e-4, atol=1e-5)
 
 
-def _tiny_objective(n_views: int):
+def test_no_pointmap_branch_stage_trains_the_rgb_branches_only(trained: tuple[Path, dict], dataset: Path, tmp_path: Path) -> None:
+    """Without the point-map branch no branch uses `coord`, so its LoRA stays at its zero start,
+    while `default` (the RGB views') learns."""
+    from refany3d.pipeline import RefAny3DPipeline
+
+    base = trained[0] / "base"
+    config = preset_config("tiny", data=[str(dataset)], output_dir=str(tmp_path), condition_size=16,
+                           stages=("refany3d",), base_model=str(base), pointmap_branch=False)
+    train(config, log=lambda line: None)
+    weights = {name: load_file(tmp_path / "ref" / f"{name}.safetensors") for name in ("coord", "default")}
+    lora_b = {name: [w for key, w in ws.items() if "lora_B" in key or "lora_up" in key] for name, ws in weights.items()}
+    assert lora_b["coord"] and all(w.abs().max() == 0 for w in lora_b["coord"])
+    assert max(w.abs().max().item() for w in lora_b["default"]) > 0
+    pipe = RefAny3DPipeline.from_pretrained(base, tmp_path / "ref", device="cpu")
+    rgb, pm, _ = load_asset_views(sorted((dataset / "assets").iterdir())[0], 32, 2)
+    result = pipe("a red box on a blue floor", list(rgb), list(pm), height=32, width=32, condition_size=16,
+                  num_inference_steps=2, output_type="np", pointmap_branch=False)
+    assert result.pointmap is None and np.isfinite(result.image).all()
+
+
+def _tiny_objective(n_views: int, pointmap_branch: bool = True):
     from refany3d.tiny import add_refany3d_adapters, new_domain_embedder
     from refany3d.train import RefAny3DObjective
 
     transformer = build_base_pipeline(TinyConfig(), seed=0).transformer
     add_refany3d_adapters(transformer, 4, 4, init_scale=0.1)
     inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    return RefAny3DObjective(transformer, new_domain_embedder(inner), n_views)
+    return RefAny3DObjective(transformer, new_domain_embedder(inner), n_views, pointmap_branch=pointmap_branch)
 
 
 def test_objective_is_the_mean_of_its_branch_losses_and_they_follow_t_and_noise() -> None:
@@ -249,6 +269,30 @@ def test_objective_is_the_mean_of_its_branch_losses_and_they_follow_t_and_noise(
         later = objective.branch_losses(**batch, t=torch.full((b,), 0.3), noise=noise)
         other_noise = objective.branch_losses(**batch, t=torch.full((b,), 0.8), noise=noise.flip(0))
     assert all(abs(x.item() - y.item()) > 1e-4 for pair in (zip(fixed[0], later), zip(fixed[0], other_noise)) for x, y in pair)
+
+
+def test_objective_without_the_pointmap_branch_ignores_point_maps() -> None:
+    objective = _tiny_objective(2, pointmap_branch=False)
+    cfg, gen = objective.transformer.config, torch.Generator().manual_seed(3)
+    c, b = cfg.in_channels // 4, 2
+    batch = {
+        "rgb_latents": torch.randn(b, c, 8, 8, generator=gen), "pm_latents": torch.randn(b, c, 8, 8, generator=gen),
+        "rgb_views": torch.randn(b, 2, c, 4, 4, generator=gen), "pm_views": torch.randn(b, 2, c, 4, 4, generator=gen),
+        "text": torch.randn(b, 6, cfg.joint_attention_dim, generator=gen),
+        "pooled": torch.randn(b, cfg.pooled_projection_dim, generator=gen), "guidance": torch.ones(b),
+    }
+    fixed = dict(t=torch.full((b,), 0.7), noise=torch.randn(b, 2, 16, cfg.in_channels, generator=gen))
+    with torch.no_grad():
+        (rgb,) = objective.branch_losses(**batch, **fixed)
+        (same,) = objective.branch_losses(**{**batch, "pm_latents": -batch["pm_latents"], "pm_views": -batch["pm_views"]}, **fixed)
+        torch.manual_seed(1)
+        loss = objective(**batch)
+        torch.manual_seed(1)
+        (drawn,) = objective.branch_losses(**batch)
+        full = RefAny3DObjective(objective.transformer, objective.domain_embedder, 2)  # same weights, both branches
+        full_rgb, _ = full.branch_losses(**batch, **fixed)
+    assert rgb == same and loss == drawn
+    assert abs(full_rgb.item() - rgb.item()) > 1e-5  # the full pass's point-map branches reach the RGB target
 
 
 def test_posterior_cache_encodes_each_key_once_and_samples_like_the_vae() -> None:
