@@ -124,6 +124,8 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--condition-size", type=int, default=32, help="size of the reference views (embedded: 32)")
     parser.add_argument("--views", type=int, default=4)
+    parser.add_argument("--guidance", type=float, default=3.5, help="the distilled guidance input (embedded: 3.5)")
+    parser.add_argument("--image-guidance", type=float, default=2.0, help="image guidance scale (embedded: 2.0)")
     parser.add_argument("--fewer-views", type=int, nargs="*", default=[2])
     parser.add_argument("--out", default="quality_out", help="folder for images, rows.json and table.md")
     parser.add_argument("--seed", type=int, default=0)
@@ -177,6 +179,7 @@ def main() -> None:
             score(mesh_path, *_vae_round_trip(pipe.flux.vae, target, target_pm), camera, viewpoint))
         rgb, pm, _ = load_asset_views(asset, res, args.views)
         kw = dict(height=res, width=res, condition_size=args.condition_size, num_inference_steps=args.steps, output_type="np",
+                  guidance_scale=args.guidance, image_guidance_scale=args.image_guidance,
                   group_mask=args.group_mask, pointmap_branch=args.pointmap_branch,
                   mode="exact" if args.pointmap_branch else "faithful")
         generator = torch.Generator().manual_seed(args.seed + i)

@@ -362,3 +362,42 @@ def test_gpu_preset_is_the_larger_model_under_30_mb() -> None:
     float32_bytes = 4 * sum(p.numel() for m in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2)
                             for p in m.parameters())
     assert 20e6 < float32_bytes < 30e6, float32_bytes
+
+
+def _benchmark(script: str, *args: str) -> str:
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / script), *args], capture_output=True, text=True,
+                            timeout=600, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_quality_and_reference_use_benchmarks_run_on_a_trained_model(trained: tuple[Path, dict], dataset: Path,
+                                                                     tmp_path: Path) -> None:
+    """The measurement scripts end to end on the tiny model, with and without the point-map branch."""
+    out, _ = trained
+    model = ["--data", str(dataset), "--base", str(out / "base"), "--ref", str(out / "ref"), "--count", "4",
+             "--resolution", "32", "--condition-size", "16", "--views", "2"]
+    _benchmark("quality.py", *model, "--steps", "2", "--fewer-views", "1", "--out", str(tmp_path / "full"))
+    _benchmark("quality.py", *model, "--steps", "2", "--fewer-views", "--no-pointmap-branch", "--out", str(tmp_path / "ablation"))
+    full = json.loads((tmp_path / "full" / "rows.json").read_text())["summary"]
+    ablation = json.loads((tmp_path / "ablation" / "rows.json").read_text())["summary"]
+    ceiling = full["held-out targets (ceiling)"]
+    assert ceiling["fit_margin"] > 0  # the asset's renders fit its own targets better than another asset's
+    paste = full["render-and-paste baseline"]  # aligned by construction
+    assert paste["measurable"] == 1.0 and paste["iou"] > 0.9
+    assert set(full) >= {"RefAny3D (2 views)", "RefAny3D (2 views), cached sampler", "RefAny3D, 1 view(s)"}
+    (name,) = [k for k in ablation if k.startswith("RefAny3D")]
+    assert name == "RefAny3D without point-map branch (2 views)"
+    assert ablation[name]["iou"] is None and ablation[name]["measurable"] is None
+    assert isinstance(ablation[name]["fit_psnr"], float)
+    assert "n/a" in (tmp_path / "ablation" / "table.md").read_text()
+
+    probe = _benchmark("reference_use.py", *model)
+    assert "| 0.8 |" in probe and probe.count(" / ") >= 4  # RGB / point-map losses
+    probe = _benchmark("reference_use.py", *model, "--no-pointmap-branch")
+    rows = [line for line in probe.splitlines() if line.startswith("| 0.8 |")]
+    assert rows and " / " not in rows[0]  # one target: RGB losses only
