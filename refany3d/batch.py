@@ -1,7 +1,7 @@
 """Generation runs on disk: one folder per run, and batches of runs from a JSONL file.
 
-A run folder holds image.png, pointmap.png and settings.json (every setting, the seed and the
-mesh's SHA-256), so that `python -m refany3d eval --batch` and people can redo or measure it.
+A run folder holds image.png, pointmap.png (not for the no-point-map ablation) and settings.json
+(every setting, the seed and the mesh's SHA-256), so that `python -m refany3d eval --batch` and people can redo or measure it.
 Batches split their jobs across processes under `accelerate launch` and skip finished runs, so an
 interrupted batch resumes where it stopped.
 """
@@ -40,6 +40,7 @@ class Job:
     mode: str = "exact"
     cache_refresh_every: int = 0  # cached mode only: recompute the views' keys/values every k steps
     group_mask: bool = True  # False only for models trained without it (`train --no-group-mask`)
+    pointmap_branch: bool = True  # False only for `train --no-pointmap-branch` models: an image alone (faithful mode)
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "job", defaults: dict | None = None) -> Job:
@@ -84,8 +85,9 @@ def read_jobs(path: str | Path, defaults: dict | None = None) -> list[Job]:
     return jobs
 
 
-def run_is_complete(folder: Path) -> bool:
-    return all((folder / name).is_file() for name in RUN_FILES)
+def run_is_complete(folder: Path, job: Job) -> bool:
+    files = RUN_FILES if job.pointmap_branch else tuple(name for name in RUN_FILES if name != "pointmap.png")
+    return all((folder / name).is_file() for name in files)
 
 
 def run_job(pipe, job: Job, folder: str | Path, generator_device: str = "cpu", callback: Callable | None = None) -> Path:
@@ -100,7 +102,8 @@ def run_job(pipe, job: Job, folder: str | Path, generator_device: str = "cpu", c
     out = pipe.generate_from_mesh(job.mesh, job.prompt, generator=generator, callback=callback, **job.sampler_kwargs())
     folder.mkdir(parents=True, exist_ok=True)
     out.image.save(folder / "image.png")
-    out.pointmap.save(folder / "pointmap.png")
+    if out.pointmap is not None:
+        out.pointmap.save(folder / "pointmap.png")
     settings = {**asdict(job), "seed": seed, "mesh": str(job.mesh)}
     # settings.json last: its presence marks the run complete (see run_is_complete).
     write_settings_json(settings, folder / "settings.json", mesh_path=job.mesh)
@@ -121,7 +124,7 @@ def run_jobs(pipe, jobs: list[Job], out_dir: str | Path, process_index: int = 0,
     done = []
     for index in range(process_index, len(jobs), num_processes):
         folder = out_dir / names[index]
-        if run_is_complete(folder):
+        if run_is_complete(folder, jobs[index]):
             log(f"[{index + 1}/{len(jobs)}] {folder.name}: already done, skipped")
         else:
             run_job(pipe, jobs[index], folder, generator_device)

@@ -70,14 +70,16 @@ def _add_generate(sub) -> None:
     ):
         p.add_argument(flag, dest=field_name, type=kind, help=f"default: the model's ({getattr(defaults, field_name)} "
                        "for FLUX.1-dev)")
-    p.add_argument("--mode", choices=("faithful", "exact", "cached"), default=defaults.mode,
-                   help="sampler: exact (default; the faithful output, faster), faithful (the reference "
-                   "path) or cached (approximate, fastest)")
+    p.add_argument("--mode", choices=("faithful", "exact", "cached"),
+                   help=f"sampler: {defaults.mode} (default; the faithful output, faster), faithful (the reference "
+                   "path; the default with --no-pointmap-branch) or cached (approximate, fastest)")
     p.add_argument("--cache-refresh-every", dest="cache_refresh_every", type=int, default=defaults.cache_refresh_every,
                    help="cached mode: recompute the views' keys/values every K steps (default 0: first step only; "
                    "smaller is slower and closer to exact)")
     p.add_argument("--no-group-mask", dest="group_mask", action="store_false", default=None,
                    help="full attention among all branches, for models trained with `train --no-group-mask`")
+    p.add_argument("--no-pointmap-branch", dest="pointmap_branch", action="store_false", default=None,
+                   help="an image alone (no point map), for models trained with `train --no-pointmap-branch`")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the fast modes' transformer blocks (pays off over many images of one size)")
     p.add_argument("--base-model", help="diffusers FLUX folder or hub id (default: $REFANY3D_BASE_MODEL, "
@@ -105,6 +107,8 @@ def _run_generate(args) -> int:
     base, ref = default_model()
     base, ref = args.base_model or base, args.ref_model or ref
     given = {f.name: getattr(args, f.name) for f in fields(Job) if getattr(args, f.name, None) is not None}
+    if given.get("pointmap_branch") is False:
+        given.setdefault("mode", "faithful")  # the only sampler of the ablation
     settings = {**recommended_settings(ref), **given}
     settings.pop("mesh", None)
     jobs = read_jobs(args.jobs, defaults=settings) if args.jobs else [Job(mesh=args.mesh, **settings)]
@@ -121,7 +125,8 @@ def _run_generate(args) -> int:
         return 0
     with tqdm(total=jobs[0].num_inference_steps, desc="sampling", unit="step") as bar:
         folder = run_job(pipe, jobs[0], args.out, callback=lambda step, total: bar.update(1))
-    print(f"wrote {folder / 'image.png'}, {folder / 'pointmap.png'}, {folder / 'settings.json'}")
+    written = [name for name in ("image.png", "pointmap.png", "settings.json") if (folder / name).is_file()]
+    print("wrote " + ", ".join(str(folder / name) for name in written))
     return 0
 
 

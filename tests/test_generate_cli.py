@@ -65,6 +65,31 @@ def test_jobs_batch_runs_and_resumes(model_args, tmp_path):
     assert (out / "job_00001" / "settings.json").is_file()
 
 
+def test_no_pointmap_branch_writes_an_image_alone_and_resumes(model_args, tmp_path, capsys):
+    jobs = tmp_path / "jobs.jsonl"
+    job = {"mesh": str(EXAMPLES_DIR / "vase.glb"), "prompt": "a vase", "seed": 3, "n_views": 2, "height": 32,
+           "width": 32, "condition_size": 32, "num_inference_steps": 1, "pointmap_branch": False, "mode": "faithful"}
+    jobs.write_text(json.dumps(job) + "\n")
+    out = tmp_path / "batch"
+    assert main(["generate", "--jobs", str(jobs), "--out", str(out), *model_args]) == 0
+    run = out / "job_00000"
+    assert sorted(p.name for p in run.iterdir()) == ["image.png", "settings.json"]
+    assert json.loads((run / "settings.json").read_text())["settings"]["pointmap_branch"] is False
+    written = (run / "image.png").stat().st_mtime_ns
+    assert main(["generate", "--jobs", str(jobs), "--out", str(out), *model_args]) == 0
+    assert (run / "image.png").stat().st_mtime_ns == written  # complete without a point map: skipped
+
+    single = tmp_path / "single"  # the CLI flag picks the faithful sampler by itself
+    assert main(["generate", job["mesh"], "--prompt", "a vase", "--out", str(single), "--seed", "3",
+                 "--no-pointmap-branch", *SMALL, *model_args]) == 0
+    assert not (single / "pointmap.png").exists()
+    assert json.loads((single / "settings.json").read_text())["settings"]["mode"] == "faithful"
+    job.pop("mode")  # a jobs file that asks for the ablation with a fast sampler is told why not
+    jobs.write_text(json.dumps(job) + "\n")
+    assert main(["generate", "--jobs", str(jobs), "--out", str(tmp_path / "exact"), *model_args]) == 2
+    assert "mode='faithful' only" in capsys.readouterr().err
+
+
 def test_read_jobs_errors(tmp_path):
     bad = tmp_path / "jobs.jsonl"
     bad.write_text('{"mesh": "a.glb", "prompt": "x", "colour": 3}\n')
