@@ -264,6 +264,8 @@ def _add_train(sub) -> None:
                    "for GPU runs, give it more steps; tiny: for smoke tests)")
     p.add_argument("--stages", default="vae,base,refany3d", help="comma-separated subset of vae,base,refany3d")
     p.add_argument("--base-model", help="stage 1 on this diffusers FLUX base (folder or hub id) instead of OUT/base")
+    p.add_argument("--init-ref", help="stage 1 starts from these RefAny3D weights (folder or hub id): continue a "
+                   "finished run or fine-tune published weights (their LoRA rank is kept)")
     for flag, dest, kind in (
         ("--resolution", "resolution", int), ("--condition-size", "condition_size", int),
         ("--views", "n_views", int), ("--batch-size", "batch_size", int),
@@ -294,7 +296,7 @@ def _run_train(args) -> int:
     overrides = {k: v for k, v in vars(args).items() if v is not None and k in (
         "resolution", "condition_size", "n_views", "batch_size", "vae_steps", "base_steps", "ref_steps", "ref_lr", "lora_rank",
         "lora_alpha", "optimizer", "mixed_precision", "checkpoint_every", "seed", "gradient_accumulation",
-        "group_mask", "pointmap_branch", "base_model", "compile", "num_workers")}
+        "group_mask", "pointmap_branch", "base_model", "init_ref", "compile", "num_workers")}
     config = preset_config(args.preset, data=args.data, output_dir=args.out,
                            stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()), **overrides)
     summary = train(config)

@@ -120,6 +120,30 @@ def load_domain_embedder(path: Path, inner_dim: int) -> torch.nn.Sequential:
     return embedder
 
 
+def load_refany3d_weights(flux, ref_model: str | Path) -> torch.nn.Sequential:
+    """Attach the RefAny3D LoRAs ("default", "coord") of `ref_model` (folder or hub id) to a
+    FluxPipeline's transformer and return its domain embedder; used to sample and to train on."""
+    from diffusers.utils import logging as diffusers_logging
+
+    ref_files = resolve_ref_weights(ref_model)
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # silence "no LoRA keys for the text encoder": by design
+    try:
+        for name in ("default", "coord"):
+            path = ref_files[f"{name}.safetensors"]
+            try:
+                flux.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+            except Exception as err:
+                raise ModelLoadError(f"cannot load LoRA {str(path)!r} as adapter {name!r}: {err}") from None
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+    # The branches apply their adapters explicitly (transformer.lora_linear); with peft's own
+    # forward disabled, `pipe.flux` stays the plain base model for text-to-image use.
+    flux.disable_lora()
+    inner = flux.transformer.config.num_attention_heads * flux.transformer.config.attention_head_dim
+    return load_domain_embedder(ref_files["domain_embedder.pth"], inner)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -157,7 +181,7 @@ class RefAny3DPipeline:
 
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        ref_files = resolve_ref_weights(ref_model)
+        resolve_ref_weights(ref_model)  # a missing ref model fails before the (large) base loads
         try:
             flux = FluxPipeline.from_pretrained(str(base_model), dtype=dtype)
         except Exception as err:
@@ -166,24 +190,7 @@ class RefAny3DPipeline:
                 "Give a local diffusers FluxPipeline folder as base_model (CLI: --base-model DIR); "
                 f"{DEFAULT_BASE_MODEL} is gated on the Hub and needs an access token."
             ) from None
-        from diffusers.utils import logging as diffusers_logging
-
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity_error()  # silence "no LoRA keys for the text encoder": by design
-        try:
-            for name in ("default", "coord"):
-                path = ref_files[f"{name}.safetensors"]
-                try:
-                    flux.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-                except Exception as err:
-                    raise ModelLoadError(f"cannot load LoRA {str(path)!r} as adapter {name!r}: {err}") from None
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
-        # The branches apply their adapters explicitly (transformer.lora_linear); with peft's own
-        # forward disabled, `pipe.flux` stays the plain base model for text-to-image use.
-        flux.disable_lora()
-        inner = flux.transformer.config.num_attention_heads * flux.transformer.config.attention_head_dim
-        embedder = load_domain_embedder(ref_files["domain_embedder.pth"], inner)
+        embedder = load_refany3d_weights(flux, ref_model)
         flux.transformer.requires_grad_(False)
         pipe = cls(flux, embedder.to(dtype))
         if cpu_offload and device.type != "cpu":

@@ -43,6 +43,7 @@ class TrainConfig:
     output_dir: str
     stages: tuple[str, ...] = STAGES
     base_model: str | None = None  # stage 1 only: a diffusers FLUX folder or hub id (default: OUT/base)
+    init_ref: str | None = None  # stage 1 starts from these RefAny3D weights (folder or hub id), not fresh adapters
     resolution: int = 64
     condition_size: int | None = None  # size of the reference views given to the model (None: resolution)
     n_views: int = 4
@@ -596,11 +597,16 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         flux = FluxPipeline.from_pretrained(str(source), dtype=dtype).to(accelerator.device)
         for module in (flux.vae, flux.text_encoder, flux.text_encoder_2, flux.transformer):
             module.requires_grad_(False).eval()
-        add_refany3d_adapters(flux.transformer, config.lora_rank, config.lora_alpha)
-        inner = flux.transformer.config.num_attention_heads * flux.transformer.config.attention_head_dim
-        torch.manual_seed(config.seed + 6)
-        embedder = new_domain_embedder(inner).to(accelerator.device)
-        _zero_last_layer(embedder)
+        if config.init_ref:  # continue a finished stage 1, or fine-tune published weights
+            from refany3d.pipeline import load_refany3d_weights
+
+            embedder = load_refany3d_weights(flux, config.init_ref).to(accelerator.device)
+        else:
+            add_refany3d_adapters(flux.transformer, config.lora_rank, config.lora_alpha)
+            inner = flux.transformer.config.num_attention_heads * flux.transformer.config.attention_head_dim
+            torch.manual_seed(config.seed + 6)
+            embedder = new_domain_embedder(inner).to(accelerator.device)
+            _zero_last_layer(embedder)
         result = train_refany3d(config, accelerator, flux, embedder)
         summary["stages"]["refany3d"] = _stage_summary(result)
         log(f"refany3d: {len(result.losses)} steps, final loss {_tail_mean(result.losses):.4f}, {result.seconds:.0f} s")

@@ -236,6 +236,24 @@ def test_no_pointmap_branch_stage_trains_the_rgb_branches_only(trained: tuple[Pa
     assert result.pointmap is None and np.isfinite(result.image).all()
 
 
+def test_stage_one_can_start_from_saved_weights(trained: tuple[Path, dict], dataset: Path, tmp_path: Path) -> None:
+    """init_ref loads a finished stage 1 (LoRAs and domain embedder) to continue from: with a zero
+    learning rate the run writes back exactly the weights it started from; with the usual one they move."""
+    out, _ = trained
+    before = {name: load_file(out / "ref" / f"{name}.safetensors") for name in ("coord", "default")}
+    assert any(w.abs().max() > 0 for key, w in before["default"].items() if "lora_B" in key)  # not a fresh start
+    for lr, folder in ((0.0, tmp_path / "frozen"), (1e-2, tmp_path / "moved")):
+        train(preset_config("tiny", data=[str(dataset)], output_dir=str(folder), condition_size=16, stages=("refany3d",),
+                            base_model=str(out / "base"), init_ref=str(out / "ref"), ref_lr=lr), log=lambda line: None)
+        after = {name: load_file(folder / "ref" / f"{name}.safetensors") for name in ("coord", "default")}
+        assert all(set(after[name]) == set(before[name]) for name in before)
+        same = all(torch.equal(after[n][k], before[n][k]) for n in before for k in before[n])
+        assert same == (lr == 0.0)
+        embedder = torch.load(folder / "ref" / "domain_embedder.pth")
+        start = torch.load(out / "ref" / "domain_embedder.pth")
+        assert all(torch.equal(embedder[k], start[k]) for k in start) == (lr == 0.0)
+
+
 def _tiny_objective(n_views: int, pointmap_branch: bool = True):
     from refany3d.tiny import add_refany3d_adapters, new_domain_embedder
     from refany3d.train import RefAny3DObjective
