@@ -264,16 +264,22 @@ def _tiny_objective(n_views: int, pointmap_branch: bool = True):
     return RefAny3DObjective(transformer, new_domain_embedder(inner), n_views, pointmap_branch=pointmap_branch)
 
 
-def test_objective_is_the_mean_of_its_branch_losses_and_they_follow_t_and_noise() -> None:
-    objective = _tiny_objective(2)
-    cfg, gen = objective.transformer.config, torch.Generator().manual_seed(2)
-    c, b = cfg.in_channels // 4, 3
-    batch = {
+def _random_stage_one_batch(cfg, b: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random inputs of the stage-1 objective: 8x8 latents, 2 views of 4x4, 6 text tokens."""
+    c = cfg.in_channels // 4
+    return {
         "rgb_latents": torch.randn(b, c, 8, 8, generator=gen), "pm_latents": torch.randn(b, c, 8, 8, generator=gen),
         "rgb_views": torch.randn(b, 2, c, 4, 4, generator=gen), "pm_views": torch.randn(b, 2, c, 4, 4, generator=gen),
         "text": torch.randn(b, 6, cfg.joint_attention_dim, generator=gen),
         "pooled": torch.randn(b, cfg.pooled_projection_dim, generator=gen), "guidance": torch.ones(b),
     }
+
+
+def test_objective_is_the_mean_of_its_branch_losses_and_they_follow_t_and_noise() -> None:
+    objective = _tiny_objective(2)
+    cfg, gen = objective.transformer.config, torch.Generator().manual_seed(2)
+    b = 3
+    batch = _random_stage_one_batch(cfg, b, gen)
     with torch.no_grad():
         torch.manual_seed(9)
         loss = objective(**batch)
@@ -292,13 +298,8 @@ def test_objective_is_the_mean_of_its_branch_losses_and_they_follow_t_and_noise(
 def test_objective_without_the_pointmap_branch_ignores_point_maps() -> None:
     objective = _tiny_objective(2, pointmap_branch=False)
     cfg, gen = objective.transformer.config, torch.Generator().manual_seed(3)
-    c, b = cfg.in_channels // 4, 2
-    batch = {
-        "rgb_latents": torch.randn(b, c, 8, 8, generator=gen), "pm_latents": torch.randn(b, c, 8, 8, generator=gen),
-        "rgb_views": torch.randn(b, 2, c, 4, 4, generator=gen), "pm_views": torch.randn(b, 2, c, 4, 4, generator=gen),
-        "text": torch.randn(b, 6, cfg.joint_attention_dim, generator=gen),
-        "pooled": torch.randn(b, cfg.pooled_projection_dim, generator=gen), "guidance": torch.ones(b),
-    }
+    b = 2
+    batch = _random_stage_one_batch(cfg, b, gen)
     fixed = dict(t=torch.full((b,), 0.7), noise=torch.randn(b, 2, 16, cfg.in_channels, generator=gen))
     with torch.no_grad():
         (rgb,) = objective.branch_losses(**batch, **fixed)
