@@ -56,12 +56,12 @@ def attention_shares(objective: RefAny3DObjective, inputs: dict, t: torch.Tensor
     targets, n = target.shape[1], inputs["rgb_views"].shape[1]
     shares = branch_attention(recorder.maps, [b.hidden.shape[1] for b in branches])[:, 1:1 + targets]  # target queries
     # keys: text, the targets, then the N views of each domain summed
+    text_and_targets = shares[..., : 1 + targets]
     views = [shares[..., 1 + targets + k * n: 1 + targets + (k + 1) * n].sum(-1, keepdim=True) for k in range(targets)]
-    groups = [shares[..., : 1 + targets], *views]
-    if targets == 1:
+    if targets == 1:  # no point-map target and views: their columns are zero
         zero = torch.zeros_like(views[0])
-        groups = [shares[..., :2], zero, views[0], zero]
-    return torch.cat(groups, -1)
+        return torch.cat([text_and_targets, zero, views[0], zero], -1)
+    return torch.cat([text_and_targets, *views], -1)
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Generation runs on disk: one folder per run, and batches of runs from a JSONL file.
 
 A run folder holds image.png, pointmap.png (not for the no-point-map ablation) and settings.json
-(every setting, the seed and the mesh's SHA-256), so that `python -m refany3d eval --batch` and people can redo or measure it.
+(every setting, the seed and the mesh's SHA-256), so that `python -m refany3d eval --batch` and
+people can redo or measure it.
 Batches split their jobs across processes under `accelerate launch` and skip finished runs, so an
 interrupted batch resumes where it stopped.
 """
