@@ -39,7 +39,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from refany3d.alignment import align, asset_templates, fit_asset_to_image  # noqa: E402
+from refany3d.alignment import AssetTemplates, align, asset_templates, fit_asset_to_image  # noqa: E402
 from refany3d.cameras import Camera  # noqa: E402
 from refany3d.data import list_samples, load_asset_views, other_asset_indices, viewpoint_phrase  # noqa: E402
 from refany3d.pipeline import RefAny3DPipeline, default_model  # noqa: E402
@@ -154,7 +154,7 @@ def main() -> None:
     samples = list_samples([args.data])[: args.count]
     metas = [json.loads((folder / "meta.json").read_text()) for _, folder in samples]
     others = other_asset_indices([meta["asset"] for meta in metas])
-    templates: dict[Path, object] = {}
+    templates: dict[Path, AssetTemplates] = {}  # rendered once per asset
     rows: dict[str, list[dict]] = {"held-out targets (ceiling)": [], "held-out targets through the VAE": [],
                                    f"{model} ({args.views} views)": [],
                                    **{_cached_row(model, args.views, k): [] for k in args.cached},
