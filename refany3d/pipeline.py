@@ -120,12 +120,11 @@ def load_domain_embedder(path: Path, inner_dim: int) -> torch.nn.Sequential:
     return embedder
 
 
-def load_refany3d_weights(flux, ref_model: str | Path) -> torch.nn.Sequential:
-    """Attach the RefAny3D LoRAs ("default", "coord") of `ref_model` (folder or hub id) to a
-    FluxPipeline's transformer and return its domain embedder; used to sample and to train on."""
+def load_refany3d_weights(flux, ref_files: Mapping[str, Path]) -> torch.nn.Sequential:
+    """Attach the RefAny3D LoRAs ("default", "coord") among `ref_files` (`resolve_ref_weights`) to
+    a FluxPipeline's transformer and return its domain embedder; used to sample and to train on."""
     from diffusers.utils import logging as diffusers_logging
 
-    ref_files = resolve_ref_weights(ref_model)
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # silence "no LoRA keys for the text encoder": by design
     try:
@@ -181,7 +180,7 @@ class RefAny3DPipeline:
 
         device = torch.device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-        resolve_ref_weights(ref_model)  # a missing ref model fails before the (large) base loads
+        ref_files = resolve_ref_weights(ref_model)  # a missing ref model fails before the (large) base loads
         try:
             flux = FluxPipeline.from_pretrained(str(base_model), dtype=dtype)
         except Exception as err:
@@ -190,7 +189,7 @@ class RefAny3DPipeline:
                 "Give a local diffusers FluxPipeline folder as base_model (CLI: --base-model DIR); "
                 f"{DEFAULT_BASE_MODEL} is gated on the Hub and needs an access token."
             ) from None
-        embedder = load_refany3d_weights(flux, ref_model)
+        embedder = load_refany3d_weights(flux, ref_files)
         flux.transformer.requires_grad_(False)
         pipe = cls(flux, embedder.to(dtype))
         if cpu_offload and device.type != "cpu":

@@ -598,9 +598,9 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         for module in (flux.vae, flux.text_encoder, flux.text_encoder_2, flux.transformer):
             module.requires_grad_(False).eval()
         if config.init_ref:  # continue a finished stage 1, or fine-tune published weights
-            from refany3d.pipeline import load_refany3d_weights
+            from refany3d.pipeline import load_refany3d_weights, resolve_ref_weights
 
-            embedder = load_refany3d_weights(flux, config.init_ref).to(accelerator.device)
+            embedder = load_refany3d_weights(flux, resolve_ref_weights(config.init_ref)).to(accelerator.device)
         else:
             add_refany3d_adapters(flux.transformer, config.lora_rank, config.lora_alpha)
             inner = flux.transformer.config.num_attention_heads * flux.transformer.config.attention_head_dim
