@@ -280,6 +280,8 @@ def _add_train(sub) -> None:
                    help="ablation: full attention between all branches")
     p.add_argument("--no-pointmap-branch", dest="pointmap_branch", action="store_false", default=None,
                    help="ablation: stage 1 without the point-map target and views (RGB target from RGB views only)")
+    p.add_argument("--asset-loss-weight", type=float, help="not in the release (default 1): stage 1's loss counts "
+                   "the target tokens that show the asset (mask.png) this many times")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile each stage's training step (a few minutes of compiling, then faster steps)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")
@@ -296,7 +298,7 @@ def _run_train(args) -> int:
     overrides = {k: v for k, v in vars(args).items() if v is not None and k in (
         "resolution", "condition_size", "n_views", "batch_size", "vae_steps", "base_steps", "ref_steps", "ref_lr", "lora_rank",
         "lora_alpha", "optimizer", "mixed_precision", "checkpoint_every", "seed", "gradient_accumulation",
-        "group_mask", "pointmap_branch", "base_model", "init_ref", "compile", "num_workers")}
+        "group_mask", "pointmap_branch", "asset_loss_weight", "base_model", "init_ref", "compile", "num_workers")}
     config = preset_config(args.preset, data=args.data, output_dir=args.out,
                            stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()), **overrides)
     summary = train(config)

@@ -573,7 +573,8 @@ def write_real_sample(
 def _read_image(path: Path, size: int) -> np.ndarray:
     img = Image.open(path).convert("RGB")
     if img.size != (size, size):
-        img = img.resize((size, size), Image.NEAREST if "pointmap" in path.name else Image.BICUBIC)
+        exact = "pointmap" in path.name or path.name == "mask.png"  # values that must not blend
+        img = img.resize((size, size), Image.NEAREST if exact else Image.BICUBIC)
     return np.asarray(img)
 
 
@@ -624,7 +625,7 @@ class SampleDataset(IterableDataset):
     """Streams samples as tensors: an infinite, shuffled stream split over processes and workers.
 
     Items: {"image": (3,H,W), "pointmap": (3,H,W), "ref_rgb": (V,3,H,W), "ref_pointmap": (V,3,H,W)
-    in [-1, 1], "caption": str, "sample"/"asset": their folders (keys for caches of encodings)}.
+    in [-1, 1], "mask": (1,H,W) in {0, 1} (where the asset shows), "caption": str, "sample"/"asset": their folders (keys for caches of encodings)}.
     `rank`/`world_size` give each training process a disjoint share.
     """
 
@@ -668,6 +669,7 @@ class SampleDataset(IterableDataset):
             "asset": str(root / "assets" / meta["asset"]),
             "image": _to_tensor(_read_image(folder / "image.png", self.resolution)),
             "pointmap": _to_tensor(_read_image(folder / "pointmap.png", self.resolution)),
+            "mask": torch.from_numpy(_read_image(folder / "mask.png", self.resolution)[None, ..., 0] > 127).float(),
             "ref_rgb": _to_tensor(rgb),
             "ref_pointmap": _to_tensor(pm),
             "caption": meta["caption"],

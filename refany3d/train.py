@@ -71,6 +71,9 @@ class TrainConfig:
     base_guidance_range: tuple[float, float] = (1.0, 5.0)
     group_mask: bool = True
     pointmap_branch: bool = True  # False: the ablation without point-map target and views
+    # Not in the release (1: every token counts the same): the flow loss counts the target tokens
+    # that show the asset this many times, since it covers a small share of a scene (~7 % here)
+    asset_loss_weight: float = 1.0
     # torch.compile each stage's objective (forward + backward); pays off over long runs: the small
     # models here are launch-bound on a GPU, and compiling fuses the elementwise work
     compile: bool = False
@@ -95,6 +98,8 @@ class TrainConfig:
         for name in ("text_dropout", "reference_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"{name} must be within [0, 1], got {getattr(self, name)}")
+        if not self.asset_loss_weight > 0:
+            raise InputError(f"asset_loss_weight must be positive, got {self.asset_loss_weight}")
         if not self.data:
             raise InputError("no training data given")
 
@@ -123,6 +128,21 @@ def sample_flow(
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     tt = t.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
     return (1 - tt) * x0 + tt * noise, t, noise - x0
+
+
+def weighted_mse(pred: torch.Tensor, target: torch.Tensor, token_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE of (B, L, C) token predictions; with (B, L) token weights, their weighted mean over tokens."""
+    if token_weights is None:
+        return F.mse_loss(pred.float(), target.float())
+    per_token = (pred.float() - target.float()).pow(2).mean(-1)
+    return (per_token * token_weights).sum() / token_weights.sum()
+
+
+def asset_token_weights(mask: torch.Tensor, token_pixels: int, asset_weight: float) -> torch.Tensor:
+    """(B, L) loss weights of the packed target tokens from the asset's mask (B, 1, H, W) in {0, 1}:
+    1 for scene, `asset_weight` for asset, in between by the share of a token's pixels it covers."""
+    share = F.avg_pool2d(mask.float(), token_pixels).flatten(1)  # row-major, as pack_latents orders tokens
+    return 1.0 + (asset_weight - 1.0) * share
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,14 +192,18 @@ class RefAny3DObjective(torch.nn.Module):
         mask = refany3d_group_mask(n_views, pointmap_branch) if group_mask else torch.empty(0)
         self.register_buffer("group", mask, persistent=False)
 
-    def forward(self, rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance) -> torch.Tensor:
-        """Latents (B, C, h, w); views (B, N, C, h, w) (already black where dropped)."""
-        losses = self.branch_losses(rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance)
+    def forward(
+        self, rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance, token_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Latents (B, C, h, w); views (B, N, C, h, w) (already black where dropped); token_weights
+        (B, L) weigh the targets' tokens in the loss (None: equally, as the release does)."""
+        losses = self.branch_losses(rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance,
+                                    token_weights=token_weights)
         return sum(losses) / len(losses)
 
     def branch_losses(
         self, rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance,
-        t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+        t: torch.Tensor | None = None, noise: torch.Tensor | None = None, token_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         """The flow losses of the RGB and the point-map target (the RGB one alone without the
         point-map branch); t (B,) and noise (B, 2, L, C) are drawn as in training unless given
@@ -187,7 +211,7 @@ class RefAny3DObjective(torch.nn.Module):
         branches, target = self.noised_branches(rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance, t, noise)
         outputs = tuple(range(1, 1 + target.shape[1]))
         preds = joint_forward(self.transformer, branches, self.domain_embedder, self.group_mask, outputs)
-        return tuple(F.mse_loss(pred.float(), target[:, i].float()) for i, pred in enumerate(preds))
+        return tuple(weighted_mse(pred, target[:, i], token_weights) for i, pred in enumerate(preds))
 
     def noised_branches(
         self, rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance,
@@ -496,14 +520,16 @@ def train_only_lora(transformer) -> None:
 class RefAny3DInputs:
     """A data batch as stage 1's objective takes it: VAE latents of both targets and of the views
     (resized to the condition size as the sampler resizes them), the caption encodings, and the
-    release's dropouts (an empty caption, all views black)."""
+    release's dropouts (an empty caption, all views black); with an asset weight other than 1, the
+    targets' token weights from the asset's mask (`asset_token_weights`)."""
 
     def __init__(
         self, flux, condition_size: int, generator: torch.Generator,
-        text_dropout: float = 0.1, reference_dropout: float = 0.1, guidance: float = 1.0,
+        text_dropout: float = 0.1, reference_dropout: float = 0.1, guidance: float = 1.0, asset_weight: float = 1.0,
     ):
         self.flux, self.size, self.generator = flux, condition_size, generator
         self.text_dropout, self.reference_dropout, self.guidance = text_dropout, reference_dropout, guidance
+        self.asset_weight = asset_weight
         self.encode_text = CaptionEncoder(flux, _text_length(flux))
         self.encode = PosteriorCache(flux.vae)
         self.black: torch.Tensor | None = None
@@ -521,8 +547,12 @@ class RefAny3DInputs:
         views[drop.to(views.device)] = self.black_view().to(views.dtype)
         text, pooled, _ = self.encode_text(_drop(batch["caption"], self.text_dropout, self.generator))
         guidance = torch.full((rgb.shape[0],), self.guidance, device=rgb.device)
-        return {"rgb_latents": rgb, "pm_latents": pm, "rgb_views": views[:, :, 0], "pm_views": views[:, :, 1],
-                "text": text, "pooled": pooled, "guidance": guidance}
+        inputs = {"rgb_latents": rgb, "pm_latents": pm, "rgb_views": views[:, :, 0], "pm_views": views[:, :, 1],
+                  "text": text, "pooled": pooled, "guidance": guidance}
+        if self.asset_weight != 1.0:
+            token_pixels = 2 * batch["image"].shape[-1] // rgb.shape[-1]  # a packed token: 2x2 latent pixels
+            inputs["token_weights"] = asset_token_weights(batch["mask"], token_pixels, self.asset_weight)
+        return inputs
 
     def black_view(self) -> torch.Tensor:
         """Latents (C, h, w) of a black view: what reference dropout (and image guidance) shows the model."""
@@ -535,7 +565,7 @@ class RefAny3DInputs:
 def train_refany3d(config: TrainConfig, accelerator, flux, domain_embedder) -> StageResult:
     """Stage 1: LoRA adapters + domain embedder on a frozen base, the release's objective."""
     to_inputs = RefAny3DInputs(flux, config.condition_size or config.resolution, torch.Generator().manual_seed(config.seed + 4),
-                               config.text_dropout, config.reference_dropout, config.guidance)
+                               config.text_dropout, config.reference_dropout, config.guidance, config.asset_loss_weight)
     train_only_lora(flux.transformer)
     domain_embedder.requires_grad_(True)
     objective = RefAny3DObjective(flux.transformer, domain_embedder, config.n_views, config.group_mask, config.pointmap_branch)

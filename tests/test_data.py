@@ -121,6 +121,9 @@ def test_dataset_streams_tensors_and_shards_disjointly(dataset: Path) -> None:
     assert item["image"].shape == (3, 32, 32) and item["pointmap"].shape == (3, 32, 32)
     assert item["ref_rgb"].shape == (1, 3, 32, 32) and item["ref_pointmap"].shape == (1, 3, 32, 32)
     assert item["image"].min() >= -1 and item["image"].max() <= 1
+    assert item["mask"].shape == (1, 32, 32) and set(item["mask"].unique().tolist()) <= {0.0, 1.0}
+    # the mask marks the asset: exactly the point map's coloured (non-white) pixels
+    assert (item["mask"][0].bool() == (item["pointmap"] < 1).any(0)).all() and item["mask"].sum() > 0
     for _ in range(10):  # infinite: it cycles past the 4 samples
         next(stream)
 

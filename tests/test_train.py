@@ -168,6 +168,8 @@ def test_bad_configs_raise_input_errors() -> None:
         preset_config("huge", data=["d"], output_dir="o")
     with pytest.raises(InputError, match="dropout"):
         TrainConfig(data=["d"], output_dir="o", text_dropout=1.5)
+    with pytest.raises(InputError, match="asset_loss_weight must be positive, got 0"):
+        TrainConfig(data=["d"], output_dir="o", asset_loss_weight=0)
 
 
 def test_compiled_training_step_matches_eager_in_one_graph(tmp_path: Path) -> None:
@@ -367,6 +369,64 @@ def test_refany3d_inputs_apply_the_release_dropouts(dataset: Path) -> None:
     torch.testing.assert_close(dropped["text"], empty)
     torch.testing.assert_close(keep["text"], captions)
     assert (keep["text"] - empty).abs().max() > 1e-3
+
+
+def test_asset_token_weights_follow_the_mask_in_packed_token_order() -> None:
+    """A token covered by the asset weighs `asset_weight`, a half-covered one the mean, scene tokens 1;
+    the order is pack_latents' order of the same latent pixels."""
+    from refany3d.conditions import pack_latents
+    from refany3d.train import asset_token_weights
+
+    mask = torch.zeros(2, 1, 32, 32)
+    mask[0, :, 0:8, 24:32] = 1  # token (row 0, col 3) of a 4x4 grid of 8x8-pixel tokens
+    mask[0, :, 16:24, 8:12] = 1  # half of token (2, 1)
+    weights = asset_token_weights(mask, 8, 5.0)
+    assert weights.shape == (2, 16)
+    expected = torch.ones(2, 16)
+    expected[0, 3], expected[0, 9] = 5.0, 3.0
+    torch.testing.assert_close(weights, expected)
+    latents = torch.nn.functional.avg_pool2d(mask, 4).expand(2, 4, 8, 8)  # 4x downsampled: 2x2 latent pixels a token
+    packed_share = pack_latents(latents).mean(-1)  # (B, L): the share of each packed token that is asset
+    torch.testing.assert_close(weights, 1 + 4 * packed_share)
+
+
+def test_weighted_flow_loss_is_the_mse_when_weights_are_equal_and_follows_them_otherwise() -> None:
+    from refany3d.train import weighted_mse
+
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randn(2, 6, 5, generator=gen), torch.randn(2, 6, 5, generator=gen)
+    plain = torch.nn.functional.mse_loss(pred, target)
+    torch.testing.assert_close(weighted_mse(pred, target), plain)
+    torch.testing.assert_close(weighted_mse(pred, target, torch.full((2, 6), 3.0)), plain)
+    only_one = torch.zeros(2, 6)
+    only_one[1, 4] = 2.0
+    torch.testing.assert_close(weighted_mse(pred, target, only_one), (pred[1, 4] - target[1, 4]).pow(2).mean())
+
+
+def test_refany3d_inputs_weigh_the_asset_tokens_only_when_asked(dataset: Path) -> None:
+    from refany3d.data import SampleDataset, collate
+    from refany3d.train import RefAny3DInputs
+
+    flux = build_base_pipeline(TinyConfig(vae_channels=(8, 16), latent_channels=4), seed=0)
+    batch = collate([SampleDataset([dataset], 32, 2, shuffle=False, repeat=False).item(i) for i in range(3)])
+    plain = RefAny3DInputs(flux, 16, torch.Generator(), text_dropout=0.0, reference_dropout=0.0)(batch)
+    assert "token_weights" not in plain
+    weighted = RefAny3DInputs(flux, 16, torch.Generator(), text_dropout=0.0, reference_dropout=0.0, asset_weight=6.0)(batch)
+    weights = weighted["token_weights"]
+    assert weights.shape == (3, 64)  # 32 px, 2x VAE, 2x2 patches: 8x8 tokens of 4x4 pixels
+    assert weights.min() == 1.0 and weights.max() <= 6.0
+    covered = torch.nn.functional.max_pool2d(batch["mask"], 4).flatten(1) > 0
+    assert covered.any(dim=1).all() and ((weights > 1) == covered).all()
+    objective = _tiny_objective(2)
+    small = _random_stage_one_batch(objective.transformer.config, 3, torch.Generator().manual_seed(1))
+    fixed = dict(t=torch.full((3,), 0.6), noise=torch.randn(3, 2, 16, objective.transformer.config.in_channels))
+    with torch.no_grad():
+        equal = objective.branch_losses(**small, **fixed, token_weights=torch.ones(3, 16))
+        unweighted = objective.branch_losses(**small, **fixed)
+        skewed = objective.branch_losses(**small, **fixed, token_weights=torch.linspace(1, 9, 16).expand(3, 16))
+    for a, b, c in zip(equal, unweighted, skewed):
+        torch.testing.assert_close(a, b)
+        assert abs(c.item() - b.item()) > 1e-4
 
 
 def test_gpu_preset_is_the_larger_model_under_30_mb() -> None:
