@@ -126,7 +126,8 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=4)
     parser.add_argument("--guidance", type=float, default=3.5, help="the distilled guidance input (embedded: 3.5)")
     parser.add_argument("--image-guidance", type=float, default=2.0, help="image guidance scale (embedded: 2.0)")
-    parser.add_argument("--fewer-views", type=int, nargs="*", default=[2])
+    parser.add_argument("--fewer-views", type=int, nargs="*", default=[2], metavar="K",
+                        help="also sample with K of the views (evenly spaced); one row per K, none without a K")
     parser.add_argument("--out", default="quality_out", help="folder for images, rows.json and table.md")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cached", type=int, nargs="*", default=None, metavar="K",
@@ -138,6 +139,8 @@ def main() -> None:
                         help="the model was trained with --no-pointmap-branch (ablation): sample its image alone "
                         "(faithful sampler) and score it by the image-only fit")
     args = parser.parse_args()
+    if not all(0 < k < args.views for k in args.fewer_views):
+        parser.error(f"--fewer-views takes view counts from 1 to {args.views - 1} (fewer than --views)")
     if args.cached is None:
         args.cached = [0] if args.pointmap_branch else []
     elif args.cached and not args.pointmap_branch:
