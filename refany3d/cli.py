@@ -280,8 +280,8 @@ def _add_train(sub) -> None:
                    help="ablation: full attention between all branches")
     p.add_argument("--no-pointmap-branch", dest="pointmap_branch", action="store_false", default=None,
                    help="ablation: stage 1 without the point-map target and views (RGB target from RGB views only)")
-    p.add_argument("--asset-loss-weight", type=float, help="not in the release (default 1): stage 1's loss counts "
-                   "the target tokens that show the asset (mask.png) this many times")
+    p.add_argument("--asset-loss-weight", type=float, help="not in the release (default 1): stage 1's RGB loss "
+                   "counts the target tokens that show the asset (mask.png) this many times")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile each stage's training step (a few minutes of compiling, then faster steps)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")

@@ -71,8 +71,8 @@ class TrainConfig:
     base_guidance_range: tuple[float, float] = (1.0, 5.0)
     group_mask: bool = True
     pointmap_branch: bool = True  # False: the ablation without point-map target and views
-    # Not in the release (1: every token counts the same): the flow loss counts the target tokens
-    # that show the asset this many times, since it covers a small share of a scene (~7 % here)
+    # Not in the release (1: every token counts the same): the RGB target's flow loss counts the
+    # tokens that show the asset this many times, since it covers a small share of a scene (~7 % here)
     asset_loss_weight: float = 1.0
     # torch.compile each stage's objective (forward + backward); pays off over long runs: the small
     # models here are launch-bound on a GPU, and compiling fuses the elementwise work
@@ -196,7 +196,7 @@ class RefAny3DObjective(torch.nn.Module):
         self, rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance, token_weights: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Latents (B, C, h, w); views (B, N, C, h, w) (already black where dropped); token_weights
-        (B, L) weigh the targets' tokens in the loss (None: equally, as the release does)."""
+        (B, L) weigh the RGB target's tokens in its loss (None: equally, as the release does)."""
         losses = self.branch_losses(rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance,
                                     token_weights=token_weights)
         return sum(losses) / len(losses)
@@ -207,11 +207,16 @@ class RefAny3DObjective(torch.nn.Module):
     ) -> tuple[torch.Tensor, ...]:
         """The flow losses of the RGB and the point-map target (the RGB one alone without the
         point-map branch); t (B,) and noise (B, 2, L, C) are drawn as in training unless given
-        (`benchmarks/reference_use.py` fixes them)."""
+        (`benchmarks/reference_use.py` fixes them).
+
+        token_weights reach the RGB target only: weighing the point map's asset tokens makes a false
+        background cost more than a false asset, and the model learned point maps ~3x the asset's area.
+        """
         branches, target = self.noised_branches(rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance, t, noise)
         outputs = tuple(range(1, 1 + target.shape[1]))
         preds = joint_forward(self.transformer, branches, self.domain_embedder, self.group_mask, outputs)
-        return tuple(weighted_mse(pred, target[:, i], token_weights) for i, pred in enumerate(preds))
+        weights = (token_weights, None)  # RGB target, point-map target
+        return tuple(weighted_mse(pred, target[:, i], weights[i]) for i, pred in enumerate(preds))
 
     def noised_branches(
         self, rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance,
@@ -521,7 +526,7 @@ class RefAny3DInputs:
     """A data batch as stage 1's objective takes it: VAE latents of both targets and of the views
     (resized to the condition size as the sampler resizes them), the caption encodings, and the
     release's dropouts (an empty caption, all views black); with an asset weight other than 1, the
-    targets' token weights from the asset's mask (`asset_token_weights`)."""
+    RGB target's token weights from the asset's mask (`asset_token_weights`)."""
 
     def __init__(
         self, flux, condition_size: int, generator: torch.Generator,
