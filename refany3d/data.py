@@ -625,7 +625,8 @@ class SampleDataset(IterableDataset):
     """Streams samples as tensors: an infinite, shuffled stream split over processes and workers.
 
     Items: {"image": (3,H,W), "pointmap": (3,H,W), "ref_rgb": (V,3,H,W), "ref_pointmap": (V,3,H,W)
-    in [-1, 1], "mask": (1,H,W) in {0, 1} (where the asset shows), "caption": str, "sample"/"asset": their folders (keys for caches of encodings)}.
+    in [-1, 1], "mask": (1,H,W) in {0, 1} (where the asset shows), "caption": str, "sample"/"asset":
+    their folders (keys for caches of encodings)}.
     `rank`/`world_size` give each training process a disjoint share.
     """
 
