@@ -240,6 +240,8 @@ def _add_make_data(sub) -> None:
     p.add_argument("--targets-per-asset", type=int, default=4, help="scenes per asset (default 4)")
     p.add_argument("--split", choices=("train", "val"), default="train", help="val: held-out assets and scene styles")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--asset-size", type=float, nargs=2, metavar=("MIN", "MAX"), default=[0.35, 0.7],
+                   help="the asset's bounding-sphere diameter as a share of the image width (default 0.35 0.7)")
     p.set_defaults(run=_run_make_data)
 
 
@@ -247,7 +249,8 @@ def _run_make_data(args) -> int:
     from refany3d.data import make_dataset
 
     root = make_dataset(args.out, args.count, n_views=args.views, resolution=args.resolution, seed=args.seed,
-                        targets_per_asset=args.targets_per_asset, split=args.split, progress=True)
+                        targets_per_asset=args.targets_per_asset, split=args.split, progress=True,
+                        asset_size=tuple(args.asset_size))
     print(f"wrote {args.count} samples to {root}")
     return 0
 

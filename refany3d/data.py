@@ -215,7 +215,10 @@ def viewpoint_phrase(azimuth_deg: float, pitch_deg: float) -> str:
     return "seen from the right"
 
 
-def random_target_camera(rng: np.random.Generator, resolution: int, size_range=(0.35, 0.7)) -> tuple[Camera, dict]:
+DEFAULT_ASSET_SIZE = (0.35, 0.7)
+
+
+def random_target_camera(rng: np.random.Generator, resolution: int, size_range=DEFAULT_ASSET_SIZE) -> tuple[Camera, dict]:
     """A camera at a random pose, distance (apparent scale) and principal-point offset.
 
     The asset's normalized bounding sphere (radius <= sqrt(3), usually ~1.2) covers about
@@ -348,11 +351,17 @@ def _scene_choice(rng: np.random.Generator, held_out: bool) -> tuple[tuple[str, 
 
 
 def compose_target(
-    renderer, mesh, asset_description: str, rng: np.random.Generator, resolution: int, held_out: bool = False
+    renderer, mesh, asset_description: str, rng: np.random.Generator, resolution: int, held_out: bool = False,
+    asset_size: tuple[float, float] = DEFAULT_ASSET_SIZE,
 ) -> TargetSample:
-    """Render the asset at a random camera and composite it into a procedural scene."""
+    """Render the asset at a random camera and composite it into a procedural scene.
+
+    `asset_size` is the range of the asset's bounding-sphere diameter as a share of the image
+    width; a draw that crops the asset at the border is redrawn smaller.
+    """
+    low, high = asset_size
     for attempt in range(8):
-        camera, pose = random_target_camera(rng, resolution, size_range=(0.35, 0.7 - 0.04 * attempt))
+        camera, pose = random_target_camera(rng, resolution, size_range=(low, max(low, high - 0.04 * attempt)))
         view = renderer.render(mesh, camera)
         m = view.mask
         if m.sum() > 0.02 * m.size and not (m[0].any() or m[-1].any() or m[:, 0].any() or m[:, -1].any()):
@@ -458,8 +467,12 @@ def make_dataset(
     targets_per_asset: int = 4,
     split: str = "train",
     progress: bool = False,
+    asset_size: tuple[float, float] = DEFAULT_ASSET_SIZE,
 ) -> Path:
     """Write `count` procedural samples. `split="val"` draws held-out assets and scene styles.
+
+    `asset_size` (MIN, MAX) bounds the asset's bounding-sphere diameter as a share of the target's
+    width; the default puts it on a median 7 % of the pixels.
 
     Assets come from a random stream keyed by (split, seed, index), so train and val never share
     one, and val scenes use floor/wall colour pairs that train never shows.
@@ -471,6 +484,9 @@ def make_dataset(
     for name, value, low in (("count", count, 1), ("views", n_views, 1), ("resolution", resolution, 16), ("targets per asset", targets_per_asset, 1)):
         if int(value) < low:
             raise InputError(f"{name} must be at least {low}, got {value}")
+    low, high = (float(v) for v in asset_size)
+    if not 0.05 <= low <= high <= 1.0:
+        raise InputError(f"asset size must be MIN <= MAX within [0.05, 1] (a share of the image width), got {low:g} {high:g}")
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     held_out = split == "val"
@@ -484,14 +500,14 @@ def make_dataset(
         asset_id = f"{split}-{seed}-a{a:06d}"
         write_asset(root, asset_id, mesh, n_views, resolution, description, renderer=renderer)
         for _ in range(min(targets_per_asset, count - done)):
-            target = compose_target(renderer, mesh, description, rng, resolution, held_out)
+            target = compose_target(renderer, mesh, description, rng, resolution, held_out, asset_size=(low, high))
             write_sample(root, f"{split}-{seed}-s{done:06d}", asset_id, target)
             done += 1
         if progress:
             print(f"\r{done}/{count} samples", end="", flush=True)
     if progress:
         print()
-    _write_manifest(root, resolution=resolution, n_views=n_views, split=split, seed=seed)
+    _write_manifest(root, resolution=resolution, n_views=n_views, split=split, seed=seed, asset_size=[low, high])
     return root
 
 

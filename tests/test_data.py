@@ -197,8 +197,27 @@ def test_bad_settings_raise_input_errors(tmp_path: Path) -> None:
         make_dataset(tmp_path / "x", count=0)
     with pytest.raises(InputError, match="split"):
         make_dataset(tmp_path / "x", count=1, split="test")
+    with pytest.raises(InputError, match="asset size must be MIN <= MAX"):
+        make_dataset(tmp_path / "x", count=1, asset_size=(0.8, 0.5))
+    with pytest.raises(InputError, match="asset size"):
+        make_dataset(tmp_path / "x", count=1, asset_size=(0.5, 1.5))
     with pytest.raises(InputError, match="not a refany3d dataset"):
         SampleDataset(tmp_path, resolution=32)
+
+
+def test_asset_size_sets_how_much_of_the_target_the_asset_covers(tmp_path: Path) -> None:
+    def coverage(root: Path) -> float:
+        masks = [np.asarray(Image.open(p)) > 0 for p in sorted(root.glob("samples/*/mask.png"))]
+        return float(np.median([m.mean() for m in masks]))
+
+    small = make_dataset(tmp_path / "small", count=6, n_views=1, resolution=32, seed=5, asset_size=(0.2, 0.25))
+    large = make_dataset(tmp_path / "large", count=6, n_views=1, resolution=32, seed=5, asset_size=(0.8, 0.85))
+    assert json.loads((large / "dataset.json").read_text())["asset_size"] == [0.8, 0.85]
+    # Area grows with the square of the diameter: (0.825 / 0.225)^2 = 13x; shapes vary per draw.
+    assert coverage(large) > 6 * coverage(small)
+    for sample in sorted(large.glob("samples/*/mask.png")):
+        mask = np.asarray(Image.open(sample)) > 0
+        assert not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any())
 
 
 def test_make_data_cli(tmp_path: Path, capsys) -> None:
@@ -208,6 +227,9 @@ def test_make_data_cli(tmp_path: Path, capsys) -> None:
     assert json.loads((tmp_path / "d" / "dataset.json").read_text())["count"] == 2
     assert main(["make-data", str(tmp_path / "e"), "--count", "0"]) == 2
     assert "count must be at least 1" in capsys.readouterr().err
+    assert main(["make-data", str(tmp_path / "f"), "--count", "1", "--views", "1", "--resolution", "32",
+                 "--asset-size", "0.5", "0.6"]) == 0
+    assert json.loads((tmp_path / "f" / "dataset.json").read_text())["asset_size"] == [0.5, 0.6]
 
 
 def test_other_asset_indices_skip_scenes_of_the_same_asset() -> None:
