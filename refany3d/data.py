@@ -13,7 +13,7 @@ target point map, i.e. the asset's normalized coordinates rendered with the targ
 
 On-disk format (`FORMAT`), one folder per dataset:
 
-    dataset.json                    {"format", "resolution", "n_views", "split", "seed", "count"}
+    dataset.json                    {"format", "resolution", "n_views", "split", "seed", "asset_size", "count"}
     assets/<asset_id>/mesh.ply      the asset (vertex colours), or the real mesh's own file
     assets/<asset_id>/rgb_<k>.png   reference view k (unlit RGB, white background)
     assets/<asset_id>/pointmap_<k>.png   reference point map k (normalized coordinates as RGB)
