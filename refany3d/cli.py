@@ -240,7 +240,7 @@ def _add_make_data(sub) -> None:
     p.add_argument("--targets-per-asset", type=int, default=4, help="scenes per asset (default 4)")
     p.add_argument("--split", choices=("train", "val"), default="train", help="val: held-out assets and scene styles")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--asset-size", type=float, nargs=2, metavar=("MIN", "MAX"), default=[0.35, 0.7],
+    p.add_argument("--asset-size", type=float, nargs=2, metavar=("MIN", "MAX"),
                    help="the asset's bounding-sphere diameter as a share of the image width (default 0.35 0.7)")
     p.set_defaults(run=_run_make_data)
 
@@ -248,9 +248,9 @@ def _add_make_data(sub) -> None:
 def _run_make_data(args) -> int:
     from refany3d.data import make_dataset
 
+    size = {} if args.asset_size is None else {"asset_size": tuple(args.asset_size)}
     root = make_dataset(args.out, args.count, n_views=args.views, resolution=args.resolution, seed=args.seed,
-                        targets_per_asset=args.targets_per_asset, split=args.split, progress=True,
-                        asset_size=tuple(args.asset_size))
+                        targets_per_asset=args.targets_per_asset, split=args.split, progress=True, **size)
     print(f"wrote {args.count} samples to {root}")
     return 0
 

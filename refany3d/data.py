@@ -484,9 +484,10 @@ def make_dataset(
     for name, value, low in (("count", count, 1), ("views", n_views, 1), ("resolution", resolution, 16), ("targets per asset", targets_per_asset, 1)):
         if int(value) < low:
             raise InputError(f"{name} must be at least {low}, got {value}")
-    low, high = (float(v) for v in asset_size)
-    if not 0.05 <= low <= high <= 1.0:
-        raise InputError(f"asset size must be MIN <= MAX within [0.05, 1] (a share of the image width), got {low:g} {high:g}")
+    smallest, largest = (float(v) for v in asset_size)
+    if not 0.05 <= smallest <= largest <= 1.0:
+        raise InputError("asset size must be MIN <= MAX within [0.05, 1] (a share of the image width), "
+                         f"got {smallest:g} {largest:g}")
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
     held_out = split == "val"
@@ -500,14 +501,14 @@ def make_dataset(
         asset_id = f"{split}-{seed}-a{a:06d}"
         write_asset(root, asset_id, mesh, n_views, resolution, description, renderer=renderer)
         for _ in range(min(targets_per_asset, count - done)):
-            target = compose_target(renderer, mesh, description, rng, resolution, held_out, asset_size=(low, high))
+            target = compose_target(renderer, mesh, description, rng, resolution, held_out, asset_size=(smallest, largest))
             write_sample(root, f"{split}-{seed}-s{done:06d}", asset_id, target)
             done += 1
         if progress:
             print(f"\r{done}/{count} samples", end="", flush=True)
     if progress:
         print()
-    _write_manifest(root, resolution=resolution, n_views=n_views, split=split, seed=seed, asset_size=[low, high])
+    _write_manifest(root, resolution=resolution, n_views=n_views, split=split, seed=seed, asset_size=[smallest, largest])
     return root
 
 
