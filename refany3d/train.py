@@ -716,14 +716,14 @@ def plot_loss_curves(curves: dict[str, list[float]], path: str | Path, width: in
 
 # The shipped default model: 64x64 targets, 4 reference views at 32x32, a VAE with 4x downsampling
 # and 8 latent channels, so a target branch is 8x8 = 64 tokens and a view 4x4 = 16. Sized so that
-# the whole recipe trains on 2 busy CPU cores in about 40 minutes (see README "Training").
+# the preset trains on 2 CPU cores in about 1.5 hours; README "The embedded model" has the recipe.
 EMBEDDED_TINY = TinyConfig(
     num_layers=2, num_single_layers=2, num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
     text_dim=64, text_layers=1, vae_channels=(16, 32, 64), latent_channels=8, max_text_tokens=32,
 )
 # A larger model for GPU runs: 4 + 4 blocks, a wider VAE with 16 latent channels (as FLUX has),
-# LoRA rank 32; 26 MB. Its step counts are those of the one 8-minute H200 run (README "Training on
-# a GPU"), which were far too few: give it many more (--vae-steps, --base-steps, --ref-steps).
+# LoRA rank 32; 26 MB. Its step counts are those of the one 8-minute H200 run (docs/experiments.md
+# "Training on a GPU"), which were far too few: give it many more (--vae-steps, --base-steps, --ref-steps).
 GPU_TINY = TinyConfig(
     num_layers=4, num_single_layers=4, num_attention_heads=4, attention_head_dim=32, axes_dims_rope=(8, 12, 12),
     text_dim=64, text_layers=1, vae_channels=(24, 48, 96), latent_channels=16, max_text_tokens=32,
