@@ -91,6 +91,11 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
                     label="Resolution (px)",
                 )
                 model = gr.Dropdown(service.model_choices(), value=defaults.model, label="Model")
+                candidates = gr.Slider(
+                    1, config.max_candidates, value=defaults.candidates, step=1, label="Candidates",
+                    info="Sample this many seeds (seed, seed+1, ...) and keep the most rigid point map",
+                    elem_id="candidates",
+                )
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
 
         with gr.Column(scale=1):
@@ -127,7 +132,7 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
         show_progress="minimal",
     )
     generation_inputs = [mesh_file, prompt, n_views, radius, pitch, y_rotation, seed, randomize_seed,
-                         steps, guidance_scale, image_guidance_scale, resolution, model, show_asset]
+                         steps, guidance_scale, image_guidance_scale, resolution, model, candidates, show_asset]
     generation = gr.on(
         [generate_button.click, prompt.submit],
         logic.generate,

@@ -18,9 +18,12 @@ decoded by the model's VAE (the model's ceiling: it can only draw what its VAE d
 with all its views (exact sampler, and the approximate cached sampler with the same seeds), the
 same model given fewer views, and a render-and-paste baseline (reference view 0 pasted on the base
 model's text-to-image scene: perfectly aligned by construction, but it ignores the viewpoint).
+With `--candidates K...`: the most self-consistent of K samples per target, chosen as
+`generate --candidates` does (`alignment.most_consistent`, no ground truth), and every sample
+scored on its own (the main row's measure over K times the seeds, so less noisy).
 
     python benchmarks/quality.py --data VAL_DIR [--base DIR --ref DIR] [--count 24] [--out OUT]
-        [--no-group-mask | --no-pointmap-branch]  (ablation models)
+        [--candidates 2 4] [--no-group-mask | --no-pointmap-branch]  (ablation models)
 """
 from __future__ import annotations
 
@@ -30,7 +33,6 @@ import math
 import statistics
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +41,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from refany3d.alignment import AssetTemplates, align, asset_templates, fit_asset_to_image  # noqa: E402
+from refany3d.alignment import (AlignmentReport, AssetTemplates, align, asset_templates,  # noqa: E402
+                                fit_asset_to_image, most_consistent)
 from refany3d.cameras import Camera  # noqa: E402
 from refany3d.data import list_samples, load_asset_views, other_asset_indices, viewpoint_phrase  # noqa: E402
 from refany3d.pipeline import RefAny3DPipeline, default_model  # noqa: E402
@@ -57,20 +60,22 @@ def _direction_error(report, true_camera: Camera) -> float | None:
     return math.degrees(math.acos(max(-1.0, min(1.0, cos))))
 
 
-def score_sample(mesh_path: Path, image, pointmap, true_camera: Camera, viewpoint: str, templates: tuple) -> dict:
+def score_sample(mesh_path: Path, image, pointmap, true_camera: Camera, viewpoint: str,
+                 templates: tuple) -> tuple[dict, AlignmentReport | None]:
     """alignment numbers plus the viewpoint agreement of one (image, point map) pair (None without a
-    point map), and the image-only fit of the asset's `templates` against another asset's."""
+    point map), and the image-only fit of the asset's `templates` against another asset's; and the
+    alignment report (None without a point map)."""
     own, other = (fit_asset_to_image(t, image).psnr for t in templates)
     row = {**dict.fromkeys(METRICS), "fit_psnr": own, "fit_margin": own - other}
     if pointmap is None:
-        return row
+        return row, None
     report = align(mesh_path, pointmap, image, estimate_focal=True)
     row.update({name: getattr(report, name) for name in ("measurable", "inlier_ratio", "reprojection_error_px",
                                                           "iou", "image_iou", "colour_psnr")})
     orbit = report.orbit
     row["direction_error_deg"] = _direction_error(report, true_camera)
     row["viewpoint_match"] = None if orbit is None else viewpoint_phrase(orbit["azimuth_deg"], orbit["pitch_deg"]) == viewpoint
-    return row
+    return row, report
 
 
 def _median(values: list) -> float | None:
@@ -114,6 +119,15 @@ def _cached_row(model: str, views: int, refresh: int) -> str:
     return f"{model} ({views} views), cached sampler{every}"
 
 
+def _pooled_row(model: str, views: int, count: int) -> str:
+    """Every candidate scored on its own: the main row's measure over `count` times the seeds."""
+    return f"{model} ({views} views), each of {count} samples (seed + i + 1000 k) on its own"
+
+
+def _candidates_row(model: str, views: int, count: int) -> str:
+    return f"{model} ({views} views), the most self-consistent of {count} samples"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="held-out dataset (make-data --split val)")
@@ -133,6 +147,9 @@ def main() -> None:
     parser.add_argument("--cached", type=int, nargs="*", default=None, metavar="K",
                         help="also sample in cached mode, refreshing the views' keys/values every K steps (0: "
                         "never); one row per K (issue: cached mode must not lose alignment quality)")
+    parser.add_argument("--candidates", type=int, nargs="*", default=[], metavar="K",
+                        help="also keep the most self-consistent of K samples (`alignment.most_consistent`; "
+                        "candidate k seeded seed + i + 1000 k, so candidate 0 is the main row's); one row per K")
     parser.add_argument("--no-group-mask", dest="group_mask", action="store_false",
                         help="the model was trained with --no-group-mask (ablation): sample it with full attention")
     parser.add_argument("--no-pointmap-branch", dest="pointmap_branch", action="store_false",
@@ -141,6 +158,8 @@ def main() -> None:
     args = parser.parse_args()
     if not all(0 < k < args.views for k in args.fewer_views):
         parser.error(f"--fewer-views takes view counts from 1 to {args.views - 1} (fewer than --views)")
+    if not all(k > 1 for k in args.candidates) or (args.candidates and not args.pointmap_branch):
+        parser.error("--candidates takes counts above 1, and needs the point-map branch")
     if args.cached is None:
         args.cached = [0] if args.pointmap_branch else []
     elif args.cached and not args.pointmap_branch:
@@ -162,6 +181,8 @@ def main() -> None:
                                    f"{model} ({args.views} views)": [],
                                    **{_cached_row(model, args.views, k): [] for k in args.cached},
                                    **{f"{model}, {k} view(s)": [] for k in args.fewer_views},
+                                   **({_pooled_row(model, args.views, max(args.candidates)): []} if args.candidates else {}),
+                                   **{_candidates_row(model, args.views, k): [] for k in args.candidates},
                                    "render-and-paste baseline": []}
     seconds = []
     for i, ((root, folder), meta) in enumerate(zip(samples, metas)):
@@ -172,14 +193,17 @@ def main() -> None:
             if path not in templates:
                 templates[path] = asset_templates(path, res)
             pair.append(templates[path])
-        score = partial(score_sample, templates=tuple(pair))
         camera = Camera.from_dict(meta["camera"])
         viewpoint = meta["viewpoint"]
+
+        def record(row_name: str, image, pointmap) -> AlignmentReport | None:
+            row, report = score_sample(mesh_path, image, pointmap, camera, viewpoint, tuple(pair))
+            rows[row_name].append(row)
+            return report
         target = np.asarray(Image.open(folder / "image.png").convert("RGB"))
         target_pm = np.asarray(Image.open(folder / "pointmap.png").convert("RGB"))
-        rows["held-out targets (ceiling)"].append(score(mesh_path, target, target_pm, camera, viewpoint))
-        rows["held-out targets through the VAE"].append(
-            score(mesh_path, *_vae_round_trip(pipe.flux.vae, target, target_pm), camera, viewpoint))
+        record("held-out targets (ceiling)", target, target_pm)
+        record("held-out targets through the VAE", *_vae_round_trip(pipe.flux.vae, target, target_pm))
         rgb, pm, _ = load_asset_views(asset, res, args.views)
         kw = dict(height=res, width=res, condition_size=args.condition_size, num_inference_steps=args.steps, output_type="np",
                   guidance_scale=args.guidance, image_guidance_scale=args.image_guidance,
@@ -192,20 +216,29 @@ def main() -> None:
         for k in args.cached:
             cached = pipe(meta["caption"], list(rgb), list(pm), generator=torch.Generator().manual_seed(args.seed + i),
                           **{**kw, "mode": "cached"}, cache_refresh_every=k)
-            rows[_cached_row(model, args.views, k)].append(score(mesh_path, *_as_uint8(cached), camera, viewpoint))
+            record(_cached_row(model, args.views, k), *_as_uint8(cached))
         image, pointmap = _as_uint8(result)
         shown = [np.asarray(Image.fromarray(x).resize((res, res), Image.NEAREST)) for x in (target, target_pm)]
         Image.fromarray(np.concatenate([*shown, image, *([] if pointmap is None else [pointmap])], axis=1)).save(out / f"{i:03d}.png")
-        rows[f"{model} ({args.views} views)"].append(score(mesh_path, image, pointmap, camera, viewpoint))
+        main_report = record(f"{model} ({args.views} views)", image, pointmap)
+        candidates = [(rows[f"{model} ({args.views} views)"][-1], main_report)]
+        for k in range(1, max(args.candidates, default=1)):
+            extra = pipe(meta["caption"], list(rgb), list(pm), generator=torch.Generator().manual_seed(args.seed + i + 1000 * k), **kw)
+            candidates.append(score_sample(mesh_path, *_as_uint8(extra), camera, viewpoint, tuple(pair)))
+        if args.candidates:
+            rows[_pooled_row(model, args.views, len(candidates))] += [row for row, _ in candidates]
+        for k in args.candidates:
+            best = most_consistent([report for _, report in candidates[:k]])
+            rows[_candidates_row(model, args.views, k)].append(candidates[best][0])
         for k in args.fewer_views:
             idx = list(range(0, args.views, args.views // k))[:k]
             few = pipe(meta["caption"], [rgb[j] for j in idx], [pm[j] for j in idx],
                        generator=torch.Generator().manual_seed(args.seed + i), **kw)
-            rows[f"{model}, {k} view(s)"].append(score(mesh_path, *_as_uint8(few), camera, viewpoint))
+            record(f"{model}, {k} view(s)", *_as_uint8(few))
         scene = pipe.flux(meta["caption"], height=res, width=res, num_inference_steps=args.steps,
                           generator=torch.Generator().manual_seed(args.seed + i), output_type="np").images[0]
         pasted, pasted_pm = _paste((scene * 255).round().astype(np.uint8), rgb[0], pm[0])
-        rows["render-and-paste baseline"].append(score(mesh_path, pasted, pasted_pm, camera, viewpoint))
+        record("render-and-paste baseline", pasted, pasted_pm)
         print(f"{i + 1}/{len(samples)}: {seconds[-1]:.1f} s", flush=True)
 
     table = {name: summarize(r) for name, r in rows.items()}

@@ -621,6 +621,42 @@ def align(
     return report
 
 
+
+def consistency_key(report: AlignmentReport) -> tuple[bool, float, float]:
+    """Sort key of a generation's self-consistency, larger is better: measurable first, then the
+    larger share of the point map one camera explains (inlier ratio), then the smaller
+    reprojection error. It reads only the generation and the asset, so it can choose among
+    candidates at sampling time (no ground truth)."""
+    inliers = report.inlier_ratio if report.inlier_ratio is not None else -1.0
+    error = report.reprojection_error_px if report.reprojection_error_px is not None else math.inf
+    return report.measurable, inliers, -error
+
+
+def most_consistent(reports: list[AlignmentReport]) -> int:
+    """Index of the most self-consistent report by `consistency_key` (the first of equals)."""
+    if not reports:
+        raise InputError("no candidates to choose from")
+    return max(range(len(reports)), key=lambda i: consistency_key(reports[i]))
+
+
+def candidate_scores(seeds: list[int], reports: list[AlignmentReport]) -> list[dict[str, Any]]:
+    """What settings.json keeps of each candidate: its seed and how rigid its point map is."""
+    keep = ("measurable", "inlier_ratio", "reprojection_error_px", "iou")
+    return [{"seed": seed, **{k: report.to_dict()[k] for k in keep}} for seed, report in zip(seeds, reports)]
+
+
+def choose_candidate(mesh: Any, candidates: list[tuple[Any, Any]],
+                     y_rotation: float = 0.0) -> tuple[int, list[AlignmentReport]]:
+    """Align every (image, point map) candidate with the asset; the index of the most
+    self-consistent one (`most_consistent`) and every report."""
+    from refany3d.mesh import load_mesh
+
+    if isinstance(mesh, (str, Path)):
+        mesh = load_mesh(mesh)
+    reports = [align(mesh, pointmap, image, y_rotation=y_rotation) for image, pointmap in candidates]
+    return most_consistent(reports), reports
+
+
 # --------------------------------------------------------------------------------------------
 # Without a point map: fit the asset's renders to the image
 # --------------------------------------------------------------------------------------------

@@ -106,6 +106,7 @@ class AppConfig:
     max_resolution: int = 1024
     max_steps: int = 50
     max_views: int = 12
+    max_candidates: int = 4
     default_resolution: int = 512
     default_steps: int = 28
     default_views: int = 8
@@ -136,6 +137,7 @@ class AppConfig:
             max_resolution=_env_number(env, "REFANY3D_MAX_RESOLUTION", cls.max_resolution),
             max_steps=_env_number(env, "REFANY3D_MAX_STEPS", cls.max_steps),
             max_views=_env_number(env, "REFANY3D_MAX_VIEWS", cls.max_views),
+            max_candidates=_env_number(env, "REFANY3D_MAX_CANDIDATES", cls.max_candidates),
             default_resolution=_env_number(env, "REFANY3D_DEFAULT_RESOLUTION", native["height"]),
             default_steps=_env_number(env, "REFANY3D_DEFAULT_STEPS", native["num_inference_steps"]),
             default_views=_env_number(env, "REFANY3D_DEFAULT_VIEWS", native["n_views"]),
@@ -152,7 +154,7 @@ class AppConfig:
     def check(self) -> None:
         """Refuse inconsistent limits at start-up rather than with a confusing error per visitor."""
         positive = ("max_upload_mb", "max_faces", "max_resolution", "max_steps", "max_views",
-                    "concurrency", "session_ttl_s", "gpu_duration_cap_s", "gpu_tflops")
+                    "max_candidates", "concurrency", "session_ttl_s", "gpu_duration_cap_s", "gpu_tflops")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise InputError(f"{name} must be positive, got {getattr(self, name)}")
@@ -351,6 +353,7 @@ class GenerationSettings:
     image_guidance_scale: float
     resolution: int
     model: str
+    candidates: int = 1  # seeds seed..seed+K-1 are sampled; the most rigid point map is kept
 
     @property
     def condition_size(self) -> int:
@@ -409,6 +412,8 @@ def settings_problems(s: GenerationSettings, config: AppConfig, registry: Mappin
         problems["y_rotation"] = "y rotation must be between -360 and 360 degrees"
     if not s.randomize_seed and (not _is_integer(s.seed) or not 0 <= s.seed <= MAX_SEED):
         problems["seed"] = f"seed must be a whole number from 0 to {MAX_SEED}"
+    elif not s.randomize_seed and _is_integer(s.candidates) and s.seed + s.candidates - 1 > MAX_SEED:
+        problems["seed"] = f"with {s.candidates} candidates the seed can be at most {MAX_SEED - s.candidates + 1}"
     if not _is_integer(s.steps) or not 1 <= s.steps <= config.max_steps:
         problems["steps"] = f"steps must be a whole number from 1 to {config.max_steps}"
     if not _is_finite(s.guidance_scale) or not 0.0 <= s.guidance_scale <= 20.0:
@@ -421,6 +426,8 @@ def settings_problems(s: GenerationSettings, config: AppConfig, registry: Mappin
                                   f"to {config.max_resolution}")
     if s.model not in registry:
         problems["model"] = f"unknown model {s.model!r}; choose one of {', '.join(registry)}"
+    if not _is_integer(s.candidates) or not 1 <= s.candidates <= config.max_candidates:
+        problems["candidates"] = f"candidates must be a whole number from 1 to {config.max_candidates}"
     return problems
 
 
@@ -640,40 +647,45 @@ def gpu_duration(model: str, prompt: str, rgb_views: list, pointmap_views: list,
 
 
 def _call_flops(n_views: int, settings: dict) -> float:
-    return generation_flops(settings["steps"], n_views, settings["resolution"], settings["condition_size"],
-                            settings["image_guidance_scale"], settings["sampler"])
+    one = generation_flops(settings["steps"], n_views, settings["resolution"], settings["condition_size"],
+                           settings["image_guidance_scale"], settings["sampler"])
+    return one * settings["candidates"]
 
 
 @spaces.GPU(duration=gpu_duration)
 def sample_on_gpu(model: str, prompt: str, rgb_views: list, pointmap_views: list, settings: dict,
-                  progress: Any = None):
-    """The only GPU work: load (once) and run the sampler. Views and files stay on the CPU side."""
+                  progress: Any = None) -> list[tuple[Any, Any]]:
+    """The only GPU work: load (once) and run the sampler, once per candidate (seeds seed,
+    seed+1, ...). Returns (image, point map) pairs; views and files stay on the CPU side."""
     import torch
 
     pipeline = get_service().models.get(model)
+    candidates = settings["candidates"]
+    total = settings["steps"] * candidates
     if progress is not None:
         progress(0.0, desc="Sampling")
+    outputs = []
+    for k in range(candidates):
+        def on_step(step: int, _: int, done: int = k * settings["steps"]) -> None:
+            if progress is not None:
+                progress((done + step, total), desc="Sampling", unit="steps")
 
-    def on_step(step: int, total: int) -> None:
-        if progress is not None:
-            progress((step, total), desc="Sampling", unit="steps")
-
-    generator = torch.Generator("cpu").manual_seed(int(settings["seed"]))
-    output = pipeline(
-        prompt,
-        rgb_views,
-        pointmap_views,
-        height=settings["resolution"],
-        width=settings["resolution"],
-        condition_size=settings["condition_size"],
-        num_inference_steps=settings["steps"],
-        guidance_scale=settings["guidance_scale"],
-        image_guidance_scale=settings["image_guidance_scale"],
-        generator=generator,
-        callback=on_step,
-        mode=settings["sampler"],
-    )
-    return output.image, output.pointmap
+        output = pipeline(
+            prompt,
+            rgb_views,
+            pointmap_views,
+            height=settings["resolution"],
+            width=settings["resolution"],
+            condition_size=settings["condition_size"],
+            num_inference_steps=settings["steps"],
+            guidance_scale=settings["guidance_scale"],
+            image_guidance_scale=settings["image_guidance_scale"],
+            generator=torch.Generator("cpu").manual_seed(int(settings["seed"]) + k),
+            callback=on_step,
+            mode=settings["sampler"],
+        )
+        outputs.append((output.image, output.pointmap))
+    return outputs
 
 
 @dataclass
@@ -708,19 +720,20 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
     """Render the reference views (CPU), sample on the GPU, write every output file (CPU).
 
     Returns the result and a status line."""
+    from refany3d.alignment import candidate_scores, choose_candidate
     from refany3d.outputs import pointcloud_from_pointmap, write_ply, write_settings_json
     from refany3d.views import render_views
 
     service = get_service()
     if settings.randomize_seed:
-        settings.seed = int(np.random.default_rng().integers(0, MAX_SEED + 1))
+        settings.seed = int(np.random.default_rng().integers(0, MAX_SEED + 2 - settings.candidates))
     problem = mesh_problem(mesh_path, service.config)
     if problem:
         raise MeshError(problem)
     problems = settings_problems(settings, service.config, service.registry)
     if problems:
         raise InputError("; ".join(problems.values()))
-    for name in ("n_views", "seed", "steps", "resolution"):
+    for name in ("n_views", "seed", "steps", "resolution", "candidates"):
         setattr(settings, name, int(getattr(settings, name)))
     for name in ("radius", "pitch", "y_rotation", "guidance_scale", "image_guidance_scale"):
         setattr(settings, name, float(getattr(settings, name)))
@@ -735,9 +748,17 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
                          settings.y_rotation)
     record = {**settings.to_record(), "sampler": service.config.sampler}
     began = time.perf_counter()
-    image, pointmap = sample_on_gpu(settings.model, settings.prompt, views.rgb, views.pointmap, record, progress)
+    candidates = sample_on_gpu(settings.model, settings.prompt, views.rgb, views.pointmap, record, progress)
     service.gpu_timings.record((settings.model, record["sampler"]), _call_flops(len(views.rgb), record),
                                time.perf_counter() - began)
+    best = 0
+    if len(candidates) > 1:
+        progress(1.0, desc="Choosing the most rigid candidate")
+        best, reports = choose_candidate(mesh, candidates, settings.y_rotation)
+        seeds = [settings.seed + k for k in range(len(candidates))]
+        record.update(chosen_seed=seeds[best], candidate_scores=candidate_scores(seeds, reports))
+    image, pointmap = candidates[best]
+    seed = settings.seed + best
 
     progress(1.0, desc="Writing files")
     folder = service.sessions.new_run_folder(session, "run-")
@@ -750,9 +771,12 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
     result = GenerationResult(
         image=str(image_path), pointmap=str(pointmap_path), ply=str(ply_path),
         settings_json=str(json_path), mesh_path=str(mesh_path), y_rotation=settings.y_rotation,
-        seed=settings.seed, files=[str(image_path), str(pointmap_path), str(ply_path), str(json_path)],
+        seed=seed, files=[str(image_path), str(pointmap_path), str(ply_path), str(json_path)],
     )
-    status = f"Done: seed {settings.seed}, {len(cloud)} foreground points."
+    status = f"Done: seed {seed}, {len(cloud)} foreground points."
+    if len(candidates) > 1:
+        status += (f" The most rigid point map of {len(candidates)} candidates (seeds {settings.seed}–"
+                   f"{settings.seed + len(candidates) - 1}); seed {seed} with 1 candidate gives it again.")
     if len(cloud) == 0:
         status += " The point map has no foreground, so the point cloud is empty."
     return result, status
@@ -761,7 +785,7 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
 @user_errors
 def generate(mesh_path: str | None, prompt: str, n_views: int, radius: float, pitch: float,
              y_rotation: float, seed: int, randomize_seed: bool, steps: int, guidance_scale: float,
-             image_guidance_scale: float, resolution: int, model: str, show_asset: bool,
+             image_guidance_scale: float, resolution: int, model: str, candidates: int, show_asset: bool,
              request: gr.Request, progress: gr.Progress = gr.Progress()):
     """Generate an image and point map of the mesh in the prompt's scene.
 
@@ -769,7 +793,7 @@ def generate(mesh_path: str | None, prompt: str, n_views: int, radius: float, pi
     settings JSON), the seed used, a status line and the result (session state).
     """
     settings = GenerationSettings(prompt, n_views, radius, pitch, y_rotation, seed, bool(randomize_seed),
-                                  steps, guidance_scale, image_guidance_scale, resolution, model)
+                                  steps, guidance_scale, image_guidance_scale, resolution, model, candidates)
     result, status = _generate(mesh_path, settings, _session_hash(request), progress)
     return (result.image, result.pointmap, _figure(result, show_asset), result.ply, result.files,
             result.seed, status, result)
@@ -950,11 +974,11 @@ def align_pair(mesh_path: str | None, image_path: str | None, pointmap_path: str
 
 
 def validate_generation(mesh_path, prompt, n_views, radius, pitch, y_rotation, seed, randomize_seed,
-                        steps, guidance_scale, image_guidance_scale, resolution, model, show_asset):
+                        steps, guidance_scale, image_guidance_scale, resolution, model, candidates, show_asset):
     """Gradio `validator=`: one gr.validate per input, checked before the event is queued."""
     service = get_service()
     settings = GenerationSettings(prompt, n_views, radius, pitch, y_rotation, seed, bool(randomize_seed),
-                                  steps, guidance_scale, image_guidance_scale, resolution, model)
+                                  steps, guidance_scale, image_guidance_scale, resolution, model, candidates)
     problems = settings_problems(settings, service.config, service.registry)
     mesh = mesh_problem(mesh_path, service.config)
     verdicts = [gr.validate(mesh is None, mesh or "")]

@@ -26,6 +26,7 @@ class Job:
     mesh: str
     prompt: str
     seed: int | None = None
+    candidates: int = 1  # sample seeds seed..seed+K-1 and keep the most self-consistent (see generate_from_mesh)
     name: str | None = None
     n_views: int = 8
     radius: float = 4.0
@@ -43,6 +44,10 @@ class Job:
     group_mask: bool = True  # False only for models trained without it (`train --no-group-mask`)
     pointmap_branch: bool = True  # False only for `train --no-pointmap-branch` models: an image alone (faithful mode)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 1:
+            raise InputError(f"candidates must be a positive integer, got {self.candidates!r}")
+
     @classmethod
     def from_dict(cls, data: dict, where: str = "job", defaults: dict | None = None) -> Job:
         """A job from its JSON object; settings it leaves out come from `defaults`, then the class."""
@@ -53,10 +58,13 @@ class Job:
         for required in ("mesh", "prompt"):
             if not data.get(required):
                 raise InputError(f"{where}: '{required}' is required")
-        return cls(**{**(defaults or {}), **data})
+        try:
+            return cls(**{**(defaults or {}), **data})
+        except InputError as err:
+            raise InputError(f"{where}: {err}") from None
 
     def sampler_kwargs(self) -> dict:
-        view_settings = {"mesh", "prompt", "seed", "name"}
+        view_settings = {"mesh", "prompt", "seed", "candidates", "name"}
         return {k: v for k, v in asdict(self).items() if k not in view_settings}
 
 
@@ -95,17 +103,24 @@ def run_job(pipe, job: Job, folder: str | Path, generator_device: str = "cpu", c
     """Render the job's views, sample, and write the run folder; returns the folder."""
     import torch
 
+    from refany3d.alignment import candidate_scores
     from refany3d.outputs import write_settings_json
 
     folder = Path(folder)
     seed = job.seed if job.seed is not None else random.randint(0, 2**31 - 1)
-    generator = torch.Generator(generator_device).manual_seed(seed)
-    out = pipe.generate_from_mesh(job.mesh, job.prompt, generator=generator, callback=callback, **job.sampler_kwargs())
+    seeds = [seed + k for k in range(job.candidates)]
+    generators = [torch.Generator(generator_device).manual_seed(s) for s in seeds]
+    out = pipe.generate_from_mesh(job.mesh, job.prompt, generator=generators if job.candidates > 1 else generators[0],
+                                  callback=callback, **job.sampler_kwargs())
     folder.mkdir(parents=True, exist_ok=True)
     out.image.save(folder / "image.png")
     if out.pointmap is not None:
         out.pointmap.save(folder / "pointmap.png")
     settings = {**asdict(job), "seed": seed, "mesh": str(job.mesh)}
+    if out.candidates is not None:
+        # The chosen image alone comes back with --seed chosen_seed --candidates 1.
+        settings["chosen_seed"] = seeds[out.settings["candidate"]]
+        settings["candidate_scores"] = candidate_scores(seeds, out.candidates)
     # settings.json last: its presence marks the run complete (see run_is_complete).
     write_settings_json(settings, folder / "settings.json", mesh_path=job.mesh)
     return folder

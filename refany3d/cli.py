@@ -52,6 +52,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (a batch writes one subfolder per job)")
     p.add_argument("--jobs", help="JSONL file, one job per line: {\"mesh\": ..., \"prompt\": ..., \"seed\": ...}")
     p.add_argument("--seed", type=int, help="random seed (default: a random one, recorded in settings.json)")
+    p.add_argument("--candidates", type=int, help="sample K seeds (seed, seed+1, ...) and keep the one whose point map "
+                   "is the most rigid view of the mesh (default 1; settings.json records the chosen seed)")
     defaults = Job(mesh="", prompt="")
     for flag, field_name, kind in (("--radius", "radius", float), ("--pitch", "pitch", float),
                                    ("--y-rotation", "y_rotation", float)):
@@ -92,6 +94,7 @@ def _add_generate(sub) -> None:
 
 
 def _run_generate(args) -> int:
+    import json
     from dataclasses import fields
 
     from tqdm.auto import tqdm
@@ -123,10 +126,14 @@ def _run_generate(args) -> int:
         run_jobs(pipe, jobs, args.out, state.process_index, state.num_processes,
                  log=lambda line: print(f"[process {state.process_index}] {line}"))
         return 0
-    with tqdm(total=jobs[0].num_inference_steps, desc="sampling", unit="step") as bar:
-        folder = run_job(pipe, jobs[0], args.out, callback=lambda step, total: bar.update(1))
+    job = jobs[0]
+    with tqdm(total=job.num_inference_steps * max(1, job.candidates), desc="sampling", unit="step") as bar:
+        folder = run_job(pipe, job, args.out, callback=lambda step, total: bar.update(1))
     written = [name for name in ("image.png", "pointmap.png", "settings.json") if (folder / name).is_file()]
     print("wrote " + ", ".join(str(folder / name) for name in written))
+    if job.candidates > 1:
+        settings = json.loads((folder / "settings.json").read_text())["settings"]
+        print(f"kept seed {settings['chosen_seed']}, the most rigid of {job.candidates} candidates")
     return 0
 
 

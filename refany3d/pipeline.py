@@ -83,6 +83,7 @@ class RefAny3DOutput:
     image: Image.Image | np.ndarray
     pointmap: Image.Image | np.ndarray | None  # None only for the no-point-map ablation
     settings: dict = field(default_factory=dict)
+    candidates: list | None = None  # alignment reports of every candidate (generate_from_mesh with K generators)
 
 
 def resolve_ref_weights(ref_model: str | Path) -> dict[str, Path]:
@@ -444,14 +445,38 @@ class RefAny3DPipeline:
         pitch: float = 0.0,
         y_rotation: float = 0.0,
         condition_size: int = 512,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
         **call_kwargs,
     ) -> RefAny3DOutput:
-        """Render the asset's reference views (see `refany3d.render_views`), then sample."""
+        """Render the asset's reference views (see `refany3d.render_views`), then sample.
+
+        A list of K generators samples K candidates and returns the most self-consistent one: the
+        one whose point map is the most rigid view of the asset (`alignment.consistency_key`), as
+        a small model's samples vary much in that from seed to seed. Its `candidates` holds every
+        candidate's alignment report and settings["candidate"] the index of the one returned.
+        """
+        from refany3d.mesh import load_mesh
         from refany3d.views import render_views
 
-        views = render_views(
-            mesh_or_path, n_views=n_views, resolution=condition_size, radius=radius, pitch=pitch, y_rotation=y_rotation
-        )
-        out = self(prompt, views.rgb, views.pointmap, condition_size=condition_size, **call_kwargs)
+        generators = list(generator) if isinstance(generator, (list, tuple)) else None
+        if generators is not None:
+            if not generators:
+                raise InputError("generator is an empty list: give one generator per candidate")
+            if call_kwargs.get("pointmap_branch") is False:
+                raise InputError("choosing among candidates needs their point maps (pointmap_branch=False has none)")
+        mesh = load_mesh(mesh_or_path) if isinstance(mesh_or_path, (str, Path)) else mesh_or_path
+        views = render_views(mesh, n_views=n_views, resolution=condition_size, radius=radius, pitch=pitch,
+                             y_rotation=y_rotation)
+        sample = partial(self, prompt, views.rgb, views.pointmap, condition_size=condition_size, **call_kwargs)
+        if generators is None:
+            out = sample(generator=generator)
+        else:
+            from refany3d.alignment import choose_candidate
+
+            outs = [sample(generator=g) for g in generators]
+            best, reports = choose_candidate(mesh, [(o.image, o.pointmap) for o in outs], y_rotation)
+            out = outs[best]
+            out.candidates = reports
+            out.settings.update(candidates=len(outs), candidate=best)
         out.settings.update(radius=radius, pitch=pitch, y_rotation=y_rotation)
         return out

@@ -16,7 +16,7 @@ import trimesh
 from PIL import Image
 
 from refany3d.alignment import (
-    FIT_SIZES, align, asset_templates, fit_asset_to_image, frustum_segments, mask_iou, overlay_image, segment_object,
+    FIT_SIZES, AlignmentReport, align, candidate_scores, choose_candidate, consistency_key, most_consistent, asset_templates, fit_asset_to_image, frustum_segments, mask_iou, overlay_image, segment_object,
     to_frame,
 )
 from refany3d.cameras import Camera, focal_from_fov, look_at
@@ -234,6 +234,35 @@ def test_pointmap_of_a_different_asset_scores_clearly_worse(asset, other_asset):
     assert wrong.iou < right.iou - 0.2
     assert wrong.inlier_ratio < right.inlier_ratio
     assert wrong.pointmap_error is None or wrong.pointmap_error > 10 * right.pointmap_error
+
+
+def test_candidates_are_chosen_by_rigidity(asset, other_asset):
+    """Of several generations of one asset, the one whose point map one camera explains best is kept;
+    a point map of another asset never is, whatever its inlier ratio."""
+    clean = _pointmap_png(asset, _camera(110, 20, 4.0, roll=8))
+    candidates = [(None, _pointmap_png(other_asset, _camera(45, 35, 4.0))), (None, _corrupt(clean, 0.02, 0.0)),
+                  (None, _corrupt(clean, 0.0, 0.3)), (None, _corrupt(clean, 0.002, 0.0))]
+    best, reports = choose_candidate(asset, candidates)
+    assert [r.measurable for r in reports] == [False, True, True, True]
+    assert best == 3 and reports[3].inlier_ratio > max(reports[1].inlier_ratio, reports[2].inlier_ratio)
+    scores = candidate_scores([10, 11, 12, 13], reports)
+    assert [s["seed"] for s in scores] == [10, 11, 12, 13] and scores[3]["inlier_ratio"] == reports[3].inlier_ratio
+    assert set(scores[0]) == {"seed", "measurable", "inlier_ratio", "reprojection_error_px", "iou"}
+
+
+def test_consistency_order():
+    def report(measurable, inliers, error):
+        return AlignmentReport(measurable=measurable, reason="", inlier_ratio=inliers, reprojection_error_px=error)
+
+    # measurable beats a higher inlier ratio; then more inliers; then the smaller error; unaligned last
+    reports = [report(False, 0.9, 0.5), report(True, 0.4, 2.0), report(True, 0.6, 3.0), report(True, 0.6, 1.0),
+               report(False, None, None)]
+    order = sorted(range(len(reports)), key=lambda i: consistency_key(reports[i]), reverse=True)
+    assert order == [3, 2, 1, 0, 4]
+    assert most_consistent(reports) == 3
+    assert most_consistent([report(False, None, None), report(False, None, None)]) == 0  # the first of equals
+    with pytest.raises(InputError, match="no candidates"):
+        most_consistent([])
 
 
 def test_image_only_fit_finds_the_asset_its_side_and_size(asset, other_asset):

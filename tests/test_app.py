@@ -44,7 +44,7 @@ def test_api_lists_the_main_endpoints(client):
     align_params = [p["parameter_name"] for p in endpoints["/align"]["parameters"]]
     assert align_params == ["mesh_path", "image_path", "pointmap_path", "y_rotation"]
     generate_params = [p["parameter_name"] for p in endpoints["/generate"]["parameters"]]
-    assert generate_params[:2] == ["mesh_path", "prompt"]
+    assert generate_params[:2] == ["mesh_path", "prompt"] and "candidates" in generate_params
 
 
 def test_generate_returns_image_pointmap_and_matching_ply(client):
@@ -87,6 +87,18 @@ def test_same_seed_same_image_and_randomize_reports_the_seed_used(client):
     assert 0 <= seed < 2**32 and f"seed {seed}" in status
     if seed != 11:
         assert np.abs(np.asarray(Image.open(image_path)).astype(int) - first.astype(int)).max() > 0
+
+
+def test_candidates_over_the_api_return_the_kept_seed(client):
+    image_path, *_, files, seed, status = _generate(client, VASE, seed=20, candidates=2)
+    assert seed in (20, 21) and f"seed {seed}" in status and "of 2 candidates (seeds 20–21)" in status
+    record = json.loads(Path(next(f for f in files if f.endswith("settings.json"))).read_text())["settings"]
+    assert record["candidates"] == 2 and record["chosen_seed"] == seed
+    alone = _generate(client, VASE, seed=seed)[0]
+    np.testing.assert_array_equal(np.asarray(Image.open(alone)), np.asarray(Image.open(image_path)))
+    with pytest.raises(httpx.HTTPStatusError) as refused:  # Gradio's own slider bounds check
+        _generate(client, VASE, candidates=5)
+    assert "greater than maximum" in refused.value.response.text
 
 
 def test_preview_returns_rgb_and_pointmap_views(client):

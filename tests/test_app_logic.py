@@ -122,6 +122,8 @@ def test_default_settings_are_valid():
     ("resolution", 520, "multiple of 16"),
     ("resolution", 2048, "from 64 to 1024"),
     ("model", "gpt", "unknown model 'gpt'"),
+    ("candidates", 0, "from 1 to 4"),
+    ("candidates", 1.5, "whole number"),
 ])
 def test_each_bad_setting_is_named(field, value, message):
     config = logic.AppConfig()
@@ -132,6 +134,14 @@ def test_each_bad_setting_is_named(field, value, message):
 def test_a_randomized_seed_ignores_the_seed_box():
     config = logic.AppConfig()
     assert logic.settings_problems(_settings(seed=None, randomize_seed=True), config, config.model_registry()) == {}
+
+
+def test_candidates_seeds_must_stay_within_the_seed_range():
+    config = logic.AppConfig()
+    last = _settings(seed=logic.MAX_SEED - 2, candidates=3)
+    assert logic.settings_problems(last, config, config.model_registry()) == {}
+    problems = logic.settings_problems(_settings(seed=logic.MAX_SEED - 1, candidates=3), config, config.model_registry())
+    assert problems == {"seed": f"with 3 candidates the seed can be at most {logic.MAX_SEED - 2}"}
 
 
 def test_mesh_problems(tmp_path):
@@ -147,12 +157,13 @@ def test_mesh_problems(tmp_path):
 
 def test_validator_gives_one_verdict_per_input(service):
     service(logic.AppConfig())
-    args = [None, "", 3, 4.0, 0.0, 0.0, 5, False, 0, 3.5, 2.0, 512, logic.PUBLISHED_MODEL, False]
+    args = [None, "", 3, 4.0, 0.0, 0.0, 5, False, 0, 3.5, 2.0, 512, logic.PUBLISHED_MODEL, 9, False]
     verdicts = logic.validate_generation(*args)
     assert len(verdicts) == len(args) == 2 + len(logic.SETTING_FIELDS)
     failed = {i: v["message"] for i, v in enumerate(verdicts) if not v["is_valid"]}
-    assert set(failed) == {0, 1, 8}  # mesh, prompt, steps
+    assert set(failed) == {0, 1, 8, 13}  # mesh, prompt, steps, candidates
     assert "upload a mesh" in failed[0] and "write a prompt" in failed[1] and "steps" in failed[8]
+    assert "candidates must be a whole number from 1 to 4" in failed[13]
 
 
 # ------------------------------------------------------------------------------------- models
@@ -208,7 +219,7 @@ def test_generation_without_weights_is_a_clear_error(service, tmp_path, monkeypa
     assert not logic.cache_examples(installed)
     with pytest.raises(gr.Error, match="no model weights available") as error:
         logic.generate(str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 1, 3.5, 2.0, 64,
-                       logic.CONFIGURED_MODEL, False, _Request("session1"), lambda *a, **k: None)
+                       logic.CONFIGURED_MODEL, 1, False, _Request("session1"), lambda *a, **k: None)
     assert str(tmp_path / "ref") in error.value.message
     # the views preview still works without weights
     assert len(logic.preview_views(str(VASE), 2, 4.0, 0.0, 0.0)) == 4
@@ -247,20 +258,22 @@ def test_gpu_duration_grows_with_work_and_is_capped(service):
     assert flops(28, 8, 512, 512, 2.0, "cached") < flops(28, 8, 512, 512, 2.0) / 2
     assert flops(1, 8, 512, 512, 2.0, "cached") == flops(1, 8, 512, 512, 2.0)
 
-    def duration(steps, n_views, resolution, sampler="exact"):
+    def duration(steps, n_views, resolution, sampler="exact", candidates=1):
         record = {"steps": steps, "resolution": resolution, "condition_size": min(resolution, 512),
-                  "image_guidance_scale": 2.0, "sampler": sampler}
+                  "image_guidance_scale": 2.0, "sampler": sampler, "candidates": candidates}
         return logic.gpu_duration("m", "p", [None] * n_views, [None] * n_views, record)
 
     assert duration(50, 12, 1024) == 90  # capped so a visitor with little quota is not refused
     assert duration(1, 1, 64) == 15  # floor: start-up and decoding
     assert 15 < duration(10, 4, 512) < 90
     assert duration(28, 8, 512, "cached") < duration(28, 8, 512)
+    assert duration(5, 4, 512) < duration(5, 4, 512, candidates=2) < 90  # each candidate is a whole sampling
 
 
 def test_gpu_duration_follows_measured_timings(service):
     svc = service(logic.AppConfig(gpu_duration_cap_s=300, gpu_tflops=300))
-    record = {"steps": 28, "resolution": 512, "condition_size": 512, "image_guidance_scale": 2.0, "sampler": "exact"}
+    record = {"steps": 28, "resolution": 512, "condition_size": 512, "image_guidance_scale": 2.0, "sampler": "exact",
+              "candidates": 1}
     views = [None] * 8
     work = logic.generation_flops(28, 8, 512, 512, 2.0)
     unmeasured = logic.gpu_duration("m", "p", views, views, record)
@@ -314,10 +327,21 @@ def test_sampling_reports_every_step_to_the_progress_bar(service, tmp_path):
     views = render_views(str(VASE), 1, 64)
     record = {**_settings(steps=3, resolution=64, seed=5).to_record(), "sampler": "exact"}
     calls = []
-    image, pointmap = logic.sample_on_gpu(logic.CONFIGURED_MODEL, "a vase", views.rgb, views.pointmap, record,
-                                          lambda value, **kwargs: calls.append(value))
+    [(image, pointmap)] = logic.sample_on_gpu(logic.CONFIGURED_MODEL, "a vase", views.rgb, views.pointmap, record,
+                                              lambda value, **kwargs: calls.append(value))
     assert calls == [0.0, (1, 3), (2, 3), (3, 3)]
     assert image.size == pointmap.size == (64, 64)
+
+    # Candidates: one bar over all of them, and candidate k is exactly seed + k sampled alone.
+    calls.clear()
+    pairs = logic.sample_on_gpu(logic.CONFIGURED_MODEL, "a vase", views.rgb, views.pointmap,
+                                {**record, "candidates": 2}, lambda value, **kwargs: calls.append(value))
+    assert calls == [0.0, (1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)]
+    [(alone, _)] = logic.sample_on_gpu(logic.CONFIGURED_MODEL, "a vase", views.rgb, views.pointmap,
+                                       {**record, "seed": 6})
+    np.testing.assert_array_equal(np.asarray(pairs[0][0]), np.asarray(image))
+    np.testing.assert_array_equal(np.asarray(pairs[1][0]), np.asarray(alone))
+    assert not np.array_equal(np.asarray(pairs[0][0]), np.asarray(pairs[1][0]))
 
 
 def test_a_generation_calibrates_the_gpu_duration(service, tmp_path):
@@ -330,10 +354,32 @@ def test_a_generation_calibrates_the_gpu_duration(service, tmp_path):
     record = {**_settings(n_views=1, steps=2, resolution=64).to_record(), "sampler": "exact"}
     assert logic.gpu_duration(logic.CONFIGURED_MODEL, "p", [None], [None], record) == 120
     logic.generate(str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 2, 3.5, 2.0, 64,
-                   logic.CONFIGURED_MODEL, False, _Request("calibrate"), lambda *a, **k: None)
+                   logic.CONFIGURED_MODEL, 1, False, _Request("calibrate"), lambda *a, **k: None)
     assert len(svc.gpu_timings._rates[(logic.CONFIGURED_MODEL, "exact")]) == 1
     # The tiny model took well under a second: the measured rate gives the 15 s floor.
     assert logic.gpu_duration(logic.CONFIGURED_MODEL, "p", [None], [None], record) == 15
+
+
+def test_a_generation_with_candidates_keeps_the_most_rigid_and_says_which(service, tmp_path):
+    from refany3d.alignment import align, most_consistent
+    from refany3d.tiny import build_tiny_model
+
+    base, ref = build_tiny_model(tmp_path)
+    service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu"))
+    args = (str(VASE), "a vase", 1, 4.0, 0.0, 30.0, 11, False, 2, 3.5, 2.0, 64, logic.CONFIGURED_MODEL)
+    image, pointmap, _, _, files, seed, status, result = logic.generate(
+        *args, 3, False, _Request("candidates"), lambda *a, **k: None)
+    record = json.loads(Path(result.settings_json).read_text())["settings"]
+    assert record["seed"] == 11 and record["candidates"] == 3 and record["chosen_seed"] == seed == result.seed
+    assert [c["seed"] for c in record["candidate_scores"]] == [11, 12, 13]
+    assert f"seed {seed}" in status and "of 3 candidates (seeds 11–13)" in status
+    # each candidate alone, aligned here: the kept one ranks first and is the same image
+    alone = [logic.generate(*args[:6], s, *args[7:], 1, False, _Request(f"alone{s}"), lambda *a, **k: None)
+             for s in (11, 12, 13)]
+    reports = [align(VASE, a[1], a[0], y_rotation=30.0) for a in alone]
+    assert seed == 11 + most_consistent(reports)
+    assert [c["inlier_ratio"] for c in record["candidate_scores"]] == [r.to_dict()["inlier_ratio"] for r in reports]
+    np.testing.assert_array_equal(np.asarray(Image.open(image)), np.asarray(Image.open(alone[seed - 11][0])))
 
 
 def test_spaces_gpu_is_a_no_op_off_spaces():

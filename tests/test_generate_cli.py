@@ -45,6 +45,24 @@ def test_generate_writes_image_pointmap_and_settings(model_args, tmp_path):
     np.testing.assert_array_equal(np.asarray(Image.open(again / "image.png")), np.asarray(image))
 
 
+def test_candidates_record_the_kept_seed_which_regenerates_the_image(model_args, tmp_path, capsys):
+    mesh = EXAMPLES_DIR / "traffic_cone.glb"
+    out = tmp_path / "best"
+    assert main(["generate", str(mesh), "--prompt", "a cone", "--out", str(out), "--seed", "7", "--candidates", "3",
+                 *SMALL, *model_args]) == 0
+    settings = json.loads((out / "settings.json").read_text())["settings"]
+    assert settings["seed"] == 7 and settings["candidates"] == 3
+    assert [c["seed"] for c in settings["candidate_scores"]] == [7, 8, 9]
+    chosen = settings["chosen_seed"]
+    assert chosen in (7, 8, 9) and f"kept seed {chosen}, the most rigid of 3 candidates" in capsys.readouterr().out
+    alone = tmp_path / "alone"
+    assert main(["generate", str(mesh), "--prompt", "a cone", "--out", str(alone), "--seed", str(chosen),
+                 *SMALL, *model_args]) == 0
+    for name in ("image.png", "pointmap.png"):
+        np.testing.assert_array_equal(np.asarray(Image.open(alone / name)), np.asarray(Image.open(out / name)))
+    assert "chosen_seed" not in json.loads((alone / "settings.json").read_text())["settings"]
+
+
 def test_jobs_batch_runs_and_resumes(model_args, tmp_path):
     jobs = tmp_path / "jobs.jsonl"
     mesh = EXAMPLES_DIR / "vase.glb"
@@ -98,6 +116,9 @@ def test_read_jobs_errors(tmp_path):
     bad.write_text('{"mesh": "a.glb"\n')
     with pytest.raises(InputError, match="line 1: not valid JSON"):
         read_jobs(bad)
+    bad.write_text('{"mesh": "a.glb", "prompt": "x", "candidates": 0}\n')
+    with pytest.raises(InputError, match="line 1: candidates must be a positive integer, got 0"):
+        read_jobs(bad)
     bad.write_text('{"prompt": "x"}\n')
     with pytest.raises(InputError, match="'mesh' is required"):
         read_jobs(bad)
@@ -110,6 +131,7 @@ def test_read_jobs_errors(tmp_path):
     "argv, message",
     [
         (["generate", "--out", "x"], "give a MESH and --prompt"),
+        (["generate", "m.glb", "--prompt", "p", "--out", "x", "--candidates", "0"], "candidates must be a positive"),
         (["generate", "nope.glb", "--prompt", "p", "--out", "x", "--base-model", "nowhere", "--ref-model", "nowhere"],
          "RefAny3D weights"),
     ],

@@ -340,3 +340,41 @@ def test_pipe_flux_stays_the_plain_base_model(pipe, tiny_dirs):
     with_refany3d = pipe.flux(generator=torch.Generator().manual_seed(0), **kw).images[0]
     base = plain(generator=torch.Generator().manual_seed(0), **kw).images[0]
     np.testing.assert_allclose(with_refany3d, base, atol=1e-5)
+
+
+def test_candidates_keep_the_most_rigid_point_map():
+    """K generators: K samples, and the one alignment ranks first comes back, the same as its seed alone
+    (on the embedded model, whose seeds differ in how rigid their point maps are)."""
+    from refany3d.alignment import align
+    from refany3d.examples import EXAMPLES_DIR
+    from refany3d.pipeline import default_model, recommended_settings
+
+    base, ref = default_model({})
+    embedded = RefAny3DPipeline.from_pretrained(base, ref, device="cpu")
+    settings = {k: v for k, v in recommended_settings(ref).items() if k != "n_views"}
+    mesh, prompt, seeds = EXAMPLES_DIR / "vase.glb", "a vase on a wooden table", [0, 1, 2]
+    kw = dict(n_views=4, output_type="np", **settings)
+    out = embedded.generate_from_mesh(mesh, prompt, generator=[torch.Generator().manual_seed(s) for s in seeds], **kw)
+    alone = [embedded.generate_from_mesh(mesh, prompt, generator=torch.Generator().manual_seed(s), **kw) for s in seeds]
+    reports = [align(mesh, a.pointmap, a.image) for a in alone]
+    assert len({r.inlier_ratio for r in reports}) == 3  # the seeds do differ in what is chosen on
+    # ranked here by hand: measurable first, then the larger inlier ratio, then the smaller error
+    best = min(range(3), key=lambda i: (not reports[i].measurable, -(reports[i].inlier_ratio or -1.0),
+                                        reports[i].reprojection_error_px or np.inf))
+    assert out.settings["candidates"] == 3 and out.settings["candidate"] == best
+    np.testing.assert_array_equal(out.image, alone[best].image)
+    np.testing.assert_array_equal(out.pointmap, alone[best].pointmap)
+    assert [r.inlier_ratio for r in out.candidates] == [r.inlier_ratio for r in reports]
+    assert alone[0].candidates is None and "candidate" not in alone[0].settings
+
+
+def test_candidates_need_generators_and_a_point_map(pipe):
+    from refany3d.examples import EXAMPLES_DIR
+
+    mesh = EXAMPLES_DIR / "vase.glb"
+    with pytest.raises(InputError, match="empty list"):
+        pipe.generate_from_mesh(mesh, "p", n_views=1, condition_size=32, generator=[])
+    with pytest.raises(InputError, match="needs their point maps"):
+        pipe.generate_from_mesh(mesh, "p", n_views=1, condition_size=32, pointmap_branch=False, mode="faithful",
+                                generator=[torch.Generator(), torch.Generator()])
+
