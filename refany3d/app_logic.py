@@ -665,11 +665,12 @@ def sample_on_gpu(model: str, prompt: str, rgb_views: list, pointmap_views: list
     if progress is not None:
         progress(0.0, desc="Sampling")
     outputs = []
-    for k in range(candidates):
-        def on_step(step: int, _: int, done: int = k * settings["steps"]) -> None:
-            if progress is not None:
-                progress((done + step, total), desc="Sampling", unit="steps")
 
+    def on_step(step: int, _: int) -> None:
+        if progress is not None:  # one bar over every candidate's steps
+            progress((len(outputs) * settings["steps"] + step, total), desc="Sampling", unit="steps")
+
+    for k in range(candidates):
         output = pipeline(
             prompt,
             rgb_views,
