@@ -621,7 +621,6 @@ def align(
     return report
 
 
-
 def consistency_key(report: AlignmentReport) -> tuple[bool, float, float]:
     """Sort key of a generation's self-consistency, larger is better: measurable first, then the
     larger share of the point map one camera explains (inlier ratio), then the smaller

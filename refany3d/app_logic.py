@@ -726,15 +726,16 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
     from refany3d.views import render_views
 
     service = get_service()
-    if settings.randomize_seed:
-        settings.seed = int(np.random.default_rng().integers(0, MAX_SEED + 2 - settings.candidates))
     problem = mesh_problem(mesh_path, service.config)
     if problem:
         raise MeshError(problem)
     problems = settings_problems(settings, service.config, service.registry)
     if problems:
         raise InputError("; ".join(problems.values()))
-    for name in ("n_views", "seed", "steps", "resolution", "candidates"):
+    settings.candidates = int(settings.candidates)
+    if settings.randomize_seed:  # leaving room for the candidates' seeds
+        settings.seed = int(np.random.default_rng().integers(0, MAX_SEED + 2 - settings.candidates))
+    for name in ("n_views", "seed", "steps", "resolution"):
         setattr(settings, name, int(getattr(settings, name)))
     for name in ("radius", "pitch", "y_rotation", "guidance_scale", "image_guidance_scale"):
         setattr(settings, name, float(getattr(settings, name)))

@@ -127,7 +127,7 @@ def _run_generate(args) -> int:
                  log=lambda line: print(f"[process {state.process_index}] {line}"))
         return 0
     job = jobs[0]
-    with tqdm(total=job.num_inference_steps * max(1, job.candidates), desc="sampling", unit="step") as bar:
+    with tqdm(total=job.num_inference_steps * job.candidates, desc="sampling", unit="step") as bar:
         folder = run_job(pipe, job, args.out, callback=lambda step, total: bar.update(1))
     written = [name for name in ("image.png", "pointmap.png", "settings.json") if (folder / name).is_file()]
     print("wrote " + ", ".join(str(folder / name) for name in written))
