@@ -105,6 +105,21 @@ def test_example_preview_generate_and_plot(page):
     page.screenshot(path=str(ARTIFACTS / "app_alignment_screenshot.png"), full_page=True)
 
 
+def test_candidates_from_the_advanced_settings_show_the_kept_seed(page):
+    page.set_input_files("#mesh-upload input[type=file]", str(REPO / "examples" / "vase.glb"))
+    _gallery_images(page, 4)
+    page.get_by_text("Advanced").click()
+    box = page.locator("#candidates input[type=number]")
+    box.fill("2")
+    box.press("Enter")
+    page.click("#generate")
+    page.wait_for_function("document.querySelector('#status').innerText.includes('of 2 candidates')")
+    status = _status(page)
+    seed, first = (int(re.search(pattern, status).group(1)) for pattern in (r"Done: seed (\d+)", r"seeds (\d+)–"))
+    assert seed in (first, first + 1)
+    assert page.input_value("label:has-text('Seed') input") == str(seed)  # the kept seed is shown
+
+
 def test_bad_uploads_and_settings_show_errors_and_the_app_keeps_serving(page, tmp_path):
     upload = "#mesh-upload input[type=file]"
     junk = tmp_path / "junk.obj"
