@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -650,8 +651,8 @@ def choose_candidate(mesh: Any, candidates: list[tuple[Any, Any]],
     self-consistent one (`most_consistent`) and every report."""
     from refany3d.mesh import load_mesh
 
-    if isinstance(mesh, (str, Path)):
-        mesh = load_mesh(mesh)
+    if isinstance(mesh, (str, os.PathLike)):
+        mesh = load_mesh(mesh)  # once for every candidate
     reports = [align(mesh, pointmap, image, y_rotation=y_rotation) for image, pointmap in candidates]
     return most_consistent(reports), reports
 

@@ -703,6 +703,7 @@ class GenerationResult:
     seed: int
     files: list[str] = field(default_factory=list)
     camera_segments: np.ndarray | None = None  # recovered camera's frustum (asset's own frame)
+    report: Any = field(default=None, repr=False)  # its alignment, when choosing among candidates made it
 
 
 def _figure(result: GenerationResult, show_asset: bool):
@@ -753,7 +754,7 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
     candidates = sample_on_gpu(settings.model, settings.prompt, views.rgb, views.pointmap, record, progress)
     service.gpu_timings.record((settings.model, record["sampler"]), _call_flops(len(views.rgb), record),
                                time.perf_counter() - began)
-    best = 0
+    best, reports = 0, [None]
     if len(candidates) > 1:
         progress(1.0, desc="Choosing the most rigid candidate")
         best, reports = choose_candidate(mesh, candidates, settings.y_rotation)
@@ -773,7 +774,7 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
     result = GenerationResult(
         image=str(image_path), pointmap=str(pointmap_path), ply=str(ply_path),
         settings_json=str(json_path), mesh_path=str(mesh_path), y_rotation=settings.y_rotation,
-        seed=seed, files=[str(image_path), str(pointmap_path), str(ply_path), str(json_path)],
+        seed=seed, files=[str(image_path), str(pointmap_path), str(ply_path), str(json_path)], report=reports[best],
     )
     status = f"Done: seed {seed}, {len(cloud)} foreground points."
     if len(candidates) > 1:
@@ -930,7 +931,7 @@ def _align_generation(result: GenerationResult) -> tuple[str | None, str, dict[s
 
     Returns the overlay, the panel's text and the report as a dict.
     """
-    report = _align_files(result.mesh_path, result.image, result.pointmap, result.y_rotation)
+    report = result.report or _align_files(result.mesh_path, result.image, result.pointmap, result.y_rotation)
     folder = Path(result.image).parent
     details = report.to_dict()
     json_path = folder / "alignment.json"

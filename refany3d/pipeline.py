@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from contextlib import contextmanager
 from functools import partial
 from collections.abc import Callable, Mapping, Sequence
@@ -464,7 +465,7 @@ class RefAny3DPipeline:
                 raise InputError("generator is an empty list: give one generator per candidate")
             if call_kwargs.get("pointmap_branch") is False:
                 raise InputError("choosing among candidates needs their point maps (pointmap_branch=False has none)")
-        mesh = load_mesh(mesh_or_path) if isinstance(mesh_or_path, (str, Path)) else mesh_or_path
+        mesh = load_mesh(mesh_or_path) if isinstance(mesh_or_path, (str, os.PathLike)) else mesh_or_path  # loaded once
         views = render_views(mesh, n_views=n_views, resolution=condition_size, radius=radius, pitch=pitch,
                              y_rotation=y_rotation)
         sample = partial(self, prompt, views.rgb, views.pointmap, condition_size=condition_size, **call_kwargs)

@@ -380,6 +380,9 @@ def test_a_generation_with_candidates_keeps_the_most_rigid_and_says_which(servic
     assert seed == 11 + most_consistent(reports)
     assert [c["inlier_ratio"] for c in record["candidate_scores"]] == [r.to_dict()["inlier_ratio"] for r in reports]
     np.testing.assert_array_equal(np.asarray(Image.open(image)), np.asarray(Image.open(alone[seed - 11][0])))
+    # the alignment panel shows the kept candidate's report (the one the choice made, not redone)
+    _, text, details, *_ = logic.align_result(result, False)
+    assert details == reports[seed - 11].to_dict() and f"seed {seed}" in text
 
 
 def test_spaces_gpu_is_a_no_op_off_spaces():
