@@ -286,6 +286,10 @@ def _add_train(sub) -> None:
         ("--gradient-accumulation", "gradient_accumulation", int), ("--num-workers", "num_workers", int),
     ):
         p.add_argument(flag, dest=dest, type=kind, help="overrides the preset")
+    for stage, dest in (("vae", "vae_minutes"), ("base", "base_minutes"), ("ref", "ref_minutes")):
+        p.add_argument(f"--{stage}-minutes", dest=dest, type=float, metavar="M",
+                       help=f"time budget of the {stage} stage: after a few timed steps its step count is cut to "
+                       "what fits in M minutes (the learning rate still decays to its end)")
     p.add_argument("--no-group-mask", dest="group_mask", action="store_false", default=None,
                    help="ablation: full attention between all branches")
     p.add_argument("--no-pointmap-branch", dest="pointmap_branch", action="store_false", default=None,
@@ -308,7 +312,8 @@ def _run_train(args) -> int:
     overrides = {k: v for k, v in vars(args).items() if v is not None and k in (
         "resolution", "condition_size", "n_views", "batch_size", "vae_steps", "base_steps", "ref_steps", "ref_lr", "lora_rank",
         "lora_alpha", "optimizer", "mixed_precision", "checkpoint_every", "seed", "gradient_accumulation",
-        "group_mask", "pointmap_branch", "asset_loss_weight", "base_model", "init_ref", "compile", "num_workers")}
+        "group_mask", "pointmap_branch", "asset_loss_weight", "base_model", "init_ref", "compile", "num_workers",
+        "vae_minutes", "base_minutes", "ref_minutes")}
     config = preset_config(args.preset, data=args.data, output_dir=args.out,
                            stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()), **overrides)
     summary = train(config)

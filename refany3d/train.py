@@ -77,6 +77,10 @@ class TrainConfig:
     # torch.compile each stage's objective (forward + backward); pays off over long runs: the small
     # models here are launch-bound on a GPU, and compiling fuses the elementwise work
     compile: bool = False
+    # Time budgets in minutes (None: none): a stage's step count is cut to what fits (`run_stage`)
+    vae_minutes: float | None = None
+    base_minutes: float | None = None
+    ref_minutes: float | None = None
     # bookkeeping
     checkpoint_every: int = 250
     max_grad_norm: float = 1.0
@@ -98,6 +102,9 @@ class TrainConfig:
         for name in ("text_dropout", "reference_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"{name} must be within [0, 1], got {getattr(self, name)}")
+        for name in ("vae_minutes", "base_minutes", "ref_minutes"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise InputError(f"{name} must be a positive number of minutes, got {getattr(self, name)}")
         if not self.asset_loss_weight > 0:
             raise InputError(f"asset_loss_weight must be positive, got {self.asset_loss_weight}")
         if not self.data:
@@ -253,6 +260,11 @@ class StageResult:
     losses: list[float]
     seconds: float
     resumed_from: int
+    planned_steps: int  # the configured count, or what a time budget found to fit
+
+
+# Timed steps before a time-budgeted stage is first sized, counted after its first step (which may compile).
+PROBE_STEPS = 10
 
 
 def _optimizer(config: TrainConfig, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
@@ -267,6 +279,13 @@ def _checkpoint_path(out: Path, stage: str) -> Path:
     return out / "checkpoints" / f"{stage}.pt"
 
 
+def _agreed(value: Any) -> Any:
+    """The main process's value on every process, so that all of them run the same steps."""
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value])[0]
+
+
 def run_stage(
     stage: str,
     accelerator,
@@ -276,11 +295,19 @@ def run_stage(
     steps: int,
     lr: float,
     config: TrainConfig,
+    minutes: float | None = None,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> StageResult:
     """Optimise the objective's trainable parameters for `steps` steps, with checkpoints and resume.
 
     A checkpoint holds only the trainable parameters, the optimizer and the loss history, so that
     LoRA checkpoints of a 12B base stay small; it is removed once the stage's result is saved.
+
+    `minutes` is a time budget (a lease, a rented GPU): from PROBE_STEPS timed steps on (the first
+    step, which may compile, is not timed), the step count is re-estimated after every step as
+    what fits at the mean step time so far, at most `steps`, so that the learning-rate schedule
+    decays to its end within the budget; before that, the stage stops if the budget is spent.
+    The budget counts the stage's training time across resumes.
     """
     from tqdm.auto import tqdm
 
@@ -289,11 +316,12 @@ def run_stage(
     names = [n for n, p in objective.named_parameters() if p.requires_grad]
     optimizer = _optimizer(config, trainable, lr)
     warmup = max(1, min(config.warmup_steps, steps // 5))
+    plan = [steps]  # the schedule reads the plan, which a time budget re-estimates
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.5 + 0.5 * math.cos(math.pi * min(s / max(steps, 1), 1.0)))
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * (0.5 + 0.5 * math.cos(math.pi * min(s / max(plan[0], 1), 1.0)))
     )
     losses: list[float] = []
-    start = 0
+    start, spent = 0, 0.0
     ckpt = _checkpoint_path(out, stage)
     if ckpt.exists():
         state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -304,14 +332,16 @@ def run_stage(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         losses, start = state["losses"], state["step"]
+        plan[0], spent = state.get("planned_steps", steps), state.get("seconds", 0.0)
         torch.set_rng_state(state["rng"])
     if config.compile:
         objective = torch.compile(objective, dynamic=False)  # fixed batch shapes; no symbolic sizes
     objective, optimizer, scheduler = accelerator.prepare(objective, optimizer, scheduler)
 
-    began = time.perf_counter()
-    bar = tqdm(total=steps, initial=start, desc=stage, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    for step in range(start, steps):
+    began = probe_began = clock() - spent
+    bar = tqdm(total=plan[0], initial=start, desc=stage, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    step = start
+    while step < plan[0]:
         inputs = to_inputs(next(batches))
         with accelerator.accumulate(objective):
             loss = objective(**inputs)
@@ -322,20 +352,33 @@ def run_stage(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
         losses.append(accelerator.gather(loss.detach()[None]).mean().item())
+        step += 1
         bar.update(1)
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}")
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < steps:
+        if minutes is not None:
+            now = clock()
+            if step == start + 1:
+                probe_began = now
+            elif step >= start + 1 + PROBE_STEPS:
+                seconds_per_step = (now - probe_began) / (step - start - 1)
+                fits = step + int(max(minutes * 60 - (now - began), 0) / seconds_per_step)
+                plan[0] = bar.total = _agreed(min(steps, fits))
+            if step < plan[0] and _agreed(now - began >= minutes * 60):
+                accelerator.print(f"{stage}: the {minutes:g}-minute budget ran out after step {step} of {plan[0]}")
+                break
+        if step % config.checkpoint_every == 0 and step < plan[0]:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
                 torch.save({
                     "trainable": {n: p.detach().cpu() for n, p in zip(names, trainable)},
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "losses": losses, "step": step + 1, "rng": torch.get_rng_state(),
+                    "losses": losses, "step": step, "planned_steps": plan[0], "seconds": clock() - began,
+                    "rng": torch.get_rng_state(),
                 }, ckpt)
     bar.close()
     accelerator.wait_for_everyone()
-    return StageResult(losses, time.perf_counter() - began, start)
+    return StageResult(losses, clock() - began, start, plan[0])
 
 
 def _batches(config: TrainConfig, accelerator, seed: int) -> Iterator[dict[str, Any]]:
@@ -461,7 +504,7 @@ def train_vae(config: TrainConfig, accelerator, flux) -> StageResult:
         return {"pixels": torch.cat([batch["image"], batch["pointmap"], refs])}
 
     result = run_stage("vae", accelerator, VAEObjective(vae), _batches(config, accelerator, config.seed), to_inputs,
-                       config.vae_steps, config.vae_lr, config)
+                       config.vae_steps, config.vae_lr, config, config.vae_minutes)
     vae.eval().requires_grad_(False)
     _measure_latent_statistics(vae, _batches(config, accelerator, config.seed + 1))
     return result
@@ -510,7 +553,7 @@ def train_base(config: TrainConfig, accelerator, flux) -> StageResult:
                 "image_ids": latent_position_ids(h, w).to(latents.device), "guidance": guidance}
 
     result = run_stage("base", accelerator, TextToImageObjective(transformer), _batches(config, accelerator, config.seed + 3),
-                       to_inputs, config.base_steps, config.base_lr, config)
+                       to_inputs, config.base_steps, config.base_lr, config, config.base_minutes)
     transformer.eval().requires_grad_(False)
     return result
 
@@ -575,7 +618,7 @@ def train_refany3d(config: TrainConfig, accelerator, flux, domain_embedder) -> S
     domain_embedder.requires_grad_(True)
     objective = RefAny3DObjective(flux.transformer, domain_embedder, config.n_views, config.group_mask, config.pointmap_branch)
     return run_stage("refany3d", accelerator, objective, _batches(config, accelerator, config.seed + 5), to_inputs,
-                     config.ref_steps, config.ref_lr, config)
+                     config.ref_steps, config.ref_lr, config, config.ref_minutes)
 
 
 def _vocabulary(config: TrainConfig) -> list[str]:
@@ -669,8 +712,8 @@ def _tail_mean(losses: list[float], n: int = 50) -> float:
 
 
 def _stage_summary(result: StageResult) -> dict[str, Any]:
-    return {"steps": len(result.losses), "seconds": round(result.seconds, 1), "resumed_from": result.resumed_from,
-            "final_loss": _tail_mean(result.losses), "losses": result.losses}
+    return {"steps": len(result.losses), "planned_steps": result.planned_steps, "seconds": round(result.seconds, 1),
+            "resumed_from": result.resumed_from, "final_loss": _tail_mean(result.losses), "losses": result.losses}
 
 
 # ---------------------------------------------------------------------------------------------

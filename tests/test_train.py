@@ -137,6 +137,79 @@ def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     assert np.mean(result.losses[-3:]) < np.mean(result.losses[:3])
 
 
+class _FakeClock:
+    """Seconds that pass only when a step asks: `seconds_per_step(step)` per batch prepared."""
+
+    def __init__(self, seconds_per_step):
+        self.now, self.steps, self.seconds_per_step = 0.0, 0, seconds_per_step
+
+    def __call__(self) -> float:
+        return self.now
+
+    def step(self, batch):
+        self.steps += 1
+        self.now += self.seconds_per_step(self.steps)
+        return batch
+
+
+def test_time_budget_sets_the_step_count_to_what_fits_and_the_schedule_decays_over_it(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    from refany3d.train import PROBE_STEPS
+
+    config = TrainConfig(data=["unused"], output_dir=str(tmp_path), checkpoint_every=5, warmup_steps=1)
+    clock = _FakeClock(lambda step: 1.0)  # 1 s per step, 30 s of budget: 30 steps fit
+    torch.manual_seed(0)
+    with pytest.raises(KeyboardInterrupt):
+        run_stage("toy", Accelerator(cpu=True), _Regression(), _batches(stop_after=20), clock.step, 1000, 0.05, config,
+                  minutes=0.5, clock=clock)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "toy.pt", weights_only=False)
+    assert checkpoint["step"] == 20 and checkpoint["planned_steps"] == 30 and 20 > 1 + PROBE_STEPS
+    # cosine over the 30 planned steps, not the 1000 configured: at step 20, 0.5 + 0.5 cos(pi 20/30) = 0.25
+    assert checkpoint["scheduler"]["_last_lr"][0] == pytest.approx(0.05 * 0.25)
+
+    clock = _FakeClock(lambda step: 1.0)  # resumed: the 20 s already spent count, so 10 steps are left
+    result = run_stage("toy", Accelerator(cpu=True), _Regression(), _batches(), clock.step, 1000, 0.05, config,
+                       minutes=0.5, clock=clock)
+    assert (result.resumed_from, len(result.losses), result.planned_steps, clock.steps, result.seconds) == (20, 30, 30, 10, 30)
+
+
+def test_time_budget_follows_steps_that_slow_down_and_stops_a_stage_still_being_timed(tmp_path: Path, capsys) -> None:
+    from accelerate import Accelerator
+
+    config = TrainConfig(data=["unused"], output_dir=str(tmp_path), checkpoint_every=100, warmup_steps=1)
+    clock = _FakeClock(lambda step: 1.0 if step <= 11 else 3.0)  # 1 s per step, then 3 s: 30 planned at step 11
+    result = run_stage("toy", Accelerator(cpu=True), _Regression(), _batches(), clock.step, 1000, 0.05, config,
+                       minutes=0.5, clock=clock)
+    # Re-estimated at the mean step time since step 1: at step 17 (29 s) the mean is 28/16 s, the 1 s left fits no more
+    assert (len(result.losses), result.planned_steps, result.seconds) == (17, 17, 29.0)
+    assert "budget ran out" not in capsys.readouterr().out
+
+    clock = _FakeClock(lambda step: 1.0)  # a 6 s budget is spent before the step count is first estimated
+    result = run_stage("toy", Accelerator(cpu=True), _Regression(), _batches(), clock.step, 1000, 0.05, config,
+                       minutes=0.1, clock=clock)
+    assert (len(result.losses), result.planned_steps) == (6, 1000)
+    assert "toy: the 0.1-minute budget ran out after step 6 of 1000" in capsys.readouterr().out
+
+    untimed = run_stage("toy2", Accelerator(cpu=True), _Regression(), _batches(), lambda b: b, 12, 0.05, config)
+    assert (len(untimed.losses), untimed.planned_steps) == (12, 12)
+
+
+def test_train_cli_passes_the_time_budget_and_refuses_a_bad_one(trained: tuple[Path, dict], dataset: Path,
+                                                                 tmp_path: Path, capsys) -> None:
+    from refany3d.cli import main
+
+    common = ["train", str(dataset), "--preset", "tiny", "--condition-size", "16", "--stages", "refany3d",
+              "--base-model", str(trained[0] / "base")]
+    assert main([*common, "--out", str(tmp_path / "bad"), "--ref-minutes", "0"]) == 2
+    assert "ref_minutes must be a positive number of minutes, got 0.0" in capsys.readouterr().err
+
+    assert main([*common, "--out", str(tmp_path / "run"), "--ref-minutes", "5", "--ref-steps", "3"]) == 0
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["ref_minutes"] == 5.0
+    stage = json.loads((tmp_path / "run" / "training_summary.json").read_text())["stages"]["refany3d"]
+    assert (stage["steps"], stage["planned_steps"]) == (3, 3)  # too few steps to probe: the count stands
+
+
 def test_caption_encoder_encodes_each_caption_once_and_gives_the_pipelines_encodings() -> None:
     flux = build_base_pipeline(TinyConfig(vocabulary=["red", "blue", "box", "ball"]), seed=0)
     asked: list[list[str]] = []
@@ -170,6 +243,8 @@ def test_bad_configs_raise_input_errors() -> None:
         TrainConfig(data=["d"], output_dir="o", text_dropout=1.5)
     with pytest.raises(InputError, match="asset_loss_weight must be positive, got 0"):
         TrainConfig(data=["d"], output_dir="o", asset_loss_weight=0)
+    with pytest.raises(InputError, match="ref_minutes must be a positive number of minutes, got -1"):
+        TrainConfig(data=["d"], output_dir="o", ref_minutes=-1)
 
 
 def test_compiled_training_step_matches_eager_in_one_graph(tmp_path: Path) -> None:
