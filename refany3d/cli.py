@@ -249,6 +249,8 @@ def _add_make_data(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--asset-size", type=float, nargs=2, metavar=("MIN", "MAX"),
                    help="the asset's bounding-sphere diameter as a share of the image width (default 0.35 0.7)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes writing samples in parallel (default 1; the files are the same for any number)")
     p.set_defaults(run=_run_make_data)
 
 
@@ -257,7 +259,8 @@ def _run_make_data(args) -> int:
 
     size = {} if args.asset_size is None else {"asset_size": tuple(args.asset_size)}
     root = make_dataset(args.out, args.count, n_views=args.views, resolution=args.resolution, seed=args.seed,
-                        targets_per_asset=args.targets_per_asset, split=args.split, progress=True, **size)
+                        targets_per_asset=args.targets_per_asset, split=args.split, progress=True,
+                        workers=args.workers, **size)
     print(f"wrote {args.count} samples to {root}")
     return 0
 

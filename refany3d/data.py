@@ -468,6 +468,7 @@ def make_dataset(
     split: str = "train",
     progress: bool = False,
     asset_size: tuple[float, float] = DEFAULT_ASSET_SIZE,
+    workers: int = 1,
 ) -> Path:
     """Write `count` procedural samples. `split="val"` draws held-out assets and scene styles.
 
@@ -475,13 +476,17 @@ def make_dataset(
     width; the default puts it on a median 7 % of the pixels.
 
     Assets come from a random stream keyed by (split, seed, index), so train and val never share
-    one, and val scenes use floor/wall colour pairs that train never shows.
+    one, and val scenes use floor/wall colour pairs that train never shows. The same key makes
+    every asset and its targets independent of the others, so `workers` processes (each with its
+    own renderer) write the same files as one.
     """
-    from refany3d.views import Renderer
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
 
     if split not in ("train", "val"):
         raise InputError(f"split must be 'train' or 'val', got {split!r}")
-    for name, value, low in (("count", count, 1), ("views", n_views, 1), ("resolution", resolution, 16), ("targets per asset", targets_per_asset, 1)):
+    for name, value, low in (("count", count, 1), ("views", n_views, 1), ("resolution", resolution, 16),
+                             ("targets per asset", targets_per_asset, 1), ("workers", workers, 1)):
         if int(value) < low:
             raise InputError(f"{name} must be at least {low}, got {value}")
     smallest, largest = (float(v) for v in asset_size)
@@ -490,26 +495,82 @@ def make_dataset(
                          f"got {smallest:g} {largest:g}")
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    held_out = split == "val"
-    renderer = Renderer()
-    n_assets = math.ceil(count / targets_per_asset)
+    job = _AssetJob(root, count, n_views, resolution, seed, targets_per_asset, split, (smallest, largest))
+    chunks = [range(a, min(a + _ASSETS_PER_CHUNK, job.n_assets)) for a in range(0, job.n_assets, _ASSETS_PER_CHUNK)]
     done = 0
-    for a in range(n_assets):
-        rng = np.random.default_rng([seed, 1 if held_out else 0, a])
-        mesh, parts = random_asset(rng)
-        description = describe_asset(parts)
-        asset_id = f"{split}-{seed}-a{a:06d}"
-        write_asset(root, asset_id, mesh, n_views, resolution, description, renderer=renderer)
-        for _ in range(min(targets_per_asset, count - done)):
-            target = compose_target(renderer, mesh, description, rng, resolution, held_out, asset_size=(smallest, largest))
-            write_sample(root, f"{split}-{seed}-s{done:06d}", asset_id, target)
-            done += 1
+
+    def report(written: int) -> None:
+        nonlocal done
+        done += written
         if progress:
             print(f"\r{done}/{count} samples", end="", flush=True)
+
+    if workers == 1 or len(chunks) == 1:
+        from refany3d.views import Renderer
+
+        renderer = Renderer()
+        for chunk in chunks:
+            report(job(chunk, renderer))
+    else:  # fresh processes: an OpenGL context does not survive a fork
+        with ProcessPoolExecutor(min(workers, len(chunks)), mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(_write_in_worker, job, chunk) for chunk in chunks]
+            try:
+                for future in as_completed(futures):
+                    report(future.result())
+            except BaseException:
+                pool.shutdown(cancel_futures=True)
+                raise
     if progress:
         print()
     _write_manifest(root, resolution=resolution, n_views=n_views, split=split, seed=seed, asset_size=[smallest, largest])
     return root
+
+
+_ASSETS_PER_CHUNK = 8  # assets per task of a worker: small enough to spread, large enough to keep a renderer busy
+_worker_renderer = None  # a worker process's offscreen renderer, made by its first task
+
+
+@dataclass(frozen=True)
+class _AssetJob:
+    """Writes assets (by index) and their targets: picklable, so worker processes can run it."""
+
+    root: Path
+    count: int
+    n_views: int
+    resolution: int
+    seed: int
+    targets_per_asset: int
+    split: str
+    asset_size: tuple[float, float]
+
+    @property
+    def n_assets(self) -> int:
+        return math.ceil(self.count / self.targets_per_asset)
+
+    def __call__(self, assets: range, renderer) -> int:
+        """Write the given assets and their targets; return how many targets were written."""
+        held_out, written = self.split == "val", 0
+        for a in assets:
+            rng = np.random.default_rng([self.seed, 1 if held_out else 0, a])
+            mesh, parts = random_asset(rng)
+            description = describe_asset(parts)
+            asset_id = f"{self.split}-{self.seed}-a{a:06d}"
+            write_asset(self.root, asset_id, mesh, self.n_views, self.resolution, description, renderer=renderer)
+            first = a * self.targets_per_asset
+            for index in range(first, min(first + self.targets_per_asset, self.count)):
+                target = compose_target(renderer, mesh, description, rng, self.resolution, held_out, asset_size=self.asset_size)
+                write_sample(self.root, f"{self.split}-{self.seed}-s{index:06d}", asset_id, target)
+                written += 1
+        return written
+
+
+def _write_in_worker(job: _AssetJob, assets: range) -> int:
+    global _worker_renderer
+    if _worker_renderer is None:
+        from refany3d.views import Renderer
+
+        _worker_renderer = Renderer()
+    return job(assets, _worker_renderer)
 
 
 def camera_from_object_pose(K: np.ndarray, rotation: np.ndarray, translation: np.ndarray, width: int, height: int, normalization) -> Camera:

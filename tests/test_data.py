@@ -232,6 +232,23 @@ def test_make_data_cli(tmp_path: Path, capsys) -> None:
     assert json.loads((tmp_path / "f" / "dataset.json").read_text())["asset_size"] == [0.5, 0.6]
 
 
+def test_worker_processes_write_the_same_files_as_one(tmp_path: Path, capsys) -> None:
+    from refany3d.cli import main
+
+    # 19 samples of 2 per asset: 10 assets in two tasks of 8 and 2, the last asset with one scene
+    settings = dict(count=19, n_views=1, resolution=32, seed=3, targets_per_asset=2, split="val")
+    one = make_dataset(tmp_path / "one", **settings)
+    two = make_dataset(tmp_path / "two", workers=2, **settings)
+    files = sorted(f.relative_to(one) for f in one.rglob("*") if f.is_file())
+    assert files == sorted(f.relative_to(two) for f in two.rglob("*") if f.is_file())
+    assert len([f for f in files if f.parts[0] == "samples" and f.name == "meta.json"]) == 19
+    for name in files:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+
+    assert main(["make-data", str(tmp_path / "bad"), "--count", "2", "--workers", "0"]) == 2
+    assert "workers must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_other_asset_indices_skip_scenes_of_the_same_asset() -> None:
     assert other_asset_indices(["a", "a", "b", "b", "a"]) == [2, 2, 4, 4, 2]
     with pytest.raises(InputError, match="same asset"):
