@@ -17,3 +17,5 @@ if ((${#missing[@]})); then
 fi
 
 python -m pip install -q -r requirements.txt
+# The package itself, editable: `import refany3d` and the `refany3d` command work from any folder.
+python -m pip install -q --no-deps -e .

@@ -773,9 +773,9 @@ def _run_settings(run: Path) -> dict[str, Any]:
     try:
         record = json.loads((run / "settings.json").read_text())
     except (OSError, ValueError) as err:
-        raise InputError(f"{run.name}/settings.json cannot be read: {err}") from None
+        raise InputError(f"settings.json cannot be read: {err}") from None
     if not isinstance(record, dict):
-        raise InputError(f"{run.name}/settings.json is not a JSON object")
+        raise InputError("settings.json is not a JSON object")
     nested = record.get("settings") if isinstance(record.get("settings"), dict) else {}
     return {**{k: v for k, v in record.items() if k != "settings"}, **nested}
 
@@ -787,22 +787,25 @@ def _run_mesh_path(run: Path, settings: dict[str, Any]) -> Path:
     if isinstance(entry, dict):
         entry = entry.get("path") or entry.get("name")
     if not isinstance(entry, str) or not entry:
-        raise InputError(f"{run.name}/settings.json names no mesh")
+        raise InputError("settings.json names no mesh")
     name = Path(entry).name
     for candidate in (Path(entry), run / entry, run.parent / entry, run / name, run.parent / name):
         if candidate.is_file():
             return candidate
-    raise InputError(f"{run.name}: mesh {entry!r} not found (give --mesh)")
+    raise InputError(f"mesh {entry!r} not found (give the mesh: `eval MESH --batch DIR`)")
 
 
-def align_runs(directory: str | Path, mesh: str | Path | None = None,
+def align_runs(directory: str | Path, mesh: str | os.PathLike | Any | None = None,
                **align_kwargs: Any) -> list[tuple[str, AlignmentReport]]:
     """Align every run folder (image.png, pointmap.png, settings.json) under `directory`.
 
-    Each mesh is loaded once for all runs that use it; a run that cannot be read becomes a
+    `mesh` (a path or a loaded mesh) replaces the runs' own, and a bad one fails at once. Each
+    run's own mesh is loaded once for all runs that use it; a run that cannot be read becomes a
     not-measurable report with the reason, so one bad folder does not stop the batch.
     """
     from refany3d.mesh import load_mesh
+
+    given = load_mesh(mesh) if isinstance(mesh, (str, os.PathLike)) else mesh
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -815,11 +818,12 @@ def align_runs(directory: str | Path, mesh: str | Path | None = None,
     for run in runs:
         try:
             settings = _run_settings(run)
-            mesh_path = Path(mesh) if mesh is not None else _run_mesh_path(run, settings)
-            if mesh_path not in meshes:
-                meshes[mesh_path] = load_mesh(mesh_path)
+            if given is None:
+                mesh_path = _run_mesh_path(run, settings)
+                if mesh_path not in meshes:
+                    meshes[mesh_path] = load_mesh(mesh_path)
             image = run / "image.png"
-            report = align(meshes[mesh_path], run / "pointmap.png", image if image.is_file() else None,
+            report = align(given if given is not None else meshes[mesh_path], run / "pointmap.png", image if image.is_file() else None,
                            y_rotation=float(settings.get("y_rotation", 0.0) or 0.0), **align_kwargs)
         except RefAny3DError as err:
             report = AlignmentReport(measurable=False, reason=str(err))

@@ -9,6 +9,7 @@ interrupted batch resumes where it stopped.
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
@@ -17,6 +18,11 @@ from pathlib import Path
 from refany3d.errors import InputError
 
 RUN_FILES = ("image.png", "pointmap.png", "settings.json")
+MAX_SEED = 2**63 - 1  # the largest seed torch.Generator.manual_seed takes as a signed 64-bit integer
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass
@@ -45,8 +51,31 @@ class Job:
     pointmap_branch: bool = True  # False only for `train --no-pointmap-branch` models: an image alone (faithful mode)
 
     def __post_init__(self) -> None:
-        if isinstance(self.candidates, bool) or not isinstance(self.candidates, int) or self.candidates < 1:
-            raise InputError(f"candidates must be a positive integer, got {self.candidates!r}")
+        """Check each setting's type and sign, so a bad jobs line fails before any model loads;
+        the model-dependent rules (sizes that are multiples of the latent patch) stay with the pipeline."""
+        for name in ("mesh", "prompt", "mode"):
+            if not isinstance(getattr(self, name), str):
+                raise InputError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("n_views", "height", "width", "condition_size", "num_inference_steps", "max_sequence_length",
+                     "candidates"):
+            if not _is_integer(getattr(self, name)) or getattr(self, name) < 1:
+                raise InputError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not _is_integer(self.cache_refresh_every) or self.cache_refresh_every < 0:
+            raise InputError(f"cache_refresh_every must be a whole number >= 0, got {self.cache_refresh_every!r}")
+        for name in ("radius", "pitch", "y_rotation", "guidance_scale", "image_guidance_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+        for name in ("group_mask", "pointmap_branch"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.seed is not None and (not _is_integer(self.seed) or not 0 <= self.seed <= MAX_SEED - self.candidates + 1):
+            raise InputError(f"seed must be a whole number from 0 to {MAX_SEED}"
+                             + (f" less {self.candidates - 1} (one seed per candidate)" if self.candidates > 1 else "")
+                             + f", got {self.seed!r}")
+        if self.name is not None and (not isinstance(self.name, str) or self.name in ("", ".", "..")
+                                      or Path(self.name).name != self.name or "\\" in self.name):
+            raise InputError(f"name must be a folder name without '/' (it is created under the output folder), got {self.name!r}")
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "job", defaults: dict | None = None) -> Job:
@@ -107,7 +136,7 @@ def run_job(pipe, job: Job, folder: str | Path, generator_device: str = "cpu", c
     from refany3d.outputs import write_settings_json
 
     folder = Path(folder)
-    seed = job.seed if job.seed is not None else random.randint(0, 2**31 - 1)
+    seed = job.seed if job.seed is not None else random.randint(0, 2**31 - 1)  # short enough to type again
     seeds = [seed + k for k in range(job.candidates)]
     generators = [torch.Generator(generator_device).manual_seed(s) for s in seeds]
     out = pipe.generate_from_mesh(job.mesh, job.prompt, generator=generators if job.candidates > 1 else generators[0],

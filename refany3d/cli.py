@@ -1,8 +1,9 @@
 """Command line: `python -m refany3d {render,generate,eval,...}`, mirroring the Python API.
 
 Each subcommand has an `_add_<name>` function that declares its arguments and a `_run_<name>`
-function that calls the library. Errors refany3d raises on purpose become one line on stderr and
-exit status 2; anything else is a bug and keeps its traceback.
+function that calls the library. Errors refany3d raises on purpose, and the operating system's
+(a folder that cannot be written, a disk that is full), become one line on stderr and exit
+status 2; anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.run(args) or 0)
     except RefAny3DError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -95,6 +100,7 @@ def _add_generate(sub) -> None:
 
 def _run_generate(args) -> int:
     import json
+    import os
     from dataclasses import fields
 
     from tqdm.auto import tqdm
@@ -114,7 +120,12 @@ def _run_generate(args) -> int:
         given.setdefault("mode", "faithful")  # the only sampler of the ablation
     settings = {**recommended_settings(ref), **given}
     settings.pop("mesh", None)
-    jobs = read_jobs(args.jobs, defaults=settings) if args.jobs else [Job(mesh=args.mesh, **settings)]
+    # The mesh's absolute path goes into settings.json, so `eval --batch` finds it from anywhere.
+    jobs = read_jobs(args.jobs, defaults=settings) if args.jobs else [Job(mesh=os.path.abspath(args.mesh), **settings)]
+    for job in jobs:  # before the model loads, which can take minutes
+        if not os.path.isfile(job.mesh):
+            raise InputError(f"mesh file not found: {job.mesh}")
+    os.makedirs(args.out, exist_ok=True)  # an unwritable --out fails now, not after sampling
 
     from accelerate import PartialState
 
@@ -180,7 +191,7 @@ def _add_eval(sub) -> None:
     p.add_argument("mesh", nargs="?", help="the asset's mesh file (with --batch: overrides settings.json)")
     p.add_argument("pointmap", nargs="?", help="the predicted point map (PNG)")
     p.add_argument("--image", help="the generated image (PNG), for image IoU and colour agreement")
-    p.add_argument("--y-rotation", type=float, default=0.0, help="y rotation the views were made with (deg)")
+    p.add_argument("--y-rotation", type=float, help="y rotation the views were made with (deg; default 0)")
     p.add_argument("--fov", type=float, default=45.0, help="vertical field of view (deg) of the image")
     p.add_argument("--estimate-focal", action="store_true", help="estimate the focal length instead")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT ('-' for stdout)")
@@ -203,6 +214,11 @@ def _run_eval(args) -> int:
     if args.batch:
         if args.pointmap:
             raise InputError("with --batch give at most a MESH, not a point map")
+        ignored = [flag for flag, value in (("--image", args.image), ("--json", args.json), ("--overlay", args.overlay),
+                                            ("--y-rotation", args.y_rotation)) if value is not None]
+        if ignored:
+            raise InputError(f"{', '.join(ignored)} do(es) not apply to --batch, which reads each run's own files and "
+                             "settings.json")
         results = alignment.align_runs(args.batch, mesh=args.mesh, **options)
         out = Path(args.csv) if args.csv else Path(args.batch) / "alignment.csv"
         with out.open("w", newline="") as f:
@@ -214,7 +230,9 @@ def _run_eval(args) -> int:
         return 0
     if not (args.mesh and args.pointmap):
         raise InputError("eval needs MESH and POINTMAP_PNG, or --batch DIR")
-    report = alignment.align(args.mesh, args.pointmap, args.image, y_rotation=args.y_rotation, **options)
+    if args.overlay and Path(args.overlay).suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise InputError(f"--overlay must name a .png, .jpg or .webp file, got {args.overlay!r}")
+    report = alignment.align(args.mesh, args.pointmap, args.image, y_rotation=args.y_rotation or 0.0, **options)
     if args.overlay:
         overlay = report.overlay()
         if overlay is None:
@@ -240,7 +258,8 @@ _SUBCOMMANDS.append(_add_eval)
 def _add_make_data(sub) -> None:
     p = sub.add_parser("make-data", help="write procedural training samples (asset views + target scenes)",
                        description="Write a dataset in refany3d's sample format (see refany3d/data.py).")
-    p.add_argument("out", help="dataset folder (created; samples are added to it)")
+    p.add_argument("out", help="dataset folder (created; to add samples to an existing one, give its settings and "
+                   "another --seed: the same seed writes the same samples again)")
     p.add_argument("--count", type=int, default=1000, help="number of target samples (default 1000)")
     p.add_argument("--views", type=int, default=4, help="reference views per asset (default 4)")
     p.add_argument("--resolution", type=int, default=64, help="image size in pixels (default 64)")
@@ -306,6 +325,8 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
+    from pathlib import Path
+
     import torch
 
     from refany3d.train import preset_config, train
@@ -321,7 +342,9 @@ def _run_train(args) -> int:
                            stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()), **overrides)
     summary = train(config)
     stages = ", ".join(f"{name}: {info['steps']} steps" for name, info in summary["stages"].items())
-    print(f"wrote {args.out}/base, {args.out}/ref, {args.out}/loss_curve.png ({stages})")
+    out = Path(args.out)
+    written = [str(out / name) for name in ("base", "ref", "settings.json", "loss_curve.png") if (out / name).exists()]
+    print(f"{args.out} holds {', '.join(written)} ({stages})")
     return 0
 
 

@@ -450,6 +450,23 @@ def write_sample(root: Path, sample_id: str, asset_id: str, target: TargetSample
     return folder
 
 
+def _check_same_format(root: Path, **fields: Any) -> None:
+    """Samples added to an existing dataset must match it, or training would mix sizes silently."""
+    if root.exists() and not root.is_dir():
+        raise InputError(f"{root} is a file, not a dataset folder")
+    manifest = root / "dataset.json"
+    if not manifest.is_file():
+        return
+    try:
+        existing = json.loads(manifest.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{manifest} cannot be read ({err}); write to a new folder") from None
+    different = [f"{k} {existing[k]} (asked: {v})" for k, v in fields.items() if k in existing and existing[k] != v]
+    if different:
+        raise InputError(f"{root} already holds a dataset with {', '.join(different)}; write to a new folder, "
+                         "or add samples with the same settings and another --seed")
+
+
 def _write_manifest(root: Path, **fields: Any) -> None:
     manifest = root / "dataset.json"
     data = json.loads(manifest.read_text()) if manifest.exists() else {"format": FORMAT}
@@ -483,17 +500,22 @@ def make_dataset(
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
+    from refany3d.views import MAX_RESOLUTION
+
     if split not in ("train", "val"):
         raise InputError(f"split must be 'train' or 'val', got {split!r}")
     for name, value, low in (("count", count, 1), ("views", n_views, 1), ("resolution", resolution, 16),
-                             ("targets per asset", targets_per_asset, 1), ("workers", workers, 1)):
+                             ("targets per asset", targets_per_asset, 1), ("workers", workers, 1), ("seed", seed, 0)):
         if int(value) < low:
             raise InputError(f"{name} must be at least {low}, got {value}")
+    if resolution > MAX_RESOLUTION:
+        raise InputError(f"resolution must be at most {MAX_RESOLUTION}, got {resolution}")
     smallest, largest = (float(v) for v in asset_size)
     if not 0.05 <= smallest <= largest <= 1.0:
         raise InputError("asset size must be MIN <= MAX within [0.05, 1] (a share of the image width), "
                          f"got {smallest:g} {largest:g}")
     root = Path(out_dir)
+    _check_same_format(root, resolution=resolution, n_views=n_views, split=split)
     root.mkdir(parents=True, exist_ok=True)
     job = _AssetJob(root, count, n_views, resolution, seed, targets_per_asset, split, (smallest, largest))
     chunks = [range(a, min(a + _ASSETS_PER_CHUNK, job.n_assets)) for a in range(0, job.n_assets, _ASSETS_PER_CHUNK)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import warnings
 from contextlib import contextmanager
 from functools import partial
 from collections.abc import Callable, Mapping, Sequence
@@ -98,6 +99,12 @@ def resolve_ref_weights(ref_model: str | Path) -> dict[str, Path]:
                 f"{', '.join(REF_WEIGHT_FILES)} (the layout of {DEFAULT_REF_MODEL})."
             )
         return {name: folder / name for name in REF_WEIGHT_FILES}
+    if folder.exists():
+        raise ModelLoadError(f"RefAny3D weights {str(folder)!r} is a file; give the folder that holds "
+                             f"{', '.join(REF_WEIGHT_FILES)} (CLI: --ref-model DIR)")
+    if _looks_like_a_path(str(ref_model)):
+        raise ModelLoadError(f"RefAny3D weights folder {str(ref_model)!r} not found (CLI: --ref-model DIR), "
+                             f"and it is not a Hugging Face repo id such as {DEFAULT_REF_MODEL}")
     try:
         from huggingface_hub import hf_hub_download
 
@@ -108,6 +115,11 @@ def resolve_ref_weights(ref_model: str | Path) -> dict[str, Path]:
             f"(not a local folder, and the Hugging Face Hub said: {type(err).__name__}: {err}). "
             "Download them and pass the folder as ref_model (CLI: --ref-model DIR)."
         ) from None
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A Hub repo id is 'owner/name'; anything absolute, relative-dotted or deeper is a path."""
+    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or os.sep != "/" and os.sep in name
 
 
 def load_domain_embedder(path: Path, inner_dim: int) -> torch.nn.Sequential:
@@ -130,12 +142,15 @@ def load_refany3d_weights(flux, ref_files: Mapping[str, Path]) -> torch.nn.Seque
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # silence "no LoRA keys for the text encoder": by design
     try:
-        for name in ("default", "coord"):
-            path = ref_files[f"{name}.safetensors"]
-            try:
-                flux.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-            except Exception as err:
-                raise ModelLoadError(f"cannot load LoRA {str(path)!r} as adapter {name!r}: {err}") from None
+        with warnings.catch_warnings():
+            # two adapters on one model is the design, not the mistake peft warns of
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+            for name in ("default", "coord"):
+                path = ref_files[f"{name}.safetensors"]
+                try:
+                    flux.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
+                except Exception as err:
+                    raise ModelLoadError(f"cannot load LoRA {str(path)!r} as adapter {name!r}: {err}") from None
     finally:
         diffusers_logging.set_verbosity(verbosity)
     # The branches apply their adapters explicitly (transformer.lora_linear); with peft's own
@@ -147,6 +162,20 @@ def load_refany3d_weights(flux, ref_files: Mapping[str, Path]) -> torch.nn.Seque
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """A torch device that exists on this machine, or an InputError that says what does."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise InputError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU (torch "
+                         f"{torch.__version__}); use cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise InputError(f"device {str(device)!r} asked for, but this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
 
 
 def _as_images(views: Sequence[ImageLike], what: str) -> list[Image.Image]:
@@ -180,9 +209,13 @@ class RefAny3DPipeline:
         """
         from diffusers import FluxPipeline
 
-        device = torch.device(device) if device is not None else default_device()
+        device = parse_device(device) if device is not None else default_device()
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         ref_files = resolve_ref_weights(ref_model)  # a missing ref model fails before the (large) base loads
+        base_folder = Path(base_model).expanduser()
+        if not base_folder.is_dir() and (base_folder.exists() or _looks_like_a_path(str(base_model))):
+            raise ModelLoadError(f"FLUX base model folder {str(base_folder)!r} not found (CLI: --base-model DIR): give a "
+                                 f"diffusers FluxPipeline folder or a Hugging Face repo id such as {DEFAULT_BASE_MODEL}")
         try:
             flux = FluxPipeline.from_pretrained(str(base_model), dtype=dtype)
         except Exception as err:
@@ -272,9 +305,15 @@ class RefAny3DPipeline:
         return 2 * (height // (factor * 2)), 2 * (width // (factor * 2))
 
     # ----------------------------------------------------------------------------------- sampling
-    def _check(self, prompt, rgb_views, pointmap_views, height, width, condition_size, steps, output_type):
+    def _check(self, prompt, rgb_views, pointmap_views, height, width, condition_size, steps, output_type,
+               guidance_scales, max_sequence_length):
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
+        for name, value in guidance_scales.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise InputError(f"{name} must be a finite number, got {value!r}")
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
+            raise InputError(f"max_sequence_length must be a positive integer, got {max_sequence_length!r}")
         if len(rgb_views) == 0:
             raise InputError("at least one reference view is needed (got 0 RGB views)")
         if len(rgb_views) != len(pointmap_views):
@@ -372,7 +411,8 @@ class RefAny3DPipeline:
             raise InputError(f"cache_refresh_every applies to mode='cached' only (mode is {mode!r})")
         rgb_images = _as_images(rgb_views, "RGB view")
         pm_images = _as_images(pointmap_views, "point-map view")
-        self._check(prompt, rgb_images, pm_images, height, width, condition_size, num_inference_steps, output_type)
+        self._check(prompt, rgb_images, pm_images, height, width, condition_size, num_inference_steps, output_type,
+                    {"guidance_scale": guidance_scale, "image_guidance_scale": image_guidance_scale}, max_sequence_length)
         device, dtype = self.device, self.dtype
         if mode == "faithful":
             encoder = self

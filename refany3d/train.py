@@ -91,9 +91,19 @@ class TrainConfig:
         if isinstance(self.tiny, dict):
             self.tiny = TinyConfig(**self.tiny)
         self.stages = tuple(self.stages)
+        if not self.stages:
+            raise InputError(f"no training stage given; choose from {', '.join(STAGES)}")
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise InputError(f"unknown training stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise InputError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        for name in ("vae_steps", "base_steps", "ref_steps"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("vae_lr", "base_lr", "ref_lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.optimizer not in ("adamw", "prodigy"):
             raise InputError(f"optimizer must be 'adamw' or 'prodigy', got {self.optimizer!r}")
         for name in ("batch_size", "n_views", "gradient_accumulation", "checkpoint_every"):
@@ -690,6 +700,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         log(f"refany3d: {len(result.losses)} steps, final loss {_tail_mean(result.losses):.4f}, {result.seconds:.0f} s")
         if accelerator.is_main_process:
             save_refany3d_weights(accelerator.unwrap_model(flux.transformer), embedder.float().cpu(), ref_dir)
+            (out / "settings.json").write_text(json.dumps(sampling_settings(config, _text_length(flux)), indent=1) + "\n")
             summary_path.write_text(json.dumps(summary, indent=1))
     if accelerator.is_main_process:
         for stage in config.stages:
@@ -697,6 +708,20 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         summary_path.write_text(json.dumps(summary, indent=1))
         plot_loss_curves({s: v["losses"] for s, v in summary["stages"].items()}, out / "loss_curve.png")
     return summary
+
+
+def sampling_settings(config: TrainConfig, text_length: int) -> dict[str, Any]:
+    """What the trained model samples best with, read by `pipeline.recommended_settings` from
+    OUT/settings.json: the training sizes, views and caption length; the release's steps and guidance."""
+    from refany3d.pipeline import RELEASE_SETTINGS
+
+    return {
+        "description": f"trained by `python -m refany3d train` ({', '.join(config.stages)}) on {', '.join(config.data)}",
+        **RELEASE_SETTINGS,
+        "height": config.resolution, "width": config.resolution,
+        "condition_size": config.condition_size or config.resolution, "n_views": config.n_views,
+        "max_sequence_length": text_length,
+    }
 
 
 def _zero_last_layer(embedder: torch.nn.Sequential) -> None:

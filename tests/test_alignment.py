@@ -497,6 +497,31 @@ def test_cli_eval_bad_input_is_one_line_error(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: ")
     assert main(["eval"]) == 2
     assert "MESH and POINTMAP_PNG" in capsys.readouterr().err
+    (tmp_path / "runs").mkdir()
+    assert main(["eval", "--batch", str(tmp_path / "runs"), "--json", "x.json", "--y-rotation", "30"]) == 2
+    assert "--json, --y-rotation do(es) not apply to --batch" in capsys.readouterr().err
+    assert main(["eval", "--batch", str(tmp_path / "runs"), str(tmp_path / "x.png")]) == 2  # a mesh that isn't one
+    assert capsys.readouterr().err.startswith("error: ")
+    assert main(["eval", str(tmp_path / "m.ply"), str(tmp_path / "p.png"), "--overlay", "o.xyz"]) == 2
+    assert "--overlay must name a .png, .jpg or .webp file" in capsys.readouterr().err
+
+
+def test_batch_eval_finds_a_runs_mesh_by_its_recorded_path_or_names_the_fix(asset, tmp_path, monkeypatch):
+    from refany3d.alignment import align_runs
+    from refany3d.mesh import load_mesh
+
+    mesh_path = tmp_path / "meshes" / "asset.ply"
+    mesh_path.parent.mkdir()
+    asset.export(mesh_path)
+    mesh = load_mesh(mesh_path)
+    _write_run(tmp_path / "runs" / "a", mesh, mesh_path, _camera(100, 10, 4.0), 0.0)
+    monkeypatch.chdir(tmp_path / "runs")  # anywhere: the recorded path is absolute
+    assert align_runs(tmp_path / "runs")[0][1].measurable
+    mesh_path.rename(tmp_path / "moved.ply")
+    (run, report), = align_runs(tmp_path / "runs")
+    assert (run, report.measurable) == ("a", False)
+    assert report.reason == f"mesh {str(mesh_path)!r} not found (give the mesh: `eval MESH --batch DIR`)"
+    assert align_runs(tmp_path / "runs", mesh=tmp_path / "moved.ply")[0][1].measurable
 
 
 def test_bad_inputs_raise_typed_errors(asset):

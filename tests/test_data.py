@@ -203,6 +203,18 @@ def test_bad_settings_raise_input_errors(tmp_path: Path) -> None:
         make_dataset(tmp_path / "x", count=1, asset_size=(0.5, 1.5))
     with pytest.raises(InputError, match="not a refany3d dataset"):
         SampleDataset(tmp_path, resolution=32)
+    with pytest.raises(InputError, match="seed must be at least 0, got -3"):
+        make_dataset(tmp_path / "y", count=1, seed=-3)
+    with pytest.raises(InputError, match="resolution must be at most 4096, got 100000"):
+        make_dataset(tmp_path / "y", count=1, resolution=100000)
+    assert not (tmp_path / "y").exists()  # refused before anything was written
+
+    make_dataset(tmp_path / "z", count=1, n_views=1, resolution=32)
+    with pytest.raises(InputError, match="already holds a dataset with resolution 32 \\(asked: 64\\), n_views 1 "
+                                         "\\(asked: 4\\); write to a new folder"):
+        make_dataset(tmp_path / "z", count=1, seed=1)
+    make_dataset(tmp_path / "z", count=1, n_views=1, resolution=32, seed=1)  # the same settings: added
+    assert len(list((tmp_path / "z" / "samples").iterdir())) == 2
 
 
 def test_asset_size_sets_how_much_of_the_target_the_asset_covers(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ def model_args(tmp_path_factory):
     return ["--base-model", str(base), "--ref-model", str(ref), "--device", "cpu"]
 
 
-def test_generate_writes_image_pointmap_and_settings(model_args, tmp_path):
+def test_generate_writes_image_pointmap_and_settings(model_args, tmp_path, monkeypatch):
     out = tmp_path / "run"
     mesh = EXAMPLES_DIR / "traffic_cone.glb"
     code = main(["generate", str(mesh), "--prompt", "a cone on a street", "--out", str(out), "--seed", "7",
@@ -40,9 +40,11 @@ def test_generate_writes_image_pointmap_and_settings(model_args, tmp_path):
     assert record["mesh"]["name"] == "traffic_cone.glb" and len(record["mesh"]["sha256"]) == 64
 
     again = tmp_path / "again"
-    assert main(["generate", str(mesh), "--prompt", "a cone on a street", "--out", str(again), "--seed", "7",
+    monkeypatch.chdir(EXAMPLES_DIR)  # a mesh path relative to here is recorded absolute, for `eval --batch`
+    assert main(["generate", mesh.name, "--prompt", "a cone on a street", "--out", str(again), "--seed", "7",
                  *SMALL, *model_args]) == 0
     np.testing.assert_array_equal(np.asarray(Image.open(again / "image.png")), np.asarray(image))
+    assert json.loads((again / "settings.json").read_text())["settings"]["mesh"] == str(mesh)
 
 
 def test_candidates_record_the_kept_seed_which_regenerates_the_image(model_args, tmp_path, capsys):
@@ -122,9 +124,21 @@ def test_read_jobs_errors(tmp_path):
     bad.write_text('{"prompt": "x"}\n')
     with pytest.raises(InputError, match="'mesh' is required"):
         read_jobs(bad)
+    for setting, message in (('"seed": "abc"', "seed must be a whole number from 0 to 9223372036854775807, got 'abc'"),
+                             ('"seed": 9223372036854775807, "candidates": 2', "seed .* less 1 \\(one seed per candidate\\)"),
+                             ('"guidance_scale": "3"', "guidance_scale must be a finite number, got '3'"),
+                             ('"n_views": 2.5', "n_views must be a positive integer, got 2.5"),
+                             ('"group_mask": "no"', "group_mask must be true or false"),
+                             ('"name": "../../escape"', "name must be a folder name without '/'")):
+        bad.write_text('{"mesh": "a.glb", "prompt": "x", %s}\n' % setting)
+        with pytest.raises(InputError, match="line 1: " + message):
+            read_jobs(bad)
     bad.write_text('{"mesh": "sub/a.glb", "prompt": "x"}\n')
     assert read_jobs(bad)[0].mesh == str((tmp_path / "sub" / "a.glb").resolve())
     assert Job(mesh="m", prompt="p").sampler_kwargs()["n_views"] == 8
+
+
+GOOD = ["generate", str(ROOT / "examples" / "vase.glb"), "--prompt", "p", "--out", "x"]
 
 
 @pytest.mark.parametrize(
@@ -132,11 +146,20 @@ def test_read_jobs_errors(tmp_path):
     [
         (["generate", "--out", "x"], "give a MESH and --prompt"),
         (["generate", "m.glb", "--prompt", "p", "--out", "x", "--candidates", "0"], "candidates must be a positive"),
-        (["generate", "nope.glb", "--prompt", "p", "--out", "x", "--base-model", "nowhere", "--ref-model", "nowhere"],
-         "RefAny3D weights"),
+        (["generate", "nope.glb", "--prompt", "p", "--out", "x"], "mesh file not found: "),
+        ([*GOOD, "--base-model", "nowhere", "--ref-model", "/no/such/ref"], "RefAny3D weights folder '/no/such/ref' not found"),
+        ([*GOOD, "--ref-model", "JudgementH/RefAny3D", "--base-model", "/no/such/base"],
+         "RefAny3D weights"),  # offline: the hub id fails first, without a traceback
+        ([*GOOD, "--device", "bogus"], "unknown device 'bogus'; use cpu, cuda or cuda:N"),
+        ([*GOOD, "--guidance", "nan"], "guidance_scale must be a finite number, got nan"),
+        ([*GOOD, "--image-guidance", "inf"], "image_guidance_scale must be a finite number, got inf"),
+        ([*GOOD, "--max-sequence-length", "0"], "max_sequence_length must be a positive integer, got 0"),
+        ([*GOOD, "--seed", str(2**64 - 1)], "seed must be a whole number from 0 to 9223372036854775807"),
+        ([*GOOD[:-1], "a_file/sub"], "Not a directory: a_file/sub"),
     ],
 )
 def test_bad_generate_input_is_one_line_and_exit_2(argv, message, tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
     result = subprocess.run([sys.executable, "-m", "refany3d", *argv], cwd=tmp_path, capture_output=True, text=True,
                             env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2, result.stderr

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 import subprocess
 import sys
 from pathlib import Path
@@ -274,6 +275,9 @@ def test_attention_recorder_shares_follow_the_group_mask(pipe):
         (dict(condition_size=0), "condition_size must be a positive integer"),
         (dict(num_inference_steps=0), "num_inference_steps"),
         (dict(output_type="latent"), "output_type"),
+        (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+        (dict(image_guidance_scale=float("inf")), "image_guidance_scale must be a finite number, got inf"),
+        (dict(max_sequence_length=0), "max_sequence_length must be a positive integer, got 0"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(pipe, kwargs, message):
@@ -304,6 +308,35 @@ def test_missing_weights_name_what_was_looked_for(tiny_dirs, tmp_path):
         RefAny3DPipeline.from_pretrained(str(tmp_path / "nope"), str(ref), device="cpu")
     with pytest.raises(ModelLoadError, match="--ref-model"):
         RefAny3DPipeline.from_pretrained(str(base), "someone/not-a-local-folder", device="cpu")
+    # paths never go to the Hub: a file, a missing absolute or relative folder
+    with pytest.raises(ModelLoadError, match="coord.safetensors' is a file; give the folder that holds"):
+        RefAny3DPipeline.from_pretrained(str(base), str(Path(ref) / "coord.safetensors"), device="cpu")
+    for missing in (str(tmp_path / "no" / "ref"), "./no-ref", "no-ref"):
+        with pytest.raises(ModelLoadError, match=f"RefAny3D weights folder '{missing}' not found .* not a Hugging Face repo id"):
+            RefAny3DPipeline.from_pretrained(str(base), missing, device="cpu")
+    with pytest.raises(ModelLoadError, match="FLUX base model folder '/no/base' not found"):
+        RefAny3DPipeline.from_pretrained("/no/base", str(ref), device="cpu")
+
+
+def test_devices_this_machine_lacks_are_input_errors(tiny_dirs):
+    from refany3d.pipeline import parse_device
+
+    assert parse_device("cpu") == torch.device("cpu")
+    with pytest.raises(InputError, match="unknown device 'bogus'; use cpu, cuda or cuda:N"):
+        RefAny3DPipeline.from_pretrained(*map(str, tiny_dirs), device="bogus")
+    if torch.cuda.is_available():
+        with pytest.raises(InputError, match=f"this machine has {torch.cuda.device_count()} CUDA GPU"):
+            parse_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(InputError, match="'cuda:1' asked for, but this machine has no CUDA GPU"):
+            parse_device("cuda:1")
+
+
+def test_loading_two_adapters_does_not_warn(tiny_dirs):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        RefAny3DPipeline.from_pretrained(*map(str, tiny_dirs), device="cpu")
+    assert not [w for w in caught if "peft_config" in str(w.message)]
 
 
 @pytest.mark.parametrize("mode", ["faithful", "exact"])

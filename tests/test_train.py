@@ -59,6 +59,12 @@ def test_tiny_run_writes_the_published_layout(trained: tuple[Path, dict]) -> Non
     # the VAE's latent statistics were measured (not the builder's constants)
     vae = json.loads((out / "base" / "vae" / "config.json").read_text())
     assert (vae["shift_factor"], vae["scaling_factor"]) != (0.1159, 0.3611)
+    # the model's sampling settings are its training sizes (tiny preset: 32 px, 2 views at 16 px)
+    from refany3d.pipeline import recommended_settings
+
+    settings = recommended_settings(out / "ref")
+    assert (settings["height"], settings["width"], settings["condition_size"], settings["n_views"]) == (32, 32, 16, 2)
+    assert settings["max_sequence_length"] == build_base_pipeline(TinyConfig()).tokenizer_2.model_max_length
 
 
 def test_vae_posterior_is_nearly_deterministic(trained: tuple[Path, dict]) -> None:
@@ -205,6 +211,9 @@ def test_train_cli_passes_the_time_budget_and_refuses_a_bad_one(trained: tuple[P
     assert "ref_minutes must be a positive number of minutes, got 0.0" in capsys.readouterr().err
 
     assert main([*common, "--out", str(tmp_path / "run"), "--ref-minutes", "5", "--ref-steps", "3"]) == 0
+    run = tmp_path / "run"
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        f"{run} holds {run / 'ref'}, {run / 'settings.json'}, {run / 'loss_curve.png'} (refany3d: 3 steps)")  # no base/
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["ref_minutes"] == 5.0
     stage = json.loads((tmp_path / "run" / "training_summary.json").read_text())["stages"]["refany3d"]
     assert (stage["steps"], stage["planned_steps"]) == (3, 3)  # too few steps to probe: the count stands
@@ -245,6 +254,14 @@ def test_bad_configs_raise_input_errors() -> None:
         TrainConfig(data=["d"], output_dir="o", asset_loss_weight=0)
     with pytest.raises(InputError, match="ref_minutes must be a positive number of minutes, got -1"):
         TrainConfig(data=["d"], output_dir="o", ref_minutes=-1)
+    with pytest.raises(InputError, match="no training stage given"):
+        TrainConfig(data=["d"], output_dir="o", stages=())
+    with pytest.raises(InputError, match="mixed_precision must be 'no', 'bf16' or 'fp16', got 'fp64'"):
+        TrainConfig(data=["d"], output_dir="o", mixed_precision="fp64")
+    with pytest.raises(InputError, match="ref_steps must be at least 1, got 0"):
+        TrainConfig(data=["d"], output_dir="o", ref_steps=0)
+    with pytest.raises(InputError, match="base_lr must be a finite number >= 0, got nan"):
+        TrainConfig(data=["d"], output_dir="o", base_lr=float("nan"))
 
 
 def test_compiled_training_step_matches_eager_in_one_graph(tmp_path: Path) -> None:
