@@ -12,15 +12,16 @@ from refany3d import app_logic as logic
 service = logic.get_service()
 config = service.config
 defaults = logic.default_settings(logic.DEFAULT_PROMPT, config, service.default_model())
+largest_resolution = logic.resolution_limit(config, service.registry[defaults.model])
 example_rows, example_labels = logic.example_rows()
 
 with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
     # Result components are created first and placed later, so the examples (whose cached
     # outputs they are) can sit right under the upload.
-    status = gr.Markdown(elem_id="status", render=False)
-    image = gr.Image(label="Generated image", type="filepath", format="png", height=300,
+    status = gr.Markdown(label="Status", elem_id="status", render=False)
+    image = gr.Image(label="Generated image", type="filepath", format="png", height=300, interactive=False,
                      buttons=["download", "fullscreen"], elem_id="result-image", render=False)
-    pointmap = gr.Image(label="Predicted point map", type="filepath", format="png", height=300,
+    pointmap = gr.Image(label="Predicted point map", type="filepath", format="png", height=300, interactive=False,
                         buttons=["download", "fullscreen"], elem_id="result-pointmap", render=False)
     pointcloud_plot = gr.Plot(label="Predicted point cloud (asset frame)", elem_id="pointcloud", render=False)
     ply = gr.File(label="Point cloud (PLY)", interactive=False, render=False)
@@ -28,11 +29,12 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
                         interactive=False, elem_id="downloads", render=False)
     seed = gr.Number(label="Seed", value=defaults.seed, precision=0, minimum=0, maximum=logic.MAX_SEED,
                      render=False)
+    randomize_seed = gr.Checkbox(label="Randomize seed", value=True, render=False)
     result_outputs = [image, pointmap, pointcloud_plot, ply, downloads, seed, status]
     alignment_overlay = gr.Image(label="Asset re-rendered at the recovered camera, over the generated image",
                                  type="filepath", format="png", height=300, interactive=False,
                                  buttons=["download", "fullscreen"], elem_id="alignment-overlay", render=False)
-    alignment_text = gr.Markdown(logic.ALIGNMENT_INTRO, elem_id="alignment-numbers", render=False)
+    alignment_text = gr.Markdown(logic.ALIGNMENT_INTRO, label="Alignment", elem_id="alignment-numbers", render=False)
     alignment_details = gr.JSON(label="Alignment report", elem_id="alignment-details", render=False)
     alignment_outputs = [alignment_overlay, alignment_text, alignment_details]
 
@@ -48,16 +50,16 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             mesh_file = gr.File(
-                label="Mesh: GLB, glTF, OBJ, PLY, STL, OFF, or a .zip (OBJ + MTL + textures)",
+                label="Mesh: GLB, glTF, OBJ, PLY, STL, OFF, or a .zip (a glTF or OBJ with its .bin, .mtl and textures)",
                 file_types=logic.MESH_UPLOAD_TYPES,
                 type="filepath",
                 elem_id="mesh-upload",
             )
             prompt = gr.Textbox(label="Prompt", value=logic.DEFAULT_PROMPT, lines=2, elem_id="prompt")
-            gr.Examples(
+            examples = gr.Examples(
                 examples=example_rows,
                 inputs=[mesh_file, prompt],
-                outputs=[*result_outputs, *alignment_outputs],
+                outputs=[*result_outputs, *alignment_outputs, randomize_seed],
                 fn=logic.generate_example,
                 cache_examples=logic.cache_examples(service),
                 cache_mode="lazy",
@@ -69,7 +71,8 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
             with gr.Accordion("Reference views", open=True):
                 with gr.Row():
                     n_views = gr.Slider(1, config.max_views, value=defaults.n_views, step=1, label="Views")
-                    radius = gr.Slider(2.0, 10.0, value=defaults.radius, step=0.1, label="Camera radius")
+                    radius = gr.Slider(2.0, 10.0, value=defaults.radius, step=0.1, label="Camera radius",
+                                       info="in asset sizes: the asset spans [-1, 1]")
                 with gr.Row():
                     pitch = gr.Slider(-89, 89, value=defaults.pitch, step=1, label="Pitch (°)")
                     y_rotation = gr.Slider(-180, 180, value=defaults.y_rotation, step=1, label="Y rotation (°)")
@@ -79,16 +82,20 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
                 )
             with gr.Row():
                 seed.render()
-                randomize_seed = gr.Checkbox(label="Randomize seed", value=True)
+                randomize_seed.render()
             with gr.Accordion("Advanced", open=False):
-                steps = gr.Slider(1, config.max_steps, value=defaults.steps, step=1, label="Steps")
-                guidance_scale = gr.Slider(0.0, 20.0, value=defaults.guidance_scale, step=0.1, label="Guidance")
+                steps = gr.Slider(1, config.max_steps, value=defaults.steps, step=1, label="Steps", elem_id="steps",
+                                  info="denoising steps: more is slower, rarely better past 28")
+                guidance_scale = gr.Slider(0.0, 20.0, value=defaults.guidance_scale, step=0.1, label="Guidance",
+                                           info="how closely to follow the prompt (FLUX.1-dev's distilled guidance)")
                 image_guidance_scale = gr.Slider(
-                    0.0, 20.0, value=defaults.image_guidance_scale, step=0.1, label="Image guidance"
+                    0.0, 20.0, value=defaults.image_guidance_scale, step=0.1, label="Image guidance",
+                    info="how strongly to follow the reference views (1: off; 2 in the release)",
                 )
                 resolution = gr.Slider(
-                    logic.MIN_RESOLUTION, config.max_resolution, value=defaults.resolution, step=16,
-                    label="Resolution (px)",
+                    logic.MIN_RESOLUTION, largest_resolution, value=defaults.resolution, step=16,
+                    label="Resolution (px)", elem_id="resolution",
+                    info=f"up to {logic.MAX_UPSCALE}x the size the chosen model was trained at",
                 )
                 model = gr.Dropdown(service.model_choices(), value=defaults.model, label="Model")
                 candidates = gr.Slider(
@@ -96,7 +103,9 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
                     info="Sample this many seeds (seed, seed+1, ...) and keep the most rigid point map",
                     elem_id="candidates",
                 )
-            generate_button = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Row():
+                generate_button = gr.Button("Generate", variant="primary", elem_id="generate", scale=3)
+                stop_button = gr.Button("Stop", variant="stop", elem_id="stop", scale=1)
 
         with gr.Column(scale=1):
             status.render()
@@ -155,6 +164,11 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
         api_name="align",
     )
     show_asset.change(logic.redraw_pointcloud, [result, show_asset], pointcloud_plot, api_visibility="private")
+    # Stop: a queued generation is cancelled by Gradio, a running one ends after its current step.
+    stop_button.click(logic.request_stop, None, status, cancels=[generation], api_visibility="private",
+                      concurrency_limit=None)
+    model.change(logic.resolution_slider, [model, resolution], resolution, api_visibility="private")
+    examples.dataset.click(logic.forget_result, None, [result, show_asset], api_visibility="private")
     demo.unload(logic.end_session)
 
 demo.queue(max_size=32, default_concurrency_limit=2)

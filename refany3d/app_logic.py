@@ -23,6 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import wraps
 from pathlib import Path
@@ -32,7 +33,7 @@ import gradio as gr
 import numpy as np
 import spaces
 
-from refany3d.errors import InputError, MeshError, ModelLoadError, RefAny3DError
+from refany3d.errors import GenerationStopped, InputError, MeshError, ModelLoadError, RefAny3DError
 from refany3d.examples import EXAMPLES_DIR
 
 PAPER_URL = "https://arxiv.org/abs/2601.22094"
@@ -50,6 +51,7 @@ DEFAULT_RADIUS = 4.0
 DEFAULT_GUIDANCE = 3.5
 DEFAULT_IMAGE_GUIDANCE = 2.0
 MIN_RESOLUTION = 64
+MAX_UPSCALE = 4  # the largest output a model is offered, as a multiple of the size it was trained at
 APP_CSS = """
 #title { margin-bottom: 0; }
 #status { min-height: 1.5em; }
@@ -395,6 +397,18 @@ def mesh_problem(path: str | Path | None, config: AppConfig) -> str | None:
     return None
 
 
+def resolution_limit(config: AppConfig, spec: ModelSpec) -> int:
+    """The largest output offered for a model: MAX_UPSCALE times the size it was trained at (a small
+    model drawn far larger shows nothing more, and takes minutes on a CPU), within the operator's cap."""
+    from refany3d.pipeline import recommended_settings
+
+    try:
+        native = int(recommended_settings(spec.ref_model)["height"])
+    except ModelLoadError:
+        native = config.max_resolution
+    return max(MIN_RESOLUTION, min(config.max_resolution, MAX_UPSCALE * native) // 16 * 16)
+
+
 def settings_problems(s: GenerationSettings, config: AppConfig, registry: Mapping[str, ModelSpec]) -> dict[str, str]:
     """Field name -> what is wrong with it. Empty when every setting is usable."""
     problems: dict[str, str] = {}
@@ -420,12 +434,13 @@ def settings_problems(s: GenerationSettings, config: AppConfig, registry: Mappin
         problems["guidance_scale"] = "guidance must be between 0 and 20"
     if not _is_finite(s.image_guidance_scale) or not 0.0 <= s.image_guidance_scale <= 20.0:
         problems["image_guidance_scale"] = "image guidance must be between 0 and 20"
-    if (not _is_integer(s.resolution) or not MIN_RESOLUTION <= s.resolution <= config.max_resolution
-            or int(s.resolution) % 16):
-        problems["resolution"] = (f"resolution must be a multiple of 16 from {MIN_RESOLUTION} "
-                                  f"to {config.max_resolution}")
     if s.model not in registry:
         problems["model"] = f"unknown model {s.model!r}; choose one of {', '.join(registry)}"
+    largest = resolution_limit(config, registry[s.model]) if s.model in registry else config.max_resolution
+    if not _is_integer(s.resolution) or not MIN_RESOLUTION <= s.resolution <= largest:
+        problems["resolution"] = (f"resolution must be a whole number from {MIN_RESOLUTION} to {largest}"
+                                  + ("" if largest == config.max_resolution else
+                                     f" for this model, which was trained at {largest // MAX_UPSCALE} px"))
     if not _is_integer(s.candidates) or not 1 <= s.candidates <= config.max_candidates:
         problems["candidates"] = f"candidates must be a whole number from 1 to {config.max_candidates}"
     return problems
@@ -486,6 +501,47 @@ class GpuTimings:
 
 
 # -------------------------------------------------------------------------------- the service
+class StopRequests:
+    """Stops asked for by sessions whose generation is running; the sampler checks after each step.
+
+    Gradio's `cancels=` cannot interrupt a function that is already running, so the stop is
+    cooperative. Under ZeroGPU the sampler runs in another process, which does not see it; there
+    the GPU duration bounds a run instead."""
+
+    def __init__(self) -> None:
+        self._running: set[str | None] = set()
+        self._stopping: set[str | None] = set()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def running(self, session: str | None):
+        """The block is the session's generation: a stop asked for during it applies to it."""
+        with self._lock:
+            self._running.add(session)
+            self._stopping.discard(session)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._running.discard(session)
+                self._stopping.discard(session)
+
+    def request(self, session: str | None) -> bool:
+        """Ask the session's running generation to stop; False when none is running."""
+        with self._lock:
+            if session not in self._running:
+                return False
+            self._stopping.add(session)
+            return True
+
+    def check(self, session: str | None, what: str) -> None:
+        """Raise GenerationStopped if the session asked to stop its generation."""
+        with self._lock:
+            stop = session in self._stopping
+        if stop:
+            raise GenerationStopped(f"Generation {what}, as asked.")
+
+
 class AppService:
     """One per process: configuration, model store, session folders and a small mesh cache."""
 
@@ -497,6 +553,7 @@ class AppService:
         self._meshes: OrderedDict[tuple[str, float], Any] = OrderedDict()
         self._mesh_lock = threading.Lock()
         self.gpu_timings = GpuTimings()
+        self.stops = StopRequests()
 
     def default_model(self) -> str:
         return next(iter(self.registry))
@@ -634,7 +691,7 @@ def preview_views(mesh_path: str | None, n_views: int, radius: float, pitch: flo
 
 
 def gpu_duration(model: str, prompt: str, rgb_views: list, pointmap_views: list, settings: dict,
-                 progress: Any = None) -> int:
+                 progress: Any = None, session: str | None = None) -> int:
     """ZeroGPU seconds to request for `sample_on_gpu` with these arguments: from this process's
     measured timings of the model and sampler, else from the FLOP estimate (capped, see README)."""
     service = get_service()
@@ -654,9 +711,10 @@ def _call_flops(n_views: int, settings: dict) -> float:
 
 @spaces.GPU(duration=gpu_duration)
 def sample_on_gpu(model: str, prompt: str, rgb_views: list, pointmap_views: list, settings: dict,
-                  progress: Any = None) -> list[tuple[Any, Any]]:
+                  progress: Any = None, session: str | None = None) -> list[tuple[Any, Any]]:
     """The only GPU work: load (once) and run the sampler, once per candidate (seeds seed,
-    seed+1, ...). Returns (image, point map) pairs; views and files stay on the CPU side."""
+    seed+1, ...). Returns (image, point map) pairs; views and files stay on the CPU side.
+    A stop the session asked for ends it after the current step (GenerationStopped)."""
     import torch
 
     pipeline = get_service().models.get(model)
@@ -667,8 +725,11 @@ def sample_on_gpu(model: str, prompt: str, rgb_views: list, pointmap_views: list
     outputs = []
 
     def on_step(step: int, _: int) -> None:
+        done = len(outputs) * settings["steps"] + step
         if progress is not None:  # one bar over every candidate's steps
-            progress((len(outputs) * settings["steps"] + step, total), desc="Sampling", unit="steps")
+            progress((done, total), desc="Sampling", unit="steps")
+        if done < total:
+            get_service().stops.check(session, f"stopped after step {done} of {total}")
 
     for k in range(candidates):
         output = pipeline(
@@ -738,6 +799,7 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
         settings.seed = int(np.random.default_rng().integers(0, MAX_SEED + 2 - settings.candidates))
     for name in ("n_views", "seed", "steps", "resolution"):
         setattr(settings, name, int(getattr(settings, name)))
+    settings.resolution -= settings.resolution % 16  # the model's latent patch; a typed 70 samples at 64
     for name in ("radius", "pitch", "y_rotation", "guidance_scale", "image_guidance_scale"):
         setattr(settings, name, float(getattr(settings, name)))
     settings.prompt = settings.prompt.strip()
@@ -751,7 +813,8 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
                          settings.y_rotation)
     record = {**settings.to_record(), "sampler": service.config.sampler}
     began = time.perf_counter()
-    candidates = sample_on_gpu(settings.model, settings.prompt, views.rgb, views.pointmap, record, progress)
+    service.stops.check(session, "stopped before sampling")
+    candidates = sample_on_gpu(settings.model, settings.prompt, views.rgb, views.pointmap, record, progress, session)
     service.gpu_timings.record((settings.model, record["sampler"]), _call_flops(len(views.rgb), record),
                                time.perf_counter() - began)
     best, reports = 0, [None]
@@ -797,7 +860,9 @@ def generate(mesh_path: str | None, prompt: str, n_views: int, radius: float, pi
     """
     settings = GenerationSettings(prompt, n_views, radius, pitch, y_rotation, seed, bool(randomize_seed),
                                   steps, guidance_scale, image_guidance_scale, resolution, model, candidates)
-    result, status = _generate(mesh_path, settings, _session_hash(request), progress)
+    session = _session_hash(request)
+    with get_service().stops.running(session):
+        result, status = _generate(mesh_path, settings, session, progress)
     return (result.image, result.pointmap, _figure(result, show_asset), result.ply, result.files,
             result.seed, status, result)
 
@@ -814,13 +879,14 @@ def default_settings(prompt: str, config: AppConfig, model: str) -> GenerationSe
 @user_errors
 def generate_example(mesh_path: str, prompt: str, progress: gr.Progress = gr.Progress()):
     """An example's outputs at the default settings and seed 0, with its alignment panel (cached
-    once, shared by everyone)."""
+    once, shared by everyone); "Randomize seed" is unticked, so Generate at the default settings
+    gives the example's image again."""
     service = get_service()
     settings = default_settings(prompt, service.config, service.default_model())
     result, status = _generate(mesh_path, settings, EXAMPLES_SESSION, progress)
     panel = _align_generation(result)
     return (result.image, result.pointmap, _figure(result, False), result.ply, result.files, result.seed,
-            status, *panel)
+            status, *panel, False)
 
 
 def example_rows() -> tuple[list[list[str]], list[str]]:
@@ -847,8 +913,15 @@ def cache_examples(service: AppService) -> bool:
 def redraw_pointcloud(result: GenerationResult | None, show_asset: bool):
     """The point-cloud plot again, with or without the asset's surface overlay."""
     if result is None:
+        if show_asset:
+            gr.Info("The overlay draws on a generation of yours: click Generate first.")
         return gr.skip()
     return _figure(result, show_asset)
+
+
+def forget_result() -> tuple[None, bool]:
+    """An example's outputs replace the shown result: the overlay must not redraw an older one."""
+    return None, False
 
 
 # ---------------------------------------------------------------------------------- alignment
@@ -990,6 +1063,28 @@ def validate_generation(mesh_path, prompt, n_views, radius, pitch, y_rotation, s
     return verdicts
 
 
+STOPPED = "Stopped: the generation ends after its current step."
+NOTHING_TO_STOP = "Nothing was sampling; a generation still waiting in the queue, if any, is cancelled."
+
+
+def request_stop(request: gr.Request) -> str:
+    """The Stop button: the session's running generation ends after its current step (Gradio's
+    `cancels=` drops a queued one, and the page stops waiting for either). The status line says so."""
+    return STOPPED if get_service().stops.request(_session_hash(request)) else NOTHING_TO_STOP
+
+
+def resolution_slider(model: str, resolution: int):
+    """The resolution slider for the chosen model: its largest offered size, the value kept within it."""
+    service = get_service()
+    if model not in service.registry:
+        return gr.skip()
+    largest = resolution_limit(service.config, service.registry[model])
+    value = min(int(resolution), largest) if _is_integer(resolution) else largest
+    return gr.Slider(maximum=largest, value=value)
+
+
 def end_session(request: gr.Request) -> None:
-    """Remove the session's folder when its browser tab closes."""
-    get_service().sessions.remove(_session_hash(request))
+    """Stop the session's generation and remove its folder when its browser tab closes."""
+    service = get_service()
+    service.stops.request(_session_hash(request))
+    service.sessions.remove(_session_hash(request))

@@ -23,3 +23,7 @@ class AlignmentError(RefAny3DError, ValueError):
 
 class RenderError(RefAny3DError, RuntimeError):
     """No usable offscreen OpenGL (EGL or OSMesa) to render with."""
+
+
+class GenerationStopped(RefAny3DError):
+    """The person who asked for a generation stopped it (the app's Stop button, or the tab closed)."""

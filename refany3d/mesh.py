@@ -354,6 +354,10 @@ def _load_scene(path: Path) -> trimesh.Scene:
         loaded = trimesh.load_scene(str(path), file_type=suffix[1:], process=False)
     except MeshError:
         raise
+    except FileNotFoundError as err:  # a file the mesh refers to: a .gltf's buffers, say
+        missing = Path(err.filename).name if err.filename else "a file it refers to"
+        raise MeshError(f"{path.name} refers to {missing}, which is not beside it: give a .glb (one file), or a "
+                        f".zip of {path.name} with the files it refers to") from None
     except Exception as err:  # trimesh raises many types for malformed files
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
         raise MeshError(f"{path.name} could not be read as {suffix[1:].upper()}: {reason}") from None

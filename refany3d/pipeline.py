@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import math
 import os
-import warnings
 from contextlib import contextmanager
 from functools import partial
 from collections.abc import Callable, Mapping, Sequence
@@ -139,12 +138,12 @@ def load_refany3d_weights(flux, ref_files: Mapping[str, Path]) -> torch.nn.Seque
     a FluxPipeline's transformer and return its domain embedder; used to sample and to train on."""
     from diffusers.utils import logging as diffusers_logging
 
+    from refany3d.tiny import two_adapters_allowed
+
     verbosity = diffusers_logging.get_verbosity()
     diffusers_logging.set_verbosity_error()  # silence "no LoRA keys for the text encoder": by design
     try:
-        with warnings.catch_warnings():
-            # two adapters on one model is the design, not the mistake peft warns of
-            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        with two_adapters_allowed():
             for name in ("default", "coord"):
                 path = ref_files[f"{name}.safetensors"]
                 try:

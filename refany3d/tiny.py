@@ -8,6 +8,8 @@ as `JudgementH/RefAny3D` publishes them. The same loading code then serves them 
 from __future__ import annotations
 
 import re
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -176,6 +178,14 @@ def build_base_pipeline(config: TinyConfig | None = None, seed: int = 0):
     )
 
 
+@contextmanager
+def two_adapters_allowed():
+    """Silence peft's warning about a second adapter on one model: RefAny3D has two by design."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        yield
+
+
 def add_refany3d_adapters(transformer, rank: int = 4, alpha: int = 4, init_scale: float = 0.0) -> None:
     """Attach the two RefAny3D LoRA adapters ("default", "coord") to a FluxTransformer2DModel.
 
@@ -184,11 +194,12 @@ def add_refany3d_adapters(transformer, rank: int = 4, alpha: int = 4, init_scale
     """
     from peft import LoraConfig
 
-    for name in ADAPTERS:
-        transformer.add_adapter(
-            LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=LORA_TARGET_MODULES),
-            adapter_name=name,
-        )
+    with two_adapters_allowed():
+        for name in ADAPTERS:
+            transformer.add_adapter(
+                LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=LORA_TARGET_MODULES),
+                adapter_name=name,
+            )
     if init_scale > 0:
         with torch.no_grad():
             for pname, param in transformer.named_parameters():

@@ -119,7 +119,7 @@ def test_default_settings_are_valid():
     ("steps", 51, "from 1 to 50"),
     ("guidance_scale", -1, "between 0 and 20"),
     ("image_guidance_scale", 25, "between 0 and 20"),
-    ("resolution", 520, "multiple of 16"),
+    ("resolution", 63.5, "whole number from 64 to 1024"),
     ("resolution", 2048, "from 64 to 1024"),
     ("model", "gpt", "unknown model 'gpt'"),
     ("candidates", 0, "from 1 to 4"),
@@ -129,6 +129,17 @@ def test_each_bad_setting_is_named(field, value, message):
     config = logic.AppConfig()
     problems = logic.settings_problems(_settings(**{field: value}), config, config.model_registry())
     assert list(problems) == [field] and message in problems[field]
+
+
+def test_a_small_model_is_offered_up_to_four_times_its_training_size():
+    config = logic.AppConfig()
+    registry = config.model_registry()
+    assert logic.resolution_limit(config, registry[logic.PUBLISHED_MODEL]) == 1024  # 512 px: the operator's cap
+    assert logic.resolution_limit(config, registry[logic.EMBEDDED_MODEL]) == 256  # trained at 64 px
+    problems = logic.settings_problems(_settings(model=logic.EMBEDDED_MODEL, resolution=272), config, registry)
+    assert problems == {"resolution": "resolution must be a whole number from 64 to 256 for this model, "
+                                      "which was trained at 64 px"}
+    assert logic.settings_problems(_settings(model=logic.EMBEDDED_MODEL, resolution=256), config, registry) == {}
 
 
 def test_a_randomized_seed_ignores_the_seed_box():
@@ -383,6 +394,41 @@ def test_a_generation_with_candidates_keeps_the_most_rigid_and_says_which(servic
     # the alignment panel shows the kept candidate's report (the one the choice made, not redone)
     _, text, details, *_ = logic.align_result(result, False)
     assert details == reports[seed - 11].to_dict() and f"seed {seed}" in text
+
+
+def test_stop_ends_the_running_generation_after_its_current_step_and_only_that_one(service, tmp_path):
+    from refany3d.tiny import build_tiny_model
+
+    base, ref = build_tiny_model(tmp_path)
+    svc = service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu"))
+    args = (str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 3, False, 4, 3.5, 2.0, 64, logic.CONFIGURED_MODEL, 1, False)
+    steps = []
+
+    def press_stop_at_step_two(value, **kwargs):  # what the Stop button does, from the progress bar
+        steps.append(value)
+        if value == (2, 4):
+            assert logic.request_stop(_Request("visitor")) == logic.STOPPED
+
+    with pytest.raises(gr.Error, match="Generation stopped after step 2 of 4, as asked."):
+        logic.generate(*args, _Request("visitor"), press_stop_at_step_two)
+    assert steps[-1] == (2, 4)
+    assert logic.request_stop(_Request("visitor")) == logic.NOTHING_TO_STOP  # nor kept for the next one
+    image, *_ = logic.generate(*args[:11], 70, *args[12:], _Request("visitor"), lambda *a, **k: None)
+    assert Image.open(image).size == (64, 64)  # a typed 70 px samples at the multiple of 16 below
+
+    other = []  # another visitor's Stop leaves this generation alone
+    logic.generate(*args, _Request("visitor"),
+                   lambda value, **kwargs: other.append(svc.stops.request("someone else")) or None)
+    assert other and not any(other)
+
+
+def test_the_resolution_slider_follows_the_chosen_model(service):
+    service(logic.AppConfig())
+    slider = logic.resolution_slider(logic.EMBEDDED_MODEL, 512)
+    assert (slider.maximum, slider.value) == (256, 256)
+    slider = logic.resolution_slider(logic.PUBLISHED_MODEL, 512)
+    assert (slider.maximum, slider.value) == (1024, 512)
+    assert logic.forget_result() == (None, False)
 
 
 def test_spaces_gpu_is_a_no_op_off_spaces():

@@ -109,15 +109,35 @@ def test_candidates_from_the_advanced_settings_show_the_kept_seed(page):
     page.set_input_files("#mesh-upload input[type=file]", str(REPO / "examples" / "vase.glb"))
     _gallery_images(page, 4)
     page.get_by_text("Advanced").click()
-    box = page.locator("#candidates input[type=number]")
-    box.fill("2")
-    box.press("Enter")
+    _set_sliders(page, {"#candidates": "2"})
     page.click("#generate")
     page.wait_for_function("document.querySelector('#status').innerText.includes('of 2 candidates')")
     status = _status(page)
     seed, first = (int(re.search(pattern, status).group(1)) for pattern in (r"Done: seed (\d+)", r"seeds (\d+)–"))
     assert seed in (first, first + 1)
     assert page.input_value("label:has-text('Seed') input") == str(seed)  # the kept seed is shown
+
+
+def _set_sliders(page, values: dict[str, str]) -> None:
+    for slider, value in values.items():
+        box = page.locator(f"{slider} input[type=number]")
+        box.fill(value)
+        box.press("Enter")
+
+
+def test_stop_ends_a_running_generation_and_the_next_one_runs(page):
+    page.set_input_files("#mesh-upload input[type=file]", str(REPO / "examples" / "vase.glb"))
+    _gallery_images(page, 4)
+    page.get_by_text("Advanced").click()
+    _set_sliders(page, {"#steps": "50", "#resolution": "256"})  # long enough to stop halfway
+    page.click("#generate")
+    page.get_by_text(re.compile(r"Sampling")).first.wait_for()
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('#status').innerText.startsWith('Stopped: the generation ends')")
+
+    _set_sliders(page, {"#steps": "1", "#resolution": "64"})
+    page.click("#generate")  # the stop was for that generation only
+    page.wait_for_function("document.querySelector('#status').innerText.startsWith('Done')")
 
 
 def test_bad_uploads_and_settings_show_errors_and_the_app_keeps_serving(page, tmp_path):

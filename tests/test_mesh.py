@@ -1,7 +1,9 @@
 """Mesh ingestion: formats, scenes, appearance priority, and every kind of bad input."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import tempfile
 import zipfile
 from pathlib import Path
@@ -57,6 +59,14 @@ def test_gltf_with_external_buffer_and_texture(tmp_path):
     np.testing.assert_allclose(loaded.bounds, CUBE_BOUNDS)
     atlas = np.asarray(loaded.visual.material.baseColorTexture.convert("RGB"))
     assert (atlas[..., 1] == 200).all() and (atlas[..., 0] == 0).all()
+
+    alone = tmp_path / "alone"  # uploaded without its buffers: say which file is missing and what to give
+    alone.mkdir()
+    (alone / "model.gltf").write_bytes((tmp_path / "model.gltf").read_bytes())
+    buffer = json.loads((alone / "model.gltf").read_text())["buffers"][0]["uri"]
+    with pytest.raises(MeshError, match=f"model.gltf refers to {re.escape(buffer)}, which is not beside it: give a "
+                                        "\\.glb \\(one file\\), or a \\.zip of model.gltf with the files it refers to"):
+        load_mesh(alone / "model.gltf")
 
 
 def test_obj_with_mtl_texture_whose_name_has_spaces(tmp_path):
