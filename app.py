@@ -59,7 +59,7 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
             examples = gr.Examples(
                 examples=example_rows,
                 inputs=[mesh_file, prompt],
-                outputs=[*result_outputs, *alignment_outputs, randomize_seed],
+                outputs=[*result_outputs, *alignment_outputs],
                 fn=logic.generate_example,
                 cache_examples=logic.cache_examples(service),
                 cache_mode="lazy",
@@ -168,7 +168,7 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
     stop_button.click(logic.request_stop, None, status, cancels=[generation], api_visibility="private",
                       concurrency_limit=None)
     model.change(logic.resolution_slider, [model, resolution], resolution, api_visibility="private")
-    examples.dataset.click(logic.forget_result, None, [result, show_asset], api_visibility="private")
+    examples.dataset.click(logic.forget_result, None, [result, show_asset, randomize_seed], api_visibility="private")
     demo.unload(logic.end_session)
 
 demo.queue(max_size=32, default_concurrency_limit=2)

@@ -55,6 +55,10 @@ MAX_UPSCALE = 4  # the largest output a model is offered, as a multiple of the s
 APP_CSS = """
 #title { margin-bottom: 0; }
 #status { min-height: 1.5em; }
+/* a small model's 64 px result fills its box, with sharp pixels instead of a blur */
+#result-image img, #result-pointmap img, #alignment-overlay img {
+  width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
+}
 """
 
 
@@ -879,14 +883,13 @@ def default_settings(prompt: str, config: AppConfig, model: str) -> GenerationSe
 @user_errors
 def generate_example(mesh_path: str, prompt: str, progress: gr.Progress = gr.Progress()):
     """An example's outputs at the default settings and seed 0, with its alignment panel (cached
-    once, shared by everyone); "Randomize seed" is unticked, so Generate at the default settings
-    gives the example's image again."""
+    once, shared by everyone)."""
     service = get_service()
     settings = default_settings(prompt, service.config, service.default_model())
     result, status = _generate(mesh_path, settings, EXAMPLES_SESSION, progress)
     panel = _align_generation(result)
     return (result.image, result.pointmap, _figure(result, False), result.ply, result.files, result.seed,
-            status, *panel, False)
+            status, *panel)
 
 
 def example_rows() -> tuple[list[list[str]], list[str]]:
@@ -919,9 +922,10 @@ def redraw_pointcloud(result: GenerationResult | None, show_asset: bool):
     return _figure(result, show_asset)
 
 
-def forget_result() -> tuple[None, bool]:
-    """An example's outputs replace the shown result: the overlay must not redraw an older one."""
-    return None, False
+def forget_result() -> tuple[None, bool, bool]:
+    """An example's outputs replace the shown result: the overlay must not redraw an older one,
+    and "Randomize seed" is unticked, so Generate at the default settings gives the example again."""
+    return None, False, False
 
 
 # ---------------------------------------------------------------------------------- alignment

@@ -428,7 +428,7 @@ def test_the_resolution_slider_follows_the_chosen_model(service):
     assert (slider.maximum, slider.value) == (256, 256)
     slider = logic.resolution_slider(logic.PUBLISHED_MODEL, 512)
     assert (slider.maximum, slider.value) == (1024, 512)
-    assert logic.forget_result() == (None, False)
+    assert logic.forget_result() == (None, False, False)
 
 
 def test_spaces_gpu_is_a_no_op_off_spaces():

@@ -68,6 +68,9 @@ def test_example_preview_generate_and_plot(page):
     page.wait_for_function("document.querySelector('#status').innerText.includes('seed 0,')")
     page.wait_for_selector("#result-image img")
 
+    randomize = "label:has-text('Randomize seed') input"
+    assert not page.is_checked(randomize)  # Generate would give the example again; tick it for a fresh seed
+    page.click(randomize)
     page.click("#generate")  # randomized seed: a fresh generation replaces the example's
     page.wait_for_function(
         "(t => t.startsWith('Done') && !t.includes('seed 0,'))(document.querySelector('#status').innerText)"
