@@ -319,16 +319,20 @@ class RefAny3DPipeline:
             raise InputError(
                 f"rgb_views and pointmap_views must have the same length, got {len(rgb_views)} and {len(pointmap_views)}"
             )
-        multiple = self.flux.vae_scale_factor * 2
         for name, value in (("height", height), ("width", width), ("condition_size", condition_size)):
-            if not isinstance(value, int) or value <= 0:
-                raise InputError(f"{name} must be a positive integer, got {value!r}")
-            if value % multiple:
-                raise InputError(f"{name} must be a multiple of {multiple}, got {value}")
+            self._check_size(name, value)
         if not isinstance(steps, int) or steps < 1:
             raise InputError(f"num_inference_steps must be a positive integer, got {steps!r}")
         if output_type not in ("pil", "np"):
             raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+
+    def _check_size(self, name: str, value) -> None:
+        """An image side the model can take: a positive multiple of its latent patch (16 for FLUX)."""
+        multiple = self.flux.vae_scale_factor * 2
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise InputError(f"{name} must be a positive integer, got {value!r}")
+        if value % multiple:
+            raise InputError(f"{name} must be a multiple of {multiple}, got {value}")
 
     def _timesteps(self, steps: int, image_tokens: int):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
@@ -504,6 +508,7 @@ class RefAny3DPipeline:
                 raise InputError("generator is an empty list: give one generator per candidate")
             if call_kwargs.get("pointmap_branch") is False:
                 raise InputError("choosing among candidates needs their point maps (pointmap_branch=False has none)")
+        self._check_size("condition_size", condition_size)  # before rendering views of that size
         mesh = load_mesh(mesh_or_path) if isinstance(mesh_or_path, (str, os.PathLike)) else mesh_or_path  # loaded once
         views = render_views(mesh, n_views=n_views, resolution=condition_size, radius=radius, pitch=pitch,
                              y_rotation=y_rotation)
