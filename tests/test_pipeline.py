@@ -410,8 +410,10 @@ def test_candidates_need_generators_and_a_point_map(pipe):
     with pytest.raises(InputError, match="needs their point maps"):
         pipe.generate_from_mesh(mesh, "p", n_views=1, condition_size=32, pointmap_branch=False, mode="faithful",
                                 generator=[torch.Generator(), torch.Generator()])
+    multiple = pipe.flux.vae_scale_factor * 2
     for size, message in ((0, "condition_size must be a positive integer, got 0"),
-                          (40, "condition_size must be a multiple of 16, got 40")):  # named before views are rendered
+                          (multiple + 1, f"condition_size must be a multiple of {multiple}, got {multiple + 1}")):
+        # named before views of that size are rendered
         with pytest.raises(InputError, match=message):
             pipe.generate_from_mesh(mesh, "p", n_views=1, condition_size=size)
 
