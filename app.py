@@ -12,7 +12,6 @@ from refany3d import app_logic as logic
 service = logic.get_service()
 config = service.config
 defaults = logic.default_settings(logic.DEFAULT_PROMPT, config, service.default_model())
-largest_resolution = logic.resolution_limit(config, service.registry[defaults.model])
 example_rows, example_labels = logic.example_rows()
 
 with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
@@ -92,8 +91,10 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
                     0.0, 20.0, value=defaults.image_guidance_scale, step=0.1, label="Image guidance",
                     info="how strongly to follow the reference views (1: off; 2 in the release)",
                 )
+                # The API accepts up to the operator's cap (each model's own limit is checked by the
+                # validator); the page narrows the slider to the chosen model's at load and on change.
                 resolution = gr.Slider(
-                    logic.MIN_RESOLUTION, largest_resolution, value=defaults.resolution, step=16,
+                    logic.MIN_RESOLUTION, config.max_resolution, value=defaults.resolution, step=16,
                     label="Resolution (px)", elem_id="resolution",
                     info=f"up to {logic.MAX_UPSCALE}x the size the chosen model was trained at",
                 )
@@ -163,11 +164,13 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
         [], logic.align_pair, [mesh_file, image, pointmap, y_rotation], [*alignment_outputs, pointcloud_plot],
         api_name="align",
     )
-    show_asset.change(logic.redraw_pointcloud, [result, show_asset], pointcloud_plot, api_visibility="private")
+    show_asset.change(logic.redraw_pointcloud, [result, show_asset], [pointcloud_plot, show_asset],
+                      api_visibility="private")
     # Stop: a queued generation is cancelled by Gradio, a running one ends after its current step.
     stop_button.click(logic.request_stop, None, status, cancels=[generation], api_visibility="private",
                       concurrency_limit=None)
-    model.change(logic.resolution_slider, [model, resolution], resolution, api_visibility="private")
+    gr.on([demo.load, model.change], logic.resolution_slider, [model, resolution], resolution,
+          api_visibility="private")
     examples.dataset.click(logic.forget_result, None, [result, show_asset, randomize_seed], api_visibility="private")
     demo.unload(logic.end_session)
 

@@ -14,6 +14,7 @@ serves the browser, the `gradio_client` API and tests. The parts:
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
 import re
@@ -506,42 +507,44 @@ class GpuTimings:
 
 # -------------------------------------------------------------------------------- the service
 class StopRequests:
-    """Stops asked for by sessions whose generation is running; the sampler checks after each step.
+    """Stops asked for by sessions, applied to each run of theirs under way; the sampler checks
+    after each step.
 
     Gradio's `cancels=` cannot interrupt a function that is already running, so the stop is
-    cooperative. Under ZeroGPU the sampler runs in another process, which does not see it; there
-    the GPU duration bounds a run instead."""
+    cooperative. It is kept per run, not per session: a cancelled run frees its queue slot while
+    its thread finishes the current step, so a session can briefly have two. Under ZeroGPU the
+    sampler runs in another process, which does not see it; there the GPU duration bounds a run."""
 
     def __init__(self) -> None:
-        self._running: set[str | None] = set()
-        self._stopping: set[str | None] = set()
+        self._runs: dict[int, str | None] = {}  # run id -> session
+        self._stopping: set[int] = set()
+        self._ids = itertools.count()
         self._lock = threading.Lock()
 
     @contextmanager
     def running(self, session: str | None):
-        """The block is the session's generation: a stop asked for during it applies to it."""
+        """The block is one run of the session's; yields the run's id for `check`."""
         with self._lock:
-            self._running.add(session)
-            self._stopping.discard(session)
+            run = next(self._ids)
+            self._runs[run] = session
         try:
-            yield
+            yield run
         finally:
             with self._lock:
-                self._running.discard(session)
-                self._stopping.discard(session)
+                del self._runs[run]
+                self._stopping.discard(run)
 
     def request(self, session: str | None) -> bool:
-        """Ask the session's running generation to stop; False when none is running."""
+        """Ask every run of the session to stop; False when none is under way."""
         with self._lock:
-            if session not in self._running:
-                return False
-            self._stopping.add(session)
-            return True
+            runs = [run for run, owner in self._runs.items() if owner == session]
+            self._stopping.update(runs)
+            return bool(runs)
 
-    def check(self, session: str | None, what: str) -> None:
-        """Raise GenerationStopped if the session asked to stop its generation."""
+    def check(self, run: int | None, what: str) -> None:
+        """Raise GenerationStopped if the run was asked to stop."""
         with self._lock:
-            stop = session in self._stopping
+            stop = run in self._stopping
         if stop:
             raise GenerationStopped(f"Generation {what}, as asked.")
 
@@ -563,7 +566,9 @@ class AppService:
         return next(iter(self.registry))
 
     def model_choices(self) -> list[tuple[str, str]]:
-        return [(spec.label, name) for name, spec in self.registry.items()]
+        """(label, name) per model; a model whose weights are not on this machine says so."""
+        return [(spec.label + (" (weights not on this machine: downloaded on first use)" if weights_problem(spec) else ""),
+                 name) for name, spec in self.registry.items()]
 
     def model_status(self) -> str:
         """A one-line notice for the page when the default model cannot be loaded here."""
@@ -695,7 +700,7 @@ def preview_views(mesh_path: str | None, n_views: int, radius: float, pitch: flo
 
 
 def gpu_duration(model: str, prompt: str, rgb_views: list, pointmap_views: list, settings: dict,
-                 progress: Any = None, session: str | None = None) -> int:
+                 progress: Any = None, run: int | None = None) -> int:
     """ZeroGPU seconds to request for `sample_on_gpu` with these arguments: from this process's
     measured timings of the model and sampler, else from the FLOP estimate (capped, see README)."""
     service = get_service()
@@ -715,10 +720,10 @@ def _call_flops(n_views: int, settings: dict) -> float:
 
 @spaces.GPU(duration=gpu_duration)
 def sample_on_gpu(model: str, prompt: str, rgb_views: list, pointmap_views: list, settings: dict,
-                  progress: Any = None, session: str | None = None) -> list[tuple[Any, Any]]:
+                  progress: Any = None, run: int | None = None) -> list[tuple[Any, Any]]:
     """The only GPU work: load (once) and run the sampler, once per candidate (seeds seed,
     seed+1, ...). Returns (image, point map) pairs; views and files stay on the CPU side.
-    A stop the session asked for ends it after the current step (GenerationStopped)."""
+    A stop asked for the run (`StopRequests`) ends it after the current step (GenerationStopped)."""
     import torch
 
     pipeline = get_service().models.get(model)
@@ -733,7 +738,7 @@ def sample_on_gpu(model: str, prompt: str, rgb_views: list, pointmap_views: list
         if progress is not None:  # one bar over every candidate's steps
             progress((done, total), desc="Sampling", unit="steps")
         if done < total:
-            get_service().stops.check(session, f"stopped after step {done} of {total}")
+            get_service().stops.check(run, f"stopped after step {done} of {total}")
 
     for k in range(candidates):
         output = pipeline(
@@ -783,10 +788,11 @@ def _figure(result: GenerationResult, show_asset: bool):
 
 
 def _generate(mesh_path: str | None, settings: GenerationSettings, session: str | None,
-              progress: Any) -> tuple[GenerationResult, str]:
+              progress: Any, run: int | None = None) -> tuple[GenerationResult, str]:
     """Render the reference views (CPU), sample on the GPU, write every output file (CPU).
 
-    Returns the result and a status line."""
+    `run` is the id under which a stop can end it (`StopRequests.running`). Returns the result
+    and a status line."""
     from refany3d.alignment import candidate_scores, choose_candidate
     from refany3d.outputs import pointcloud_from_pointmap, write_ply, write_settings_json
     from refany3d.views import render_views
@@ -817,8 +823,8 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
                          settings.y_rotation)
     record = {**settings.to_record(), "sampler": service.config.sampler}
     began = time.perf_counter()
-    service.stops.check(session, "stopped before sampling")
-    candidates = sample_on_gpu(settings.model, settings.prompt, views.rgb, views.pointmap, record, progress, session)
+    service.stops.check(run, "stopped before sampling")
+    candidates = sample_on_gpu(settings.model, settings.prompt, views.rgb, views.pointmap, record, progress, run)
     service.gpu_timings.record((settings.model, record["sampler"]), _call_flops(len(views.rgb), record),
                                time.perf_counter() - began)
     best, reports = 0, [None]
@@ -865,8 +871,8 @@ def generate(mesh_path: str | None, prompt: str, n_views: int, radius: float, pi
     settings = GenerationSettings(prompt, n_views, radius, pitch, y_rotation, seed, bool(randomize_seed),
                                   steps, guidance_scale, image_guidance_scale, resolution, model, candidates)
     session = _session_hash(request)
-    with get_service().stops.running(session):
-        result, status = _generate(mesh_path, settings, session, progress)
+    with get_service().stops.running(session) as run:
+        result, status = _generate(mesh_path, settings, session, progress, run)
     return (result.image, result.pointmap, _figure(result, show_asset), result.ply, result.files,
             result.seed, status, result)
 
@@ -914,12 +920,13 @@ def cache_examples(service: AppService) -> bool:
 
 @user_errors
 def redraw_pointcloud(result: GenerationResult | None, show_asset: bool):
-    """The point-cloud plot again, with or without the asset's surface overlay."""
+    """The point-cloud plot again, with or without the asset's surface overlay (and the box
+    unticked again when there is no generation of the visitor's to draw it on)."""
     if result is None:
         if show_asset:
             gr.Info("The overlay draws on a generation of yours: click Generate first.")
-        return gr.skip()
-    return _figure(result, show_asset)
+        return gr.skip(), False
+    return _figure(result, show_asset), gr.skip()
 
 
 def forget_result() -> tuple[None, bool, bool]:

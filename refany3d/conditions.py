@@ -37,7 +37,13 @@ def to_rgb_image(image: ImageLike, what: str = "image") -> Image.Image:
         if image.dtype != np.uint8:
             if not np.isfinite(image).all():
                 raise InputError(f"{what} contains NaN or infinite values")
-            image = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+            integers = np.issubdtype(image.dtype, np.integer)
+            top = 255 if integers else 1.0
+            if image.min() < 0 or image.max() > top:  # silently clipped, it would come out black or white
+                raise InputError(f"{what} values must be within [0, {top}] for a {image.dtype} array, got "
+                                 f"[{image.min():g}, {image.max():g}]" + ("" if integers else
+                                 "; for 0-255 values pass a uint8 array"))
+            image = image.astype(np.uint8) if integers else (image * 255.0 + 0.5).astype(np.uint8)
         return Image.fromarray(image[..., :3], "RGB")
     raise InputError(f"{what} must be a PIL image, an array or a file path, got {type(image).__name__}")
 

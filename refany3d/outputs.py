@@ -209,7 +209,7 @@ def pointcloud_figure(
     figure.update_layout(
         scene={"aspectmode": "data", "camera": {"up": {"x": 0, "y": 1, "z": 0}}},
         margin={"l": 0, "r": 0, "t": 0, "b": 0},
-        legend={"x": 0, "y": 1},
+        legend={"x": 0, "y": 0, "yanchor": "bottom"},  # at the top, the component's label would cover it
         height=420,
     )
     return figure

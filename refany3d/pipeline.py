@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 from contextlib import contextmanager
 from functools import partial
@@ -186,8 +187,10 @@ def _as_images(views: Sequence[ImageLike], what: str) -> list[Image.Image]:
 class RefAny3DPipeline:
     """RefAny3D sampler. Build it with `from_pretrained`; call it with a prompt and reference views."""
 
-    def __init__(self, flux, domain_embedder: torch.nn.Module):
+    def __init__(self, flux, domain_embedder: torch.nn.Module, default_settings: Mapping[str, Any] | None = None):
         self.flux = flux
+        # What a call leaves out: the settings the model was trained for (see recommended_settings).
+        self.default_settings = dict(default_settings or RELEASE_SETTINGS)
         self.domain_embedder = domain_embedder.to(device=flux.transformer.device, dtype=flux.transformer.dtype)
         self.offload_device: torch.device | None = None  # set: weights stay on the CPU between uses
 
@@ -209,6 +212,10 @@ class RefAny3DPipeline:
         from diffusers import FluxPipeline
 
         device = parse_device(device) if device is not None else default_device()
+        if isinstance(dtype, str):  # "bfloat16", "float16", "float32"
+            dtype = getattr(torch, dtype, None) if dtype in ("bfloat16", "float16", "float32") else dtype
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise InputError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}")
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         ref_files = resolve_ref_weights(ref_model)  # a missing ref model fails before the (large) base loads
         base_folder = Path(base_model).expanduser()
@@ -225,7 +232,7 @@ class RefAny3DPipeline:
             ) from None
         embedder = load_refany3d_weights(flux, ref_files)
         flux.transformer.requires_grad_(False)
-        pipe = cls(flux, embedder.to(dtype))
+        pipe = cls(flux, embedder.to(dtype), recommended_settings(ref_model))
         if cpu_offload and device.type != "cpu":
             pipe.offload_device = device
         else:
@@ -309,9 +316,9 @@ class RefAny3DPipeline:
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
         for name, value in guidance_scales.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise InputError(f"{name} must be a finite number, got {value!r}")
-        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, int) or max_sequence_length < 1:
+        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, numbers.Integral) or max_sequence_length < 1:
             raise InputError(f"max_sequence_length must be a positive integer, got {max_sequence_length!r}")
         if len(rgb_views) == 0:
             raise InputError("at least one reference view is needed (got 0 RGB views)")
@@ -321,7 +328,7 @@ class RefAny3DPipeline:
             )
         for name, value in (("height", height), ("width", width), ("condition_size", condition_size)):
             self._check_size(name, value)
-        if not isinstance(steps, int) or steps < 1:
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
             raise InputError(f"num_inference_steps must be a positive integer, got {steps!r}")
         if output_type not in ("pil", "np"):
             raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
@@ -329,7 +336,7 @@ class RefAny3DPipeline:
     def _check_size(self, name: str, value) -> None:
         """An image side the model can take: a positive multiple of its latent patch (16 for FLUX)."""
         multiple = self.flux.vae_scale_factor * 2
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
             raise InputError(f"{name} must be a positive integer, got {value!r}")
         if value % multiple:
             raise InputError(f"{name} must be a multiple of {multiple}, got {value}")
@@ -371,17 +378,17 @@ class RefAny3DPipeline:
         prompt: str,
         rgb_views: Sequence[ImageLike],
         pointmap_views: Sequence[ImageLike],
-        height: int = 512,
-        width: int = 512,
-        condition_size: int = 512,
-        num_inference_steps: int = 28,
-        guidance_scale: float = 3.5,
-        image_guidance_scale: float = 2.0,
+        height: int | None = None,
+        width: int | None = None,
+        condition_size: int | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        image_guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         callback: StepCallback | None = None,
         output_type: str = "pil",
-        mode: str = "faithful",
+        mode: str | None = None,
         cache_refresh_every: int = 0,
         group_mask: bool = True,
         pointmap_branch: bool = True,
@@ -390,10 +397,13 @@ class RefAny3DPipeline:
 
         rgb_views / pointmap_views: equal-length lists (N >= 1) of images (PIL, arrays or paths),
         resized to condition_size. `callback(step, total)` runs after every denoising step.
-        mode: "faithful" (the reference pass, `transformer.joint_forward`, once per guidance
-        pass), "exact" (the same output, faster, with prompt/view encodings cached across calls)
-        or "cached" (approximate: the views' keys/values of the first step reused); see
-        `refany3d.fast`.
+        Sizes, steps, guidance and max_sequence_length left as None are the model's own
+        (`self.default_settings`: its settings.json, else the release's 512 px, 28 steps, 3.5, 2.0).
+        mode: "exact" (the default: the reference pass's output with less work and memory, with
+        prompt/view encodings cached across calls), "faithful" (the reference pass,
+        `transformer.joint_forward`, once per guidance pass, with a dense group mask: memory grows
+        with the square of all tokens; the default with pointmap_branch=False) or "cached"
+        (approximate: the views' keys/values of the first step reused); see `refany3d.fast`.
         cache_refresh_every: in cached mode, recompute the views' keys/values every this many steps
         (0: only at the first step); smaller is slower and closer to exact.
         group_mask: False samples with full attention among all branches, for models trained
@@ -403,8 +413,22 @@ class RefAny3DPipeline:
         encoded as usual, so a seed draws the same numbers, but not shown to the model, and the
         output has no point map.
         """
+        defaults = self.default_settings
+        height = defaults["height"] if height is None else height
+        width = defaults["width"] if width is None else width
+        condition_size = defaults["condition_size"] if condition_size is None else condition_size
+        num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
+        if image_guidance_scale is None:
+            image_guidance_scale = defaults["image_guidance_scale"]
+        max_sequence_length = defaults["max_sequence_length"] if max_sequence_length is None else max_sequence_length
+        if mode is None:
+            mode = "exact" if pointmap_branch is not False else "faithful"  # the ablation's only sampler
         if mode not in SAMPLER_MODES:
             raise InputError(f"mode must be one of {', '.join(SAMPLER_MODES)}, got {mode!r}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise InputError(f"generator must be a torch.Generator, got {type(generator).__name__} (a list of "
+                             "generators, one per candidate, is for generate_from_mesh)")
         for name, flag in (("group_mask", group_mask), ("pointmap_branch", pointmap_branch)):
             if not isinstance(flag, bool):
                 raise InputError(f"{name} must be true or false, got {flag!r}")
@@ -416,6 +440,9 @@ class RefAny3DPipeline:
         pm_images = _as_images(pointmap_views, "point-map view")
         self._check(prompt, rgb_images, pm_images, height, width, condition_size, num_inference_steps, output_type,
                     {"guidance_scale": guidance_scale, "image_guidance_scale": image_guidance_scale}, max_sequence_length)
+        height, width, condition_size = int(height), int(width), int(condition_size)  # NumPy numbers too
+        num_inference_steps, max_sequence_length = int(num_inference_steps), int(max_sequence_length)
+        guidance_scale, image_guidance_scale = float(guidance_scale), float(image_guidance_scale)
         device, dtype = self.device, self.dtype
         if mode == "faithful":
             encoder = self
@@ -484,15 +511,17 @@ class RefAny3DPipeline:
         self,
         mesh_or_path,
         prompt: str,
-        n_views: int = 8,
+        n_views: int | None = None,
         radius: float = 4.0,
         pitch: float = 0.0,
         y_rotation: float = 0.0,
-        condition_size: int = 512,
+        condition_size: int | None = None,
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         **call_kwargs,
     ) -> RefAny3DOutput:
         """Render the asset's reference views (see `refany3d.render_views`), then sample.
+
+        n_views and condition_size left as None, like the call's settings, are the model's own.
 
         A list of K generators samples K candidates and returns the most self-consistent one: the
         one whose point map is the most rigid view of the asset (`alignment.consistency_key`), as
@@ -502,6 +531,8 @@ class RefAny3DPipeline:
         from refany3d.mesh import load_mesh
         from refany3d.views import render_views
 
+        n_views = self.default_settings["n_views"] if n_views is None else n_views
+        condition_size = self.default_settings["condition_size"] if condition_size is None else condition_size
         generators = list(generator) if isinstance(generator, (list, tuple)) else None
         if generators is not None:
             if not generators:

@@ -422,6 +422,20 @@ def test_stop_ends_the_running_generation_after_its_current_step_and_only_that_o
     assert other and not any(other)
 
 
+def test_a_stop_reaches_every_run_of_the_session_under_way_and_no_later_one():
+    stops = logic.StopRequests()
+    with stops.running("a") as old, stops.running("a") as new, stops.running("b") as other:
+        # a cancelled run still finishing its step, beside the session's next one
+        assert stops.request("a")
+        for run in (old, new):
+            with pytest.raises(logic.GenerationStopped, match="Generation stopped at step 3, as asked."):
+                stops.check(run, "stopped at step 3")
+        stops.check(other, "never")  # another session's run goes on
+    with stops.running("a") as later:
+        stops.check(later, "never")  # the stop was for the runs under way then
+    assert not stops.request("a")
+
+
 def test_the_resolution_slider_follows_the_chosen_model(service):
     service(logic.AppConfig())
     slider = logic.resolution_slider(logic.EMBEDDED_MODEL, 512)
@@ -515,7 +529,9 @@ def test_alignment_of_a_generation_measures_the_known_camera(service, tmp_path):
     assert files[-1].endswith("alignment.json") and len(files) == 5 and kept is result
     assert kept.camera_segments is not None
     assert json.loads(Path(files[-1]).read_text())["inlier_ratio"] == details["inlier_ratio"]
-    assert _traces(logic.redraw_pointcloud(kept, False), "recovered camera")  # toggling keeps the camera
+    figure, box = logic.redraw_pointcloud(kept, False)
+    assert _traces(figure, "recovered camera") and box == gr.skip()  # toggling keeps the camera
+    assert logic.redraw_pointcloud(None, True)[1] is False  # no generation of the visitor's: the box unticks
 
 
 def test_an_unmeasurable_generation_says_why_without_an_error(service, tmp_path):
