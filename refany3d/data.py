@@ -28,6 +28,7 @@ the samples of one or more such folders as tensors for training.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -644,6 +645,7 @@ def write_real_sample(
     from refany3d.views import Renderer
 
     root = Path(out_dir)
+    _check_same_format(root, n_views=n_views, resolution=resolution)
     picture = image if isinstance(image, Image.Image) else Image.open(image)
     picture = picture.convert("RGB")
     mesh = load_mesh(mesh_path)
@@ -655,7 +657,8 @@ def write_real_sample(
     if not view.mask.any():
         raise InputError("the asset is not visible at the given pose and intrinsics")
     stem = Path(mesh_path).stem
-    asset_id = f"real-{stem}"
+    # by content too: real data often names every mesh model.obj, and views must be of this one
+    asset_id = f"real-{stem}-{hashlib.sha256(Path(mesh_path).read_bytes()).hexdigest()[:10]}"
     if not (root / "assets" / asset_id / "meta.json").exists():
         write_asset(root, asset_id, mesh, n_views, resolution, description=stem, mesh_file=Path(mesh_path))
     sample_id = sample_id or f"real-{stem}-{len(list((root / 'samples').glob('real-*'))) if (root / 'samples').exists() else 0:06d}"
@@ -785,7 +788,9 @@ class SampleDataset(IterableDataset):
             order = list(range(len(self.samples)))
             if self.shuffle:
                 random.Random(self.seed * 100_003 + epoch).shuffle(order)
-            for index in order[shard::n_shards]:
+            # a shard with no sample of its own (more loader workers or ranks than samples) repeats
+            # one rather than yield nothing, which would leave the loader waiting for good
+            for index in order[shard::n_shards] or [order[shard % len(order)]]:
                 yield self.item(index)
             epoch += 1
             if not self.repeat:

@@ -101,9 +101,9 @@ def resolve_ref_weights(ref_model: str | Path) -> dict[str, Path]:
         return {name: folder / name for name in REF_WEIGHT_FILES}
     if folder.exists():
         raise ModelLoadError(f"RefAny3D weights {str(folder)!r} is a file; give the folder that holds "
-                             f"{', '.join(REF_WEIGHT_FILES)} (CLI: --ref-model DIR)")
+                             f"{', '.join(REF_WEIGHT_FILES)} (CLI: --ref-model DIR; train: --init-ref DIR)")
     if _looks_like_a_path(str(ref_model)):
-        raise ModelLoadError(f"RefAny3D weights folder {str(ref_model)!r} not found (CLI: --ref-model DIR), "
+        raise ModelLoadError(f"RefAny3D weights folder {str(ref_model)!r} not found (CLI: --ref-model DIR; train: --init-ref DIR), "
                              f"and it is not a Hugging Face repo id such as {DEFAULT_REF_MODEL}")
     try:
         from huggingface_hub import hf_hub_download
@@ -113,7 +113,7 @@ def resolve_ref_weights(ref_model: str | Path) -> dict[str, Path]:
         raise ModelLoadError(
             f"could not get RefAny3D weights {', '.join(REF_WEIGHT_FILES)} from {str(ref_model)!r} "
             f"(not a local folder, and the Hugging Face Hub said: {type(err).__name__}: {err}). "
-            "Download them and pass the folder as ref_model (CLI: --ref-model DIR)."
+            "Download them and pass the folder as ref_model (CLI: --ref-model DIR; train: --init-ref DIR)."
         ) from None
 
 

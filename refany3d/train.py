@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -106,7 +107,7 @@ class TrainConfig:
                 raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.optimizer not in ("adamw", "prodigy"):
             raise InputError(f"optimizer must be 'adamw' or 'prodigy', got {self.optimizer!r}")
-        for name in ("batch_size", "n_views", "gradient_accumulation", "checkpoint_every"):
+        for name in ("batch_size", "n_views", "gradient_accumulation", "checkpoint_every", "lora_rank", "lora_alpha"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("text_dropout", "reference_dropout"):
@@ -115,6 +116,8 @@ class TrainConfig:
         for name in ("vae_minutes", "base_minutes", "ref_minutes"):
             if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise InputError(f"{name} must be a positive number of minutes, got {getattr(self, name)}")
+        if int(self.num_workers) < 0:
+            raise InputError(f"num_workers must be at least 0, got {self.num_workers}")
         if not self.asset_loss_weight > 0:
             raise InputError(f"asset_loss_weight must be positive, got {self.asset_loss_weight}")
         if not self.data:
@@ -334,7 +337,11 @@ def run_stage(
     start, spent = 0, 0.0
     ckpt = _checkpoint_path(out, stage)
     if ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        except Exception as err:  # a save cut short by a crash (saves are atomic since, see below)
+            raise InputError(f"checkpoint {ckpt} cannot be read ({type(err).__name__}); delete it to restart "
+                             f"the {stage} stage from its beginning") from None
         params = dict(zip(names, trainable))
         with torch.no_grad():
             for name, value in state["trainable"].items():
@@ -380,12 +387,14 @@ def run_stage(
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 ckpt.parent.mkdir(parents=True, exist_ok=True)
+                partial = ckpt.with_name(ckpt.name + ".partial")  # then renamed: an interrupted save leaves the old one
                 torch.save({
                     "trainable": {n: p.detach().cpu() for n, p in zip(names, trainable)},
                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "losses": losses, "step": step, "planned_steps": plan[0], "seconds": clock() - began,
                     "rng": torch.get_rng_state(),
-                }, ckpt)
+                }, partial)
+                os.replace(partial, ckpt)
     bar.close()
     accelerator.wait_for_everyone()
     return StageResult(losses, clock() - began, start, plan[0])
@@ -660,25 +669,35 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         out.mkdir(parents=True, exist_ok=True)
         (out / "train_config.json").write_text(json.dumps(config.to_json(), indent=1))
 
-    stage0 = [s for s in ("vae", "base") if s in config.stages]
-    if stage0 and not (base_dir / "model_index.json").exists():
+    # Each stage-0 stage saves OUT/base when it finishes, so a rerun skips it and goes on from there.
+    finished = summary["stages"]
+    stage0 = [s for s in ("vae", "base") if s in config.stages and s not in finished]
+    if (base_dir / "model_index.json").exists() and not {"vae", "base"} & set(finished):
+        stage0 = []  # a base put there by hand is used as it is
+    if stage0:
         if config.base_model is not None:
             raise InputError("stage 0 builds its own base; do not combine it with base_model")
-        config.tiny.vocabulary = _vocabulary(config)
-        flux = build_base_pipeline(config.tiny, seed=config.seed).to(accelerator.device)
-        flux.text_encoder.requires_grad_(False)
-        flux.text_encoder_2.requires_grad_(False)
-        flux.transformer.requires_grad_(False)
-        flux.vae.requires_grad_(False)
+        if (base_dir / "model_index.json").exists():  # an earlier stage-0 stage finished it
+            flux = FluxPipeline.from_pretrained(str(base_dir)).to(accelerator.device)
+        else:
+            config.tiny.vocabulary = _vocabulary(config)
+            flux = build_base_pipeline(config.tiny, seed=config.seed).to(accelerator.device)
+        for module in (flux.text_encoder, flux.text_encoder_2, flux.transformer, flux.vae):
+            module.requires_grad_(False)
         for stage, fn in (("vae", train_vae), ("base", train_base)):
             if stage in stage0:
                 result = fn(config, accelerator, flux)
-                summary["stages"][stage] = _stage_summary(result)
+                finished[stage] = _stage_summary(result)
                 log(f"{stage}: {len(result.losses)} steps, final loss {_tail_mean(result.losses):.4f}, {result.seconds:.0f} s")
-        if accelerator.is_main_process:
-            flux.save_pretrained(base_dir)
-            summary_path.write_text(json.dumps(summary, indent=1))
+                if accelerator.is_main_process:
+                    flux.save_pretrained(base_dir)
+                    summary_path.write_text(json.dumps(summary, indent=1))
+                    _checkpoint_path(out, stage).unlink(missing_ok=True)
+                accelerator.wait_for_everyone()
 
+    if "refany3d" in config.stages and not config.base_model and not (base_dir / "model_index.json").exists():
+        raise InputError(f"stage refany3d needs a base: {base_dir} does not exist. Train stage 0 first "
+                         "(--stages vae,base,refany3d) or give one with --base-model")
     if "refany3d" in config.stages and not (ref_dir / "domain_embedder.pth").exists():
         source = config.base_model or base_dir
         dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32

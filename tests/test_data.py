@@ -14,6 +14,7 @@ from refany3d.data import (
     COLOURS,
     SampleDataset,
     camera_from_object_pose,
+    collate,
     list_samples,
     make_dataset,
     other_asset_indices,
@@ -135,6 +136,11 @@ def test_dataset_streams_tensors_and_shards_disjointly(dataset: Path) -> None:
     first, second = captions(0), captions(1)
     assert len(first) == len(second) == 2
     assert sorted(first + second) == sorted(all_captions)
+    # more loader workers than samples: every worker yields (an empty one would stall the loader)
+    loader = torch.utils.data.DataLoader(SampleDataset(dataset, resolution=RES, n_views=1), batch_size=2,
+                                         num_workers=6, collate_fn=collate, timeout=120)
+    batches = iter(loader)
+    assert all(next(batches)["image"].shape[0] == 2 for _ in range(8))
     full = SampleDataset(dataset, resolution=RES).item(0)
     assert full["ref_rgb"].shape[0] == VIEWS
     meta = json.loads((list_samples([dataset])[0][1] / "meta.json").read_text())
@@ -182,6 +188,17 @@ def test_real_sample_builder_renders_the_aligned_pointmap(tmp_path: Path) -> Non
     uv = np.stack([K[0, 0] * cam[:, 0] / cam[:, 2] + K[0, 2], K[1, 1] * cam[:, 1] / cam[:, 2] + K[1, 2]], 1)
     assert np.median(np.hypot(uv[:, 0] - cols, uv[:, 1] - rows)) < 0.5
     assert len(list_samples([tmp_path / "real"])) == 1
+
+    # another mesh under the same file name gets its own views; another format is refused
+    other, _ = random_asset(np.random.default_rng(6))
+    (tmp_path / "other").mkdir()
+    other.export(tmp_path / "other" / "thing.ply")
+    second = write_real_sample(tmp_path / "real", photo, tmp_path / "other" / "thing.ply", K, rotation, translation,
+                               "another thing", n_views=2, resolution=32)
+    assert json.loads((second / "meta.json").read_text())["asset"] != meta["asset"]
+    with pytest.raises(InputError, match="already holds a dataset with n_views 2 \\(asked: 4\\), resolution 32 "
+                                         "\\(asked: 512\\)"):
+        write_real_sample(tmp_path / "real", photo, mesh_path, K, rotation, translation, "a thing")
 
 
 def test_viewpoint_words() -> None:

@@ -117,6 +117,35 @@ def _batches(stop_after: int | None = None):
         yield {"x": x, "y": x @ torch.tensor([[1.0], [-2.0], [0.5]])}
 
 
+def test_stage_zero_stages_run_apart_and_a_finished_one_is_kept(dataset: Path, tmp_path: Path) -> None:
+    """`--stages vae` then `--stages base`: the base trains on the finished VAE, which stays as it was."""
+    from safetensors.torch import load_file as load
+
+    out = tmp_path / "split"
+    settings = dict(data=[str(dataset)], output_dir=str(out), condition_size=16)
+    train(preset_config("tiny", stages=("vae",), **settings), log=lambda line: None)
+    vae = load(out / "base" / "vae" / "diffusion_pytorch_model.safetensors")
+    transformer = load(out / "base" / "transformer" / "diffusion_pytorch_model.safetensors")
+    summary = train(preset_config("tiny", stages=("base",), **settings), log=lambda line: None)
+    assert set(summary["stages"]) == {"vae", "base"}
+    for name, weight in load(out / "base" / "vae" / "diffusion_pytorch_model.safetensors").items():
+        torch.testing.assert_close(weight, vae[name], rtol=0, atol=0)
+    trained = load(out / "base" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(trained[name], weight) for name, weight in transformer.items())
+
+
+def test_unreadable_checkpoints_and_a_missing_base_are_named(tmp_path: Path) -> None:
+    from accelerate import Accelerator
+
+    config = TrainConfig(data=["unused"], output_dir=str(tmp_path), checkpoint_every=3, warmup_steps=1)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "toy.pt").write_bytes(b"cut short")
+    with pytest.raises(InputError, match="checkpoint .*toy.pt cannot be read .*; delete it to restart the toy stage"):
+        run_stage("toy", Accelerator(cpu=True), _Regression(), _batches(), lambda b: b, 5, 0.05, config)
+    with pytest.raises(InputError, match="stage refany3d needs a base: .* Train stage 0 first"):
+        train(preset_config("tiny", data=["unused"], output_dir=str(tmp_path / "none"), stages=("refany3d",)))
+
+
 def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path: Path) -> None:
     from accelerate import Accelerator
 
@@ -128,6 +157,7 @@ def test_interrupted_stage_resumes_from_its_checkpoint(tmp_path: Path) -> None:
         run_stage("toy", accelerator, first, _batches(stop_after=7), lambda b: b, 20, 0.05, config)
     checkpoint = torch.load(tmp_path / "checkpoints" / "toy.pt", weights_only=False)
     assert checkpoint["step"] == 6 and len(checkpoint["losses"]) == 6
+    assert not (tmp_path / "checkpoints" / "toy.pt.partial").exists()  # written aside, then renamed
 
     second = _Regression()  # fresh weights: resuming must restore the checkpoint's
     seen = {}
@@ -262,6 +292,10 @@ def test_bad_configs_raise_input_errors() -> None:
         TrainConfig(data=["d"], output_dir="o", ref_steps=0)
     with pytest.raises(InputError, match="base_lr must be a finite number >= 0, got nan"):
         TrainConfig(data=["d"], output_dir="o", base_lr=float("nan"))
+    with pytest.raises(InputError, match="lora_rank must be at least 1, got 0"):
+        TrainConfig(data=["d"], output_dir="o", lora_rank=0)
+    with pytest.raises(InputError, match="num_workers must be at least 0, got -1"):
+        TrainConfig(data=["d"], output_dir="o", num_workers=-1)
 
 
 def test_compiled_training_step_matches_eager_in_one_graph(tmp_path: Path) -> None:
