@@ -134,15 +134,18 @@ def main() -> None:
     parser.add_argument("--base", help="base model folder (default: the embedded model)")
     parser.add_argument("--ref", help="RefAny3D weights folder (default: the embedded model)")
     parser.add_argument("--count", type=int, default=24)
-    parser.add_argument("--steps", type=int, default=28)
-    parser.add_argument("--resolution", type=int, default=64)
-    parser.add_argument("--condition-size", type=int, default=32, help="size of the reference views (embedded: 32)")
-    parser.add_argument("--views", type=int, default=4)
-    parser.add_argument("--guidance", type=float, default=3.5, help="the distilled guidance input (embedded: 3.5)")
-    parser.add_argument("--image-guidance", type=float, default=2.0, help="image guidance scale (embedded: 2.0)")
-    parser.add_argument("--fewer-views", type=int, nargs="*", default=[2], metavar="K",
+    # Sampling settings left out are the model's own (its settings.json; embedded: 28 steps, 64 px,
+    # 4 views at 32 px, guidance 3.5, image guidance 2.0).
+    parser.add_argument("--steps", type=int)
+    parser.add_argument("--resolution", type=int)
+    parser.add_argument("--condition-size", type=int, help="size of the reference views (default: the model's)")
+    parser.add_argument("--views", type=int)
+    parser.add_argument("--guidance", type=float, help="the distilled guidance input (default: the model's)")
+    parser.add_argument("--image-guidance", type=float, help="image guidance scale (default: the model's)")
+    parser.add_argument("--fewer-views", type=int, nargs="*", default=None, metavar="K",
                         help="also sample with K of the views (evenly spaced); one row per K, none without a K")
-    parser.add_argument("--out", default="quality_out", help="folder for images, rows.json and table.md")
+    parser.add_argument("--out", default="quality_out", help="folder for images, rows.json and table.md "
+                        "(default: ./quality_out, under the folder it runs in)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cached", type=int, nargs="*", default=None, metavar="K",
                         help="also sample in cached mode, refreshing the views' keys/values every K steps (0: "
@@ -156,6 +159,18 @@ def main() -> None:
                         help="the model was trained with --no-pointmap-branch (ablation): sample its image alone "
                         "(faithful sampler) and score it by the image-only fit")
     args = parser.parse_args()
+    torch.set_num_threads(1)
+    base, ref = default_model()
+    pipe = RefAny3DPipeline.from_pretrained(args.base or base, args.ref or ref, device="cpu")
+    own = pipe.default_settings
+    for name, key in (("steps", "num_inference_steps"), ("resolution", "height"), ("condition_size", "condition_size"),
+                      ("views", "n_views"), ("guidance", "guidance_scale"), ("image_guidance", "image_guidance_scale")):
+        if getattr(args, name) is None:
+            setattr(args, name, own[key])
+    if args.fewer_views is None:
+        args.fewer_views = [args.views // 2] if args.views > 1 else []
+    if args.count < 2:
+        parser.error("--count must be at least 2 (another sample's asset is the fit's reference)")
     if not all(0 < k < args.views for k in args.fewer_views):
         parser.error(f"--fewer-views takes view counts from 1 to {args.views - 1} (fewer than --views)")
     if not all(k > 1 for k in args.candidates) or (args.candidates and not args.pointmap_branch):
@@ -165,9 +180,6 @@ def main() -> None:
     elif args.cached and not args.pointmap_branch:
         parser.error("--cached needs the point-map branch (the cached sampler does not run the ablation)")
 
-    torch.set_num_threads(1)
-    base, ref = default_model()
-    pipe = RefAny3DPipeline.from_pretrained(args.base or base, args.ref or ref, device="cpu")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = args.resolution

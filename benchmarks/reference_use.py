@@ -71,9 +71,9 @@ def main() -> int:
     ap.add_argument("--base", help="base model folder (default: the embedded model)")
     ap.add_argument("--ref", help="RefAny3D weights folder (default: the embedded model)")
     ap.add_argument("--count", type=int, default=32)
-    ap.add_argument("--resolution", type=int, default=64)
-    ap.add_argument("--condition-size", type=int, default=32, help="size of the reference views (embedded: 32)")
-    ap.add_argument("--views", type=int, default=4)
+    ap.add_argument("--resolution", type=int, help="default: the model's (its settings.json; embedded: 64)")
+    ap.add_argument("--condition-size", type=int, help="size of the reference views (default: the model's; embedded: 32)")
+    ap.add_argument("--views", type=int, help="default: the model's (embedded: 4)")
     ap.add_argument("--times", type=float, nargs="+", default=[0.5, 0.8, 0.95], help="flow times t to probe")
     ap.add_argument("--attention-time", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=0)
@@ -87,6 +87,9 @@ def main() -> int:
 
     base, ref = default_model()
     pipe = RefAny3DPipeline.from_pretrained(args.base or base, args.ref or ref, device="cpu")
+    for name, key in (("resolution", "height"), ("condition_size", "condition_size"), ("views", "n_views")):
+        if getattr(args, name) is None:
+            setattr(args, name, pipe.default_settings[key])
     dataset = SampleDataset([args.data], args.resolution, args.views, shuffle=False, repeat=False)
     count = min(args.count, len(dataset))
     batch = collate([dataset.item(i) for i in range(count)])

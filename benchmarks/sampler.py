@@ -297,6 +297,8 @@ def main() -> int:
     ap.add_argument("--lora-rank", type=int, default=64, help="LoRA rank of the full-size model")
     ap.add_argument("--peak-tflops", type=float, default=None, help=f"device peak for the %% column (H100 bf16 dense: {H100_BF16_DENSE_TFLOPS:.0f})")
     args = ap.parse_args()
+    if args.dry_run and not args.gpu_full:
+        ap.error("--dry-run applies to --gpu-full (the full-size code path, small, on CPU)")
     if args.threads:
         torch.set_num_threads(args.threads)
     modes = tuple(args.modes)

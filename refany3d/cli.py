@@ -116,9 +116,9 @@ def _run_generate(args) -> int:
     base, ref = default_model()
     base, ref = args.base_model or base, args.ref_model or ref
     given = {f.name: getattr(args, f.name) for f in fields(Job) if getattr(args, f.name, None) is not None}
-    if given.get("pointmap_branch") is False:
-        given.setdefault("mode", "faithful")  # the only sampler of the ablation
-    settings = {**recommended_settings(ref), **given}
+    settings = {**recommended_settings(ref), **given}  # an ablation model's settings.json names its flags
+    if settings.get("pointmap_branch") is False:
+        settings.setdefault("mode", "faithful")  # the only sampler of the ablation
     settings.pop("mesh", None)
     # The mesh's absolute path goes into settings.json, so `eval --batch` finds it from anywhere.
     jobs = read_jobs(args.jobs, defaults=settings) if args.jobs else [Job(mesh=os.path.abspath(args.mesh), **settings)]

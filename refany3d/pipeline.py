@@ -50,6 +50,10 @@ RELEASE_SETTINGS = dict(
 )
 
 
+# Recorded only for a model trained as an ablation (`train --no-group-mask / --no-pointmap-branch`).
+ABLATION_SETTINGS = ("group_mask", "pointmap_branch")
+
+
 def recommended_settings(ref_model: str | Path) -> dict:
     """The settings a model was trained for: a local model's `settings.json` beside its ref folder
     (the embedded model ships one: 64 px, 4 views at 32 px), else the release's."""
@@ -62,7 +66,7 @@ def recommended_settings(ref_model: str | Path) -> dict:
             stored = json.loads(path.read_text())
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"cannot read the model's settings {str(path)!r}: {err}") from None
-        settings.update({k: v for k, v in stored.items() if k in RELEASE_SETTINGS})
+        settings.update({k: v for k, v in stored.items() if k in RELEASE_SETTINGS or k in ABLATION_SETTINGS})
     return settings
 
 
@@ -390,8 +394,8 @@ class RefAny3DPipeline:
         output_type: str = "pil",
         mode: str | None = None,
         cache_refresh_every: int = 0,
-        group_mask: bool = True,
-        pointmap_branch: bool = True,
+        group_mask: bool | None = None,
+        pointmap_branch: bool | None = None,
     ) -> RefAny3DOutput:
         """Sample the RGB image and the point map of `prompt`, referencing the given views.
 
@@ -407,7 +411,8 @@ class RefAny3DPipeline:
         cache_refresh_every: in cached mode, recompute the views' keys/values every this many steps
         (0: only at the first step); smaller is slower and closer to exact.
         group_mask: False samples with full attention among all branches, for models trained
-        without the release's group mask (`train --no-group-mask`, the ablation).
+        without the release's group mask (`train --no-group-mask`, the ablation; such a model's
+        settings.json says so, and None follows it).
         pointmap_branch: False samples a model trained without the point-map target and views
         (`train --no-pointmap-branch`, the ablation; faithful mode): the point-map views are
         encoded as usual, so a seed draws the same numbers, but not shown to the model, and the
@@ -422,8 +427,10 @@ class RefAny3DPipeline:
         if image_guidance_scale is None:
             image_guidance_scale = defaults["image_guidance_scale"]
         max_sequence_length = defaults["max_sequence_length"] if max_sequence_length is None else max_sequence_length
+        group_mask = defaults.get("group_mask", True) if group_mask is None else group_mask
+        pointmap_branch = defaults.get("pointmap_branch", True) if pointmap_branch is None else pointmap_branch
         if mode is None:
-            mode = "exact" if pointmap_branch is not False else "faithful"  # the ablation's only sampler
+            mode = "exact" if pointmap_branch else "faithful"  # the ablation's only sampler
         if mode not in SAMPLER_MODES:
             raise InputError(f"mode must be one of {', '.join(SAMPLER_MODES)}, got {mode!r}")
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -537,7 +544,7 @@ class RefAny3DPipeline:
         if generators is not None:
             if not generators:
                 raise InputError("generator is an empty list: give one generator per candidate")
-            if call_kwargs.get("pointmap_branch") is False:
+            if call_kwargs.get("pointmap_branch", self.default_settings.get("pointmap_branch", True)) is False:
                 raise InputError("choosing among candidates needs their point maps (pointmap_branch=False has none)")
         self._check_size("condition_size", condition_size)  # before rendering views of that size
         mesh = load_mesh(mesh_or_path) if isinstance(mesh_or_path, (str, os.PathLike)) else mesh_or_path  # loaded once

@@ -665,9 +665,17 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
     base_dir, ref_dir = out / "base", out / "ref"
     summary_path = out / "training_summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {"stages": {}}
+    settings = json.loads(json.dumps(config.to_json()))  # as JSON has it: lists, not tuples
+    earlier = out / "train_config.json"
+    if summary["stages"] and earlier.is_file():
+        before = json.loads(earlier.read_text())
+        changed = sorted(k for k, v in settings.items() if k != "stages" and before.get(k) != v)
+        if changed:
+            log(f"note: {out} holds an earlier run; its finished stages ({', '.join(summary['stages'])}) stay as "
+                f"trained, so changed settings ({', '.join(changed)}) apply only to stages not finished yet")
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.json").write_text(json.dumps(config.to_json(), indent=1))
+        earlier.write_text(json.dumps(settings, indent=1))
 
     # Each stage-0 stage saves OUT/base when it finishes, so a rerun skips it and goes on from there.
     finished = summary["stages"]
@@ -740,6 +748,9 @@ def sampling_settings(config: TrainConfig, text_length: int) -> dict[str, Any]:
         "height": config.resolution, "width": config.resolution,
         "condition_size": config.condition_size or config.resolution, "n_views": config.n_views,
         "max_sequence_length": text_length,
+        # an ablation samples only the way it was trained
+        **({} if config.group_mask else {"group_mask": False}),
+        **({} if config.pointmap_branch else {"pointmap_branch": False}),
     }
 
 

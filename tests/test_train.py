@@ -94,9 +94,16 @@ def test_trained_model_loads_and_samples(trained: tuple[Path, dict], dataset: Pa
 def test_rerun_skips_finished_stages(trained: tuple[Path, dict], dataset: Path) -> None:
     out, _ = trained
     before = (out / "ref" / "coord.safetensors").read_bytes()
-    summary = train(preset_config("tiny", data=[str(dataset)], output_dir=str(out), condition_size=16), log=lambda line: None)
+    lines: list[str] = []
+    summary = train(preset_config("tiny", data=[str(dataset)], output_dir=str(out), condition_size=16), log=lines.append)
     assert (out / "ref" / "coord.safetensors").read_bytes() == before
-    assert summary["stages"]["refany3d"]["steps"] == 2
+    assert summary["stages"]["refany3d"]["steps"] == 2 and not lines  # nothing ran, nothing to say
+    # changed settings cannot reach finished stages: the rerun says so instead of seeming to apply them
+    train(preset_config("tiny", data=[str(dataset)], output_dir=str(out), condition_size=16, ref_steps=4),
+          log=lines.append)
+    assert lines == [f"note: {out} holds an earlier run; its finished stages (vae, base, refany3d) stay as trained, "
+                     "so changed settings (ref_steps) apply only to stages not finished yet"]
+    assert (out / "ref" / "coord.safetensors").read_bytes() == before
 
 
 class _Regression(torch.nn.Module):
@@ -362,6 +369,11 @@ def test_no_pointmap_branch_stage_trains_the_rgb_branches_only(trained: tuple[Pa
     result = pipe("a red box on a blue floor", list(rgb), list(pm), height=32, width=32, condition_size=16,
                   num_inference_steps=2, output_type="np", pointmap_branch=False)
     assert result.pointmap is None and np.isfinite(result.image).all()
+    # its settings.json says how it was trained, so a call that does not say samples it that way
+    assert json.loads((tmp_path / "settings.json").read_text())["pointmap_branch"] is False
+    assert pipe.default_settings["pointmap_branch"] is False and "group_mask" not in pipe.default_settings
+    again = pipe("a red box on a blue floor", list(rgb), list(pm), num_inference_steps=2, output_type="np")
+    assert again.pointmap is None and again.settings["mode"] == "faithful" and again.image.shape == (32, 32, 3)
 
 
 def test_stage_one_can_start_from_saved_weights(trained: tuple[Path, dict], dataset: Path, tmp_path: Path) -> None:
@@ -585,8 +597,8 @@ def test_quality_and_reference_use_benchmarks_run_on_a_trained_model(trained: tu
                                                                      tmp_path: Path) -> None:
     """The measurement scripts end to end on the tiny model, with and without the point-map branch."""
     out, _ = trained
-    model = ["--data", str(dataset), "--base", str(out / "base"), "--ref", str(out / "ref"), "--count", "4",
-             "--resolution", "32", "--condition-size", "16", "--views", "2"]
+    # sizes and views left out: the model's own, from the settings.json its training wrote (32 px, 2 views at 16)
+    model = ["--data", str(dataset), "--base", str(out / "base"), "--ref", str(out / "ref"), "--count", "4"]
     _benchmark("quality.py", *model, "--steps", "2", "--fewer-views", "1", "--out", str(tmp_path / "full"))
     _benchmark("quality.py", *model, "--steps", "2", "--fewer-views", "--no-pointmap-branch", "--out", str(tmp_path / "ablation"))
     full = json.loads((tmp_path / "full" / "rows.json").read_text())["summary"]
