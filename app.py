@@ -118,9 +118,8 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
                     show_asset = gr.Checkbox(label="Overlay the asset's surface points", value=False,
                                              elem_id="show-asset")
                     pointcloud_plot.render()
-                    with gr.Row():
-                        ply.render()
-                        downloads.render()
+                    ply.render()  # one above the other: side by side, their file names were cut short
+                    downloads.render()
                 with gr.Tab("Alignment", elem_id="alignment-tab"):
                     alignment_text.render()
                     alignment_overlay.render()

@@ -56,6 +56,8 @@ MAX_UPSCALE = 4  # the largest output a model is offered, as a multiple of the s
 APP_CSS = """
 #title { margin-bottom: 0; }
 #status { min-height: 1.5em; }
+/* on a phone the views gallery scrolls within its column instead of widening the page */
+#views-gallery { max-width: 100%; overflow-x: auto; }
 /* a small model's 64 px result fills its box, with sharp pixels instead of a blur */
 #result-image img, #result-pointmap img, #alignment-overlay img {
   width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
