@@ -124,8 +124,17 @@ def read_jobs(path: str | Path, defaults: dict | None = None) -> list[Job]:
 
 
 def run_is_complete(folder: Path, job: Job) -> bool:
+    """The folder holds this job's run: its files, and settings.json records the job's settings
+    (a job edited since is run again; a random seed is whatever the run drew)."""
     files = RUN_FILES if job.pointmap_branch else tuple(name for name in RUN_FILES if name != "pointmap.png")
-    return all((folder / name).is_file() for name in files)
+    if not all((folder / name).is_file() for name in files):
+        return False
+    try:
+        recorded = json.loads((folder / "settings.json").read_text()).get("settings", {})
+    except (OSError, ValueError):
+        return False
+    wanted = {k: v for k, v in asdict(job).items() if not (k == "seed" and v is None)}
+    return all(recorded.get(k) == v for k, v in wanted.items())
 
 
 def run_job(pipe, job: Job, folder: str | Path, generator_device: str = "cpu", callback: Callable | None = None) -> Path:

@@ -83,6 +83,11 @@ def test_jobs_batch_runs_and_resumes(model_args, tmp_path):
     assert main(["generate", "--jobs", str(jobs), "--out", str(out), *model_args]) == 0
     assert (out / "first" / "image.png").stat().st_mtime_ns == first_time
     assert (out / "job_00001" / "settings.json").is_file()
+    lines[0]["num_inference_steps"] = 2  # a job edited since its run: run again, not skipped
+    jobs.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert main(["generate", "--jobs", str(jobs), "--out", str(out), *model_args]) == 0
+    assert (out / "first" / "image.png").stat().st_mtime_ns != first_time
+    assert json.loads((out / "first" / "settings.json").read_text())["settings"]["num_inference_steps"] == 2
 
 
 def test_no_pointmap_branch_writes_an_image_alone_and_resumes(model_args, tmp_path, capsys):
