@@ -823,7 +823,8 @@ def align_runs(directory: str | Path, mesh: str | os.PathLike | Any | None = Non
                 if mesh_path not in meshes:
                     meshes[mesh_path] = load_mesh(mesh_path)
             image = run / "image.png"
-            report = align(given if given is not None else meshes[mesh_path], run / "pointmap.png", image if image.is_file() else None,
+            report = align(given if given is not None else meshes[mesh_path], run / "pointmap.png",
+                           image if image.is_file() else None,
                            y_rotation=float(settings.get("y_rotation", 0.0) or 0.0), **align_kwargs)
         except RefAny3DError as err:
             report = AlignmentReport(measurable=False, reason=str(err))

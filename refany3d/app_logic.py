@@ -569,8 +569,8 @@ class AppService:
 
     def model_choices(self) -> list[tuple[str, str]]:
         """(label, name) per model; a model whose weights are not on this machine says so."""
-        return [(spec.label + (" (weights not on this machine: downloaded on first use)" if weights_problem(spec) else ""),
-                 name) for name, spec in self.registry.items()]
+        missing = " (weights not on this machine: downloaded on first use)"
+        return [(spec.label + (missing if weights_problem(spec) else ""), name) for name, spec in self.registry.items()]
 
     def model_status(self) -> str:
         """A one-line notice for the page when the default model cannot be loaded here."""

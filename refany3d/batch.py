@@ -75,7 +75,8 @@ class Job:
                              + f", got {self.seed!r}")
         if self.name is not None and (not isinstance(self.name, str) or self.name in ("", ".", "..")
                                       or Path(self.name).name != self.name or "\\" in self.name):
-            raise InputError(f"name must be a folder name without '/' (it is created under the output folder), got {self.name!r}")
+            raise InputError(f"name must be a folder name without '/' (it is created under the output folder), "
+                             f"got {self.name!r}")
 
     @classmethod
     def from_dict(cls, data: dict, where: str = "job", defaults: dict | None = None) -> Job:

@@ -107,7 +107,8 @@ def resolve_ref_weights(ref_model: str | Path) -> dict[str, Path]:
         raise ModelLoadError(f"RefAny3D weights {str(folder)!r} is a file; give the folder that holds "
                              f"{', '.join(REF_WEIGHT_FILES)} (CLI: --ref-model DIR; train: --init-ref DIR)")
     if _looks_like_a_path(str(ref_model)):
-        raise ModelLoadError(f"RefAny3D weights folder {str(ref_model)!r} not found (CLI: --ref-model DIR; train: --init-ref DIR), "
+        raise ModelLoadError(f"RefAny3D weights folder {str(ref_model)!r} not found "
+                             "(CLI: --ref-model DIR; train: --init-ref DIR), "
                              f"and it is not a Hugging Face repo id such as {DEFAULT_REF_MODEL}")
     try:
         from huggingface_hub import hf_hub_download
