@@ -302,7 +302,8 @@ def _add_train(sub) -> None:
         ("--resolution", "resolution", int), ("--condition-size", "condition_size", int),
         ("--views", "n_views", int), ("--batch-size", "batch_size", int),
         ("--vae-steps", "vae_steps", int), ("--base-steps", "base_steps", int), ("--ref-steps", "ref_steps", int),
-        ("--lr", "ref_lr", float), ("--lora-rank", "lora_rank", int), ("--lora-alpha", "lora_alpha", int),
+        ("--lr", "ref_lr", float), ("--vae-lr", "vae_lr", float), ("--base-lr", "base_lr", float),
+        ("--lora-rank", "lora_rank", int), ("--lora-alpha", "lora_alpha", int),
         ("--optimizer", "optimizer", str), ("--mixed-precision", "mixed_precision", str),
         ("--checkpoint-every", "checkpoint_every", int), ("--seed", "seed", int),
         ("--gradient-accumulation", "gradient_accumulation", int), ("--num-workers", "num_workers", int),
@@ -334,7 +335,8 @@ def _run_train(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {k: v for k, v in vars(args).items() if v is not None and k in (
-        "resolution", "condition_size", "n_views", "batch_size", "vae_steps", "base_steps", "ref_steps", "ref_lr", "lora_rank",
+        "resolution", "condition_size", "n_views", "batch_size", "vae_steps", "base_steps", "ref_steps", "ref_lr",
+        "vae_lr", "base_lr", "lora_rank",
         "lora_alpha", "optimizer", "mixed_precision", "checkpoint_every", "seed", "gradient_accumulation",
         "group_mask", "pointmap_branch", "asset_loss_weight", "base_model", "init_ref", "compile", "num_workers",
         "vae_minutes", "base_minutes", "ref_minutes")}

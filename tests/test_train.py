@@ -247,8 +247,11 @@ def test_train_cli_passes_the_time_budget_and_refuses_a_bad_one(trained: tuple[P
     assert main([*common, "--out", str(tmp_path / "bad"), "--ref-minutes", "0"]) == 2
     assert "ref_minutes must be a positive number of minutes, got 0.0" in capsys.readouterr().err
 
-    assert main([*common, "--out", str(tmp_path / "run"), "--ref-minutes", "5", "--ref-steps", "3"]) == 0
+    assert main([*common, "--out", str(tmp_path / "run"), "--ref-minutes", "5", "--ref-steps", "3", "--lr", "0.002",
+                 "--base-lr", "0.003", "--vae-lr", "0.004"]) == 0
     run = tmp_path / "run"
+    recorded = json.loads((run / "train_config.json").read_text())
+    assert (recorded["ref_lr"], recorded["base_lr"], recorded["vae_lr"]) == (0.002, 0.003, 0.004)
     assert capsys.readouterr().out.splitlines()[-1] == (
         f"{run} holds {run / 'ref'}, {run / 'settings.json'}, {run / 'loss_curve.png'} (refany3d: 3 steps)")  # no base/
     assert json.loads((tmp_path / "run" / "train_config.json").read_text())["ref_minutes"] == 5.0
