@@ -9,13 +9,12 @@ interrupted batch resumes where it stopped.
 from __future__ import annotations
 
 import json
-import math
 import random
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from refany3d.errors import InputError
+from refany3d.errors import InputError, require_finite, require_positive_integer
 
 RUN_FILES = ("image.png", "pointmap.png", "settings.json")
 MAX_SEED = 2**63 - 1  # the largest seed torch.Generator.manual_seed takes as a signed 64-bit integer
@@ -58,14 +57,11 @@ class Job:
                 raise InputError(f"{name} must be a string, got {getattr(self, name)!r}")
         for name in ("n_views", "height", "width", "condition_size", "num_inference_steps", "max_sequence_length",
                      "candidates"):
-            if not _is_integer(getattr(self, name)) or getattr(self, name) < 1:
-                raise InputError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+            require_positive_integer(name, getattr(self, name))
         if not _is_integer(self.cache_refresh_every) or self.cache_refresh_every < 0:
             raise InputError(f"cache_refresh_every must be a whole number >= 0, got {self.cache_refresh_every!r}")
         for name in ("radius", "pitch", "y_rotation", "guidance_scale", "image_guidance_scale"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise InputError(f"{name} must be a finite number, got {value!r}")
+            require_finite(name, getattr(self, name))
         for name in ("group_mask", "pointmap_branch"):
             if not isinstance(getattr(self, name), bool):
                 raise InputError(f"{name} must be true or false, got {getattr(self, name)!r}")

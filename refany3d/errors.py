@@ -1,4 +1,8 @@
-"""Typed errors. Every failure a user can cause is one of these, with a message meant for them."""
+"""Typed errors. Every failure a user can cause is one of these, with a message meant for them;
+and the checks of numbers that settings share, which raise them."""
+
+import math
+import numbers
 
 
 class RefAny3DError(Exception):
@@ -27,3 +31,15 @@ class RenderError(RefAny3DError, RuntimeError):
 
 class GenerationStopped(RefAny3DError):
     """The person who asked for a generation stopped it (the app's Stop button, or the tab closed)."""
+
+
+def require_finite(name: str, value) -> None:
+    """InputError unless `value` is a finite real number (NumPy's too; not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise InputError(f"{name} must be a finite number, got {value!r}")
+
+
+def require_positive_integer(name: str, value) -> None:
+    """InputError unless `value` is a whole number of at least 1 (NumPy's too; not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise InputError(f"{name} must be a positive integer, got {value!r}")

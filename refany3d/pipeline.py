@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import os
 from contextlib import contextmanager
 from functools import partial
@@ -29,7 +28,7 @@ from refany3d.conditions import (
     to_rgb_image,
     unpack_latents,
 )
-from refany3d.errors import InputError, ModelLoadError
+from refany3d.errors import InputError, ModelLoadError, require_finite, require_positive_integer
 from refany3d.transformer import joint_forward, refany3d_branches, refany3d_group_mask
 
 DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
@@ -321,10 +320,8 @@ class RefAny3DPipeline:
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
         for name, value in guidance_scales.items():
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-                raise InputError(f"{name} must be a finite number, got {value!r}")
-        if isinstance(max_sequence_length, bool) or not isinstance(max_sequence_length, numbers.Integral) or max_sequence_length < 1:
-            raise InputError(f"max_sequence_length must be a positive integer, got {max_sequence_length!r}")
+            require_finite(name, value)
+        require_positive_integer("max_sequence_length", max_sequence_length)
         if len(rgb_views) == 0:
             raise InputError("at least one reference view is needed (got 0 RGB views)")
         if len(rgb_views) != len(pointmap_views):
@@ -333,16 +330,19 @@ class RefAny3DPipeline:
             )
         for name, value in (("height", height), ("width", width), ("condition_size", condition_size)):
             self._check_size(name, value)
-        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 1:
-            raise InputError(f"num_inference_steps must be a positive integer, got {steps!r}")
+        require_positive_integer("num_inference_steps", steps)
         if output_type not in ("pil", "np"):
             raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
+
+    def _own(self, name: str, value):
+        """`value`, or when it is None the model's own setting (`default_settings`; an ablation
+        flag the model does not record is True, the release's design)."""
+        return self.default_settings.get(name, True) if value is None else value
 
     def _check_size(self, name: str, value) -> None:
         """An image side the model can take: a positive multiple of its latent patch (16 for FLUX)."""
         multiple = self.flux.vae_scale_factor * 2
-        if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-            raise InputError(f"{name} must be a positive integer, got {value!r}")
+        require_positive_integer(name, value)
         if value % multiple:
             raise InputError(f"{name} must be a multiple of {multiple}, got {value}")
 
@@ -419,17 +419,15 @@ class RefAny3DPipeline:
         encoded as usual, so a seed draws the same numbers, but not shown to the model, and the
         output has no point map.
         """
-        defaults = self.default_settings
-        height = defaults["height"] if height is None else height
-        width = defaults["width"] if width is None else width
-        condition_size = defaults["condition_size"] if condition_size is None else condition_size
-        num_inference_steps = defaults["num_inference_steps"] if num_inference_steps is None else num_inference_steps
-        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        if image_guidance_scale is None:
-            image_guidance_scale = defaults["image_guidance_scale"]
-        max_sequence_length = defaults["max_sequence_length"] if max_sequence_length is None else max_sequence_length
-        group_mask = defaults.get("group_mask", True) if group_mask is None else group_mask
-        pointmap_branch = defaults.get("pointmap_branch", True) if pointmap_branch is None else pointmap_branch
+        height = self._own("height", height)
+        width = self._own("width", width)
+        condition_size = self._own("condition_size", condition_size)
+        num_inference_steps = self._own("num_inference_steps", num_inference_steps)
+        guidance_scale = self._own("guidance_scale", guidance_scale)
+        image_guidance_scale = self._own("image_guidance_scale", image_guidance_scale)
+        max_sequence_length = self._own("max_sequence_length", max_sequence_length)
+        group_mask = self._own("group_mask", group_mask)
+        pointmap_branch = self._own("pointmap_branch", pointmap_branch)
         if mode is None:
             mode = "exact" if pointmap_branch else "faithful"  # the ablation's only sampler
         if mode not in SAMPLER_MODES:
@@ -539,13 +537,12 @@ class RefAny3DPipeline:
         from refany3d.mesh import load_mesh
         from refany3d.views import render_views
 
-        n_views = self.default_settings["n_views"] if n_views is None else n_views
-        condition_size = self.default_settings["condition_size"] if condition_size is None else condition_size
+        n_views, condition_size = self._own("n_views", n_views), self._own("condition_size", condition_size)
         generators = list(generator) if isinstance(generator, (list, tuple)) else None
         if generators is not None:
             if not generators:
                 raise InputError("generator is an empty list: give one generator per candidate")
-            if call_kwargs.get("pointmap_branch", self.default_settings.get("pointmap_branch", True)) is False:
+            if self._own("pointmap_branch", call_kwargs.get("pointmap_branch")) is False:
                 raise InputError("choosing among candidates needs their point maps (pointmap_branch=False has none)")
         self._check_size("condition_size", condition_size)  # before rendering views of that size
         mesh = load_mesh(mesh_or_path) if isinstance(mesh_or_path, (str, os.PathLike)) else mesh_or_path  # loaded once
