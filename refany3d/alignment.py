@@ -563,11 +563,10 @@ def align(
     cannot be measured give a report with `measurable=False` and a reason, not an exception;
     unreadable files and invalid settings raise MeshError / InputError.
     """
-    from refany3d.mesh import load_mesh, normalization_of
+    from refany3d.mesh import as_mesh, normalization_of
     from refany3d.views import render_at
 
-    if isinstance(mesh, (str, Path)):
-        mesh = load_mesh(mesh)
+    mesh = as_mesh(mesh)
     normalization = normalization_of(mesh)
     P = as_float_image(pointmap, "point map")
     height, width = P.shape[:2]
@@ -649,10 +648,9 @@ def choose_candidate(mesh: Any, candidates: list[tuple[Any, Any]],
                      y_rotation: float = 0.0) -> tuple[int, list[AlignmentReport]]:
     """Align every (image, point map) candidate with the asset; the index of the most
     self-consistent one (`most_consistent`) and every report."""
-    from refany3d.mesh import load_mesh
+    from refany3d.mesh import as_mesh
 
-    if isinstance(mesh, (str, os.PathLike)):
-        mesh = load_mesh(mesh)  # once for every candidate
+    mesh = as_mesh(mesh)  # once for every candidate
     reports = [align(mesh, pointmap, image, y_rotation=y_rotation) for image, pointmap in candidates]
     return most_consistent(reports), reports
 
@@ -683,11 +681,10 @@ def asset_templates(mesh: Any, resolution: int = 64, azimuths=FIT_AZIMUTHS, pitc
                     renderer: Any = None) -> AssetTemplates:
     """Render the templates of `mesh` (a trimesh mesh or a path) once; fit them to many images."""
     from refany3d.cameras import orbit_camera
-    from refany3d.mesh import load_mesh
+    from refany3d.mesh import as_mesh
     from refany3d.views import render_at
 
-    if isinstance(mesh, (str, Path)):
-        mesh = load_mesh(mesh)
+    mesh = as_mesh(mesh)
     fov = _FIT_FOV_DEG
     radius = _FIT_SPHERE / math.tan(math.radians(fov) / 2.0)
     directions = [(float(a), float(p)) for p in pitches for a in azimuths]
@@ -803,9 +800,9 @@ def align_runs(directory: str | Path, mesh: str | os.PathLike | Any | None = Non
     run's own mesh is loaded once for all runs that use it; a run that cannot be read becomes a
     not-measurable report with the reason, so one bad folder does not stop the batch.
     """
-    from refany3d.mesh import load_mesh
+    from refany3d.mesh import as_mesh, load_mesh
 
-    given = load_mesh(mesh) if isinstance(mesh, (str, os.PathLike)) else mesh
+    given = None if mesh is None else as_mesh(mesh)
 
     directory = Path(directory)
     if not directory.is_dir():

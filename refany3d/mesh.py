@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import re
 import tempfile
 import zipfile
@@ -21,7 +22,7 @@ import numpy as np
 import trimesh
 from PIL import Image
 
-from refany3d.errors import MeshError
+from refany3d.errors import InputError, MeshError
 
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 DEFAULT_MAX_FACES = 2_000_000
@@ -364,16 +365,66 @@ def _load_scene(path: Path) -> trimesh.Scene:
     return loaded
 
 
+def _find_beside(folder: Path, name: str) -> Path | None:
+    """The file an OBJ or MTL names, found as trimesh finds it: as given, without a leading "/", or
+    by its base name, in the OBJ's folder (trimesh.resolvers.FilePathResolver's rule)."""
+    name = name.strip()
+    found = [folder / c for c in (name, name.lstrip("/"), Path(name).name) if c and (folder / c).is_file()]
+    return found[0] if found else None
+
+
+def _missing_obj_files(path: Path) -> list[str]:
+    """The .mtl an OBJ names, or the textures that .mtl names, where trimesh will not find them.
+
+    trimesh skips what it cannot find, and the asset then renders grey or, with a white material,
+    white on the white background: the appearance the model is asked to keep would be lost unsaid.
+    Names are read as trimesh reads them: the rest of the first `mtllib` line, of each `map_Kd` line.
+    """
+    library = re.search(rb"mtllib([^\n]*)", path.read_bytes())
+    if library is None:
+        return []
+    mtl_name = library.group(1).decode("utf-8", "replace").strip()
+    mtl = _find_beside(path.parent, mtl_name)
+    if mtl is None:
+        return [mtl_name]
+    textures = re.findall(rb"map_kd([^\n]*)", mtl.read_bytes(), re.IGNORECASE)
+    return [name for name in (t.decode("utf-8", "replace").strip() for t in textures)
+            if name and _find_beside(path.parent, name) is None]
+
+
 def _load_file(path: Path, max_faces: int) -> trimesh.Trimesh:
-    scene = _load_scene(path)
+    if path.suffix.lower() == ".obj" and (missing := _missing_obj_files(path)):
+        raise MeshError(f"{path.name} refers to {', '.join(missing)}, which is not beside it: give a .zip of "
+                        f"{path.name} with its .mtl and textures, or remove the reference from the file")
+    return prepare_mesh(_load_scene(path), max_faces, name=path.name)
+
+
+_PREPARED = "refany3d_prepared"  # metadata key of meshes that went through prepare_mesh
+
+
+def prepare_mesh(mesh: trimesh.Trimesh | trimesh.Scene, max_faces: int = DEFAULT_MAX_FACES,
+                 name: str | None = None) -> trimesh.Trimesh:
+    """One checked mesh with one appearance, from a trimesh mesh or scene: what `load_mesh` returns.
+
+    Scene node transforms are applied and every part's appearance folded into one texture atlas
+    or vertex colours, the two kinds the renderer draws. Raises MeshError for an object without
+    faces, with NaN or infinite coordinates, of zero size, or over `max_faces`; `name` is the
+    file it was read from, for those messages. A mesh this returned is returned as it is.
+    """
+    if isinstance(mesh, trimesh.Trimesh) and mesh.metadata.get(_PREPARED):
+        return mesh
+    if isinstance(mesh, trimesh.Scene):
+        placed = [(mesh.graph[node][0], mesh.geometry.get(mesh.graph[node][1])) for node in mesh.graph.nodes_geometry]
+    elif isinstance(mesh, trimesh.parent.Geometry):
+        placed = [(np.eye(4), mesh)]
+    else:
+        raise MeshError(f"expected a trimesh mesh or scene, got {type(mesh).__name__}")
     parts: list[_Part] = []
     n_faces = 0
     skipped = 0
-    for node in scene.graph.nodes_geometry:
-        transform, geom_name = scene.graph[node]
-        geom = scene.geometry.get(geom_name)
+    for transform, geom in placed:
         if not isinstance(geom, trimesh.Trimesh) or len(geom.faces) == 0:
-            skipped += 1
+            skipped += len(getattr(geom, "vertices", ())) > 0  # points or lines, not nothing
             continue
         n_faces += len(geom.faces)
         if n_faces > max_faces:
@@ -383,11 +434,13 @@ def _load_file(path: Path, max_faces: int) -> trimesh.Trimesh:
         parts.append(_part_from_geometry(geom, transform))
     if not parts:
         what = "a point cloud or lines" if skipped else "empty"
-        raise MeshError(f"{path.name} has no faces ({what}); a surface mesh is needed")
-    mesh = _merge_parts(parts)
-    mesh.remove_unreferenced_vertices()
-    normalization_of(mesh)  # raises on a zero-size object
-    return mesh
+        misread = f", or the file is not valid {Path(name).suffix[1:].upper()}" if name and not skipped else ""
+        raise MeshError(f"{name or 'the mesh'} has no faces ({what}); a surface mesh is needed{misread}")
+    merged = _merge_parts(parts)
+    merged.remove_unreferenced_vertices()
+    normalization_of(merged)  # raises on a zero-size object
+    merged.metadata[_PREPARED] = True
+    return merged
 
 
 def load_mesh(
@@ -416,3 +469,12 @@ def load_mesh(
         known = ", ".join(s[1:].upper() for s in MESH_SUFFIXES)
         raise MeshError(f"unsupported mesh format {suffix or '(no extension)'!r}; use {known} or a .zip")
     return _load_file(path, max_faces)
+
+
+def as_mesh(mesh_or_path: trimesh.Trimesh | trimesh.Scene | str | os.PathLike) -> trimesh.Trimesh:
+    """The checked, merged mesh of a path (`load_mesh`) or of a trimesh object (`prepare_mesh`)."""
+    if isinstance(mesh_or_path, (trimesh.parent.Geometry, trimesh.Scene)):
+        return prepare_mesh(mesh_or_path)
+    if isinstance(mesh_or_path, (str, os.PathLike)):
+        return load_mesh(mesh_or_path)
+    raise InputError(f"expected a mesh or a path to one, got {type(mesh_or_path).__name__}")

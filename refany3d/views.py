@@ -23,7 +23,7 @@ from PIL import Image
 
 from refany3d.cameras import Camera, orbit_camera, reference_azimuths
 from refany3d.errors import InputError, RenderError
-from refany3d.mesh import Normalization, load_mesh, normalization_of
+from refany3d.mesh import Normalization, as_mesh, normalization_of
 
 MAX_RESOLUTION = 4096
 
@@ -150,11 +150,21 @@ def contact_sheet(rows: list[list[Image.Image]], tile: int = 256, columns: int =
 # --------------------------------------------------------------------------------------------
 
 
-def _pyrender_mesh(mesh: trimesh.Trimesh) -> pyrender.Mesh:
-    """Unlit-ready primitive: one texture (bilinear, clamped: it is an atlas) or vertex colours."""
-    positions = np.asarray(mesh.vertices, dtype=np.float32)
-    indices = np.asarray(mesh.faces, dtype=np.uint32)
+def _pyrender_mesh(mesh: trimesh.Trimesh, norm: Normalization) -> pyrender.Mesh:
+    """Unlit-ready primitive in the normalized frame: one texture (bilinear, clamped: it is an atlas)
+    or vertex colours.
+
+    Vertices are normalized in float64 before the GPU's float32: a scan placed far from the origin
+    (1e6 units) would otherwise lose its shape to rounding. Every face is also listed reversed and
+    culling keeps whichever copy faces the camera, so both sides are drawn in every pass: pyrender
+    always culls back faces in the pass that gives depth, whatever the material says, and would
+    drop open surfaces seen from behind and the sides of meshes wound inside out.
+    """
+    positions = norm.to_normalized(np.asarray(mesh.vertices, dtype=np.float64)).astype(np.float32)
+    faces = np.asarray(mesh.faces, dtype=np.uint32)
+    indices = np.concatenate([faces, faces[:, ::-1]])
     visual = mesh.visual
+    material_options = dict(baseColorFactor=[1.0, 1.0, 1.0, 1.0], doubleSided=False)
     if isinstance(visual, trimesh.visual.TextureVisuals) and visual.uv is not None:
         image = np.asarray(visual.material.baseColorTexture.convert("RGB"), dtype=np.uint8)
         sampler = pyrender.Sampler(
@@ -162,9 +172,7 @@ def _pyrender_mesh(mesh: trimesh.Trimesh) -> pyrender.Mesh:
             wrapS=GLTF.CLAMP_TO_EDGE, wrapT=GLTF.CLAMP_TO_EDGE,
         )
         texture = pyrender.Texture(source=image, source_channels="RGB", sampler=sampler)
-        material = pyrender.MetallicRoughnessMaterial(
-            baseColorTexture=texture, baseColorFactor=[1.0, 1.0, 1.0, 1.0], doubleSided=True
-        )
+        material = pyrender.MetallicRoughnessMaterial(baseColorTexture=texture, **material_options)
         primitive = pyrender.Primitive(
             positions=positions, indices=indices, material=material,
             texcoord_0=np.asarray(visual.uv, dtype=np.float32),
@@ -172,7 +180,7 @@ def _pyrender_mesh(mesh: trimesh.Trimesh) -> pyrender.Mesh:
     else:
         colors = np.asarray(visual.vertex_colors, dtype=np.float32)[:, :3] / 255.0
         colors = np.concatenate([colors, np.ones((len(colors), 1), np.float32)], axis=1)
-        material = pyrender.MetallicRoughnessMaterial(baseColorFactor=[1.0, 1.0, 1.0, 1.0], doubleSided=True)
+        material = pyrender.MetallicRoughnessMaterial(**material_options)
         primitive = pyrender.Primitive(positions=positions, indices=indices, material=material, color_0=colors)
     return pyrender.Mesh(primitives=[primitive])
 
@@ -209,14 +217,15 @@ class Renderer:
         if self._mesh_ref is None or self._mesh_ref() is not mesh:
             self._normalization = normalization_of(mesh)
             scene = pyrender.Scene(bg_color=[1.0, 1.0, 1.0, 1.0], ambient_light=[1.0, 1.0, 1.0])
-            self._mesh_node = scene.add(_pyrender_mesh(mesh))
+            self._mesh_node = scene.add(_pyrender_mesh(mesh, self._normalization))
             self._camera_node = scene.add(pyrender.IntrinsicsCamera(1.0, 1.0, 0.0, 0.0))
             self._scene = scene
             self._mesh_ref = weakref.ref(mesh)
         norm = normalization or self._normalization
+        own = self._normalization  # the GPU holds the mesh normalized by its own; move it to `norm`'s
         pose = np.eye(4)
-        pose[:3, :3] *= norm.scale
-        pose[:3, 3] = -norm.center * norm.scale
+        pose[:3, :3] *= norm.scale / own.scale
+        pose[:3, 3] = (own.center - norm.center) * norm.scale
         self._scene.set_pose(self._mesh_node, pose)
         return norm
 
@@ -284,14 +293,6 @@ def thread_renderer() -> Renderer:
 # --------------------------------------------------------------------------------------------
 
 
-def _as_mesh(mesh_or_path: trimesh.Trimesh | str | os.PathLike) -> tuple[trimesh.Trimesh, str | None]:
-    if isinstance(mesh_or_path, trimesh.Trimesh):
-        return mesh_or_path, None
-    if isinstance(mesh_or_path, (str, os.PathLike)):
-        return load_mesh(mesh_or_path), str(mesh_or_path)
-    raise InputError(f"expected a mesh or a path to one, got {type(mesh_or_path).__name__}")
-
-
 def _check_number(name: str, value: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
         raise InputError(f"{name} must be a finite number, got {value!r}")
@@ -299,20 +300,20 @@ def _check_number(name: str, value: float) -> float:
 
 
 def render_at(
-    mesh_or_path: trimesh.Trimesh | str | os.PathLike,
+    mesh_or_path: trimesh.Trimesh | trimesh.Scene | str | os.PathLike,
     camera: Camera,
     y_rotation: float = 0.0,
     normalization: Normalization | None = None,
     renderer: Renderer | None = None,
 ) -> RenderedView:
     """Render one view at any camera (any intrinsics, off-centre principal point, fx != fy)."""
-    mesh, _ = _as_mesh(mesh_or_path)
+    mesh = as_mesh(mesh_or_path)
     y_rotation = _check_number("y_rotation", y_rotation)
     return (renderer or thread_renderer()).render(mesh, camera, y_rotation, normalization)
 
 
 def render_views(
-    mesh_or_path: trimesh.Trimesh | str | os.PathLike,
+    mesh_or_path: trimesh.Trimesh | trimesh.Scene | str | os.PathLike,
     n_views: int = 8,
     resolution: int = 512,
     radius: float = 4.0,
@@ -332,7 +333,7 @@ def render_views(
     cameras = [orbit_camera(a, pitch, radius, resolution) for a in azimuths]
     if radius <= math.sqrt(3.0) + cameras[0].znear:
         raise InputError(f"radius must exceed {math.sqrt(3) + 0.1:.2f} so the camera is outside the object")
-    mesh, source = _as_mesh(mesh_or_path)
+    mesh = as_mesh(mesh_or_path)
     renderer = renderer or thread_renderer()
     views = [renderer.render(mesh, cam, y_rotation) for cam in cameras]
     return ReferenceViews(
@@ -346,5 +347,5 @@ def render_views(
         pitch=pitch,
         radius=radius,
         y_rotation=y_rotation,
-        source=source,
+        source=str(mesh_or_path) if isinstance(mesh_or_path, (str, os.PathLike)) else None,
     )

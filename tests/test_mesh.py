@@ -82,6 +82,26 @@ def test_obj_with_mtl_texture_whose_name_has_spaces(tmp_path):
     assert (atlas == (10, 20, 30)).all(axis=-1).mean() > 0.5
 
 
+@pytest.mark.parametrize("missing", ["chair.mtl", "wood grain.png"])
+def test_obj_whose_material_or_texture_is_not_beside_it_is_refused(tmp_path, missing):
+    """trimesh drops what it cannot find, and a white material would render white on white."""
+    Image.fromarray(np.full((4, 4, 3), 90, np.uint8)).save(tmp_path / "wood grain.png")
+    write(tmp_path / "chair.mtl", "newmtl wood\nKd 1 1 1\nmap_Kd wood grain.png\n")
+    obj = write(tmp_path / "chair.obj", "mtllib chair.mtl\nusemtl wood\n" + CUBE_OBJ)
+    assert isinstance(load_mesh(obj).visual, trimesh.visual.ColorVisuals)  # whole: loads (no uv: its Kd)
+    (tmp_path / missing).unlink()
+    with pytest.raises(MeshError, match=f"chair.obj refers to {missing}, which is not beside it: give a .zip of "
+                                        "chair.obj with its .mtl and textures"):
+        load_mesh(obj)
+
+
+def test_a_file_in_another_format_says_it_may_not_be_that_format(tmp_path):
+    glb_bytes = box_mesh().export(file_type="glb")
+    with pytest.raises(MeshError, match=r"box.obj has no faces \(empty\); a surface mesh is needed, "
+                                        r"or the file is not valid OBJ"):
+        load_mesh(write(tmp_path / "box.obj", glb_bytes))
+
+
 def test_obj_material_diffuse_colour(tmp_path):
     write(tmp_path / "m.mtl", "newmtl red\nKd 1 0 0\n")
     mesh = load_mesh(write(tmp_path / "m.obj", "mtllib m.mtl\nusemtl red\n" + CUBE_OBJ))

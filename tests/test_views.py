@@ -167,6 +167,85 @@ def test_point_map_is_exact_surface_even_at_silhouettes(renderer):
     assert edge.sum() > 10
 
 
+def _recovered_points_sit_on_their_pixels(view, norm, camera) -> np.ndarray:
+    own = norm.own_from_pointmap(view.pointmap_xyz[view.mask])
+    rows, cols = np.nonzero(view.mask)
+    np.testing.assert_allclose(camera.project(norm.to_normalized(own)), np.stack([cols, rows], 1), atol=0.02)
+    return own
+
+
+def test_surfaces_seen_from_behind_are_in_the_point_map(renderer):
+    """pyrender culls back faces in its depth pass: an open surface seen from behind, and a box
+    wound inside out, must still be measured where the RGB view shows them."""
+    box = colored_box()
+    inside_out = trimesh.Trimesh(box.vertices, box.faces[:, ::-1], vertex_colors=box.visual.vertex_colors,
+                                 process=False)
+    camera = orbit_camera(33.0, 27.0, resolution=64)
+    normal, flipped = renderer.render(box, camera), renderer.render(inside_out, camera)
+    assert normal.mask.sum() > 500
+    np.testing.assert_array_equal(flipped.mask, normal.mask)
+    np.testing.assert_array_equal(flipped.rgb, normal.rgb)
+    np.testing.assert_allclose(flipped.pointmap_xyz, normal.pointmap_xyz, atol=1e-6)
+
+    # two sides of the box (+x, +y) only, looked at from the -x, -y side: both from behind
+    keep = [i for i, (axis, sign) in enumerate(SIDE_COLORS) if sign == 1 and axis < 2]
+    faces = box.faces.reshape(6, 2, 3)[keep].reshape(-1, 3)
+    open_box = trimesh.Trimesh(box.vertices, faces, vertex_colors=box.visual.vertex_colors, process=False)
+    behind = Camera(pose=look_at((-3.0, -2.0, -2.5)), fx=60.0, fy=60.0, cx=31.5, cy=31.5, width=64, height=64)
+    view = renderer.render(open_box, behind)
+    drawn = (view.rgb != 255).any(axis=-1)
+    assert drawn.sum() > 300
+    # the mask is the drawn area (up to silhouette pixels the multisampled RGB pass blends)
+    assert (view.mask != drawn).sum() <= 0.1 * drawn.sum()
+    own = _recovered_points_sit_on_their_pixels(view, normalization_of(open_box), behind)
+    assert (np.isclose(own[:, 0], 1.0, atol=2e-4) | np.isclose(own[:, 1], 1.0, atol=2e-4)).all()
+
+
+def test_a_mesh_far_from_the_origin_keeps_its_shape(renderer):
+    """Coordinates are normalized in float64 before the GPU's float32: a scan placed millions of
+    units out (float32 steps of 0.25 there) keeps its shape."""
+    camera = orbit_camera(33.0, 27.0, resolution=64)
+    sphere = trimesh.creation.icosphere(subdivisions=3)
+    near = renderer.render(sphere, camera)
+    far_sphere = trimesh.Trimesh(sphere.vertices + (3.3e6, -1.7e6, 2.9e6), sphere.faces, process=False)
+    far = renderer.render(far_sphere, camera)
+    assert (far.mask != near.mask).sum() <= 2
+    both = far.mask & near.mask
+    np.testing.assert_allclose(far.pointmap_xyz[both], near.pointmap_xyz[both], atol=1e-4)
+
+
+def test_trimesh_objects_render_as_their_files_do(box_glb):
+    """A mesh or scene from trimesh is checked and folded into one appearance as a loaded file is."""
+    from refany3d.errors import MeshError
+
+    from_file = render_views(box_glb, n_views=2, resolution=48)
+    from_scene = render_views(trimesh.load_scene(box_glb), n_views=2, resolution=48)
+    for a, b in zip(from_file.rgb + from_file.pointmap, from_scene.rgb + from_scene.pointmap):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    box = trimesh.creation.box(extents=(2, 2, 2))  # an OBJ-style material with a texture: drawn green
+    green = Image.fromarray(np.full((8, 8, 3), (20, 180, 40), np.uint8))
+    box.visual = trimesh.visual.TextureVisuals(uv=np.full((len(box.vertices), 2), 0.5),
+                                               material=trimesh.visual.material.SimpleMaterial(image=green))
+    views = render_views(box, n_views=1, resolution=48)
+    assert (np.asarray(views.rgb[0])[views.masks[0]] == (20, 180, 40)).all(axis=-1).mean() > 0.9
+
+    faces = trimesh.creation.box(extents=(2, 2, 2))  # one colour per face stays one colour per face
+    palette = np.random.default_rng(0).integers(0, 256, (len(faces.faces), 3))
+    faces.visual.face_colors = np.concatenate([palette, np.full((len(palette), 1), 255)], axis=1).astype(np.uint8)
+    views = render_views(faces, n_views=1, resolution=48)
+    pixels = np.asarray(views.rgb[0])[views.masks[0]]
+    assert (pixels[:, None, :] == palette[None]).all(axis=-1).any(axis=1).mean() > 0.8
+
+    nan_box = trimesh.creation.box()
+    nan_box.vertices[0] = np.nan
+    for bad, message in [(trimesh.Trimesh(), "no faces \\(empty\\)"),
+                         (trimesh.PointCloud(np.random.default_rng(0).random((9, 3))), "no faces \\(a point cloud"),
+                         (trimesh.Trimesh(nan_box.vertices, nan_box.faces, process=False), "NaN or infinite")]:
+        with pytest.raises(MeshError, match=message):
+            render_views(bad, n_views=1, resolution=32)
+
+
 def test_views_follow_azimuth_order_and_pitch(box_glb):
     views = render_views(box_glb, n_views=4, resolution=32)
     assert views.azimuths == [0.0, 90.0, 180.0, 270.0]
