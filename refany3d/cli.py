@@ -8,8 +8,10 @@ status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 from refany3d.errors import RefAny3DError
 
@@ -55,7 +57,8 @@ def _add_generate(sub) -> None:
     p.add_argument("mesh", nargs="?", help="mesh file (GLB, glTF, OBJ, PLY, STL, OFF or a .zip)")
     p.add_argument("--prompt", help="what the scene should show")
     p.add_argument("--out", required=True, help="output folder (a batch writes one subfolder per job)")
-    p.add_argument("--jobs", help="JSONL file, one job per line: {\"mesh\": ..., \"prompt\": ..., \"seed\": ...}")
+    p.add_argument("--jobs", help="JSONL file, one job per line: {\"mesh\": ..., \"prompt\": ..., \"seed\": ...}; "
+                   "a relative mesh path is read from the jobs file's folder")
     p.add_argument("--seed", type=int, help="random seed (default: a random one, recorded in settings.json)")
     p.add_argument("--candidates", type=int, help="sample K seeds (seed, seed+1, ...) and keep the one whose point map "
                    "is the most rigid view of the mesh (default 1; settings.json records the chosen seed)")
@@ -98,9 +101,22 @@ def _add_generate(sub) -> None:
     p.set_defaults(run=_run_generate)
 
 
+@contextmanager
+def _output_folder(path: str):
+    """Create `path` before the model loads, and remove it again if the command fails before
+    writing into it, so a failed run leaves no empty folder behind."""
+    created = not os.path.isdir(path)
+    os.makedirs(path, exist_ok=True)
+    try:
+        yield
+    except BaseException:
+        if created and os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+        raise
+
+
 def _run_generate(args) -> int:
     import json
-    import os
     from dataclasses import fields
 
     from tqdm.auto import tqdm
@@ -125,27 +141,26 @@ def _run_generate(args) -> int:
     for job in jobs:  # before the model loads, which can take minutes
         if not os.path.isfile(job.mesh):
             raise InputError(f"mesh file not found: {job.mesh}")
-    os.makedirs(args.out, exist_ok=True)  # an unwritable --out fails now, not after sampling
+    with _output_folder(args.out):  # an unwritable --out fails now, not after sampling
+        from accelerate import PartialState
 
-    from accelerate import PartialState
-
-    state = PartialState(cpu=args.device == "cpu")
-    device = args.device if args.device and state.num_processes == 1 else state.device
-    pipe = RefAny3DPipeline.from_pretrained(base, ref, device=device, cpu_offload=args.cpu_offload)
-    pipe.enable_compile(args.compile)
-    if args.jobs:
-        run_jobs(pipe, jobs, args.out, state.process_index, state.num_processes,
-                 log=lambda line: print(f"[process {state.process_index}] {line}"))
+        state = PartialState(cpu=args.device == "cpu")
+        device = args.device if args.device and state.num_processes == 1 else state.device
+        pipe = RefAny3DPipeline.from_pretrained(base, ref, device=device, cpu_offload=args.cpu_offload)
+        pipe.enable_compile(args.compile)
+        if args.jobs:
+            run_jobs(pipe, jobs, args.out, state.process_index, state.num_processes,
+                     log=lambda line: print(f"[process {state.process_index}] {line}"))
+            return 0
+        job = jobs[0]
+        with tqdm(total=job.num_inference_steps * job.candidates, desc="sampling", unit="step") as bar:
+            folder = run_job(pipe, job, args.out, callback=lambda step, total: bar.update(1))
+        written = [name for name in ("image.png", "pointmap.png", "settings.json") if (folder / name).is_file()]
+        print("wrote " + ", ".join(str(folder / name) for name in written))
+        if job.candidates > 1:
+            settings = json.loads((folder / "settings.json").read_text())["settings"]
+            print(f"kept seed {settings['chosen_seed']}, the most rigid of {job.candidates} candidates")
         return 0
-    job = jobs[0]
-    with tqdm(total=job.num_inference_steps * job.candidates, desc="sampling", unit="step") as bar:
-        folder = run_job(pipe, job, args.out, callback=lambda step, total: bar.update(1))
-    written = [name for name in ("image.png", "pointmap.png", "settings.json") if (folder / name).is_file()]
-    print("wrote " + ", ".join(str(folder / name) for name in written))
-    if job.candidates > 1:
-        settings = json.loads((folder / "settings.json").read_text())["settings"]
-        print(f"kept seed {settings['chosen_seed']}, the most rigid of {job.candidates} candidates")
-    return 0
 
 
 _SUBCOMMANDS.append(_add_generate)

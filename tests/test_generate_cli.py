@@ -171,6 +171,7 @@ def test_bad_generate_input_is_one_line_and_exit_2(argv, message, tmp_path):
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0]
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "x").exists()  # a failed run leaves no empty output folder behind
 
 
 def test_unreadable_mesh_is_a_clear_error(model_args, tmp_path, capsys):
