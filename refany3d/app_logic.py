@@ -381,6 +381,35 @@ SETTING_FIELDS = [f for f in GenerationSettings.__dataclass_fields__]
 MAX_SEED = 2**32 - 1
 
 
+# ------------------------------------------------------------------------------- number inputs
+def _number_as_given(payload: Any, precision: int | None) -> Any:
+    """A number input's value, rounded as Gradio rounds it but not range-checked."""
+    if isinstance(payload, (int, float)) and not isinstance(payload, bool):
+        return gr.Number.round_to_precision(payload, precision)
+    return payload
+
+
+class RangeCheckedSlider(gr.Slider):
+    """A slider whose range is checked by its events' validators rather than by Gradio's
+    preprocessing, which runs first and answers an API client's out-of-range value with a bare
+    "400 Bad Request" (gradio_client shows no message); a validator's answer names the setting
+    and its range. Drawn as a plain slider (`is_template`)."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        return _number_as_given(payload, self.precision)
+
+
+class RangeCheckedNumber(gr.Number):
+    """A number box checked like `RangeCheckedSlider`."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        return _number_as_given(payload, self.precision)
+
+
 def _is_integer(value: Any) -> bool:
     return isinstance(value, (int, np.integer, float)) and not isinstance(value, bool) and float(value).is_integer()
 
@@ -416,6 +445,20 @@ def resolution_limit(config: AppConfig, spec: ModelSpec) -> int:
     return max(MIN_RESOLUTION, min(config.max_resolution, MAX_UPSCALE * native) // 16 * 16)
 
 
+def view_problems(n_views: Any, radius: Any, pitch: Any, y_rotation: Any, config: AppConfig) -> dict[str, str]:
+    """Field name -> what is wrong with it, for the reference views' settings."""
+    problems: dict[str, str] = {}
+    if not _is_integer(n_views) or not 1 <= n_views <= config.max_views:
+        problems["n_views"] = f"number of views must be a whole number from 1 to {config.max_views}"
+    if not _is_finite(radius) or not 2.0 <= radius <= 10.0:
+        problems["radius"] = "camera radius must be between 2 and 10"
+    if not _is_finite(pitch) or not -89.0 <= pitch <= 89.0:
+        problems["pitch"] = "pitch must be between -89 and 89 degrees"
+    if not _is_finite(y_rotation) or not -360.0 <= y_rotation <= 360.0:
+        problems["y_rotation"] = "y rotation must be between -360 and 360 degrees"
+    return problems
+
+
 def settings_problems(s: GenerationSettings, config: AppConfig, registry: Mapping[str, ModelSpec]) -> dict[str, str]:
     """Field name -> what is wrong with it. Empty when every setting is usable."""
     problems: dict[str, str] = {}
@@ -423,14 +466,7 @@ def settings_problems(s: GenerationSettings, config: AppConfig, registry: Mappin
         problems["prompt"] = "write a prompt describing the scene"
     elif len(s.prompt) > 2000:
         problems["prompt"] = "the prompt is longer than 2000 characters"
-    if not _is_integer(s.n_views) or not 1 <= s.n_views <= config.max_views:
-        problems["n_views"] = f"number of views must be a whole number from 1 to {config.max_views}"
-    if not _is_finite(s.radius) or not 2.0 <= s.radius <= 10.0:
-        problems["radius"] = "camera radius must be between 2 and 10"
-    if not _is_finite(s.pitch) or not -89.0 <= s.pitch <= 89.0:
-        problems["pitch"] = "pitch must be between -89 and 89 degrees"
-    if not _is_finite(s.y_rotation) or not -360.0 <= s.y_rotation <= 360.0:
-        problems["y_rotation"] = "y rotation must be between -360 and 360 degrees"
+    problems.update(view_problems(s.n_views, s.radius, s.pitch, s.y_rotation, config))
     if not s.randomize_seed and (not _is_integer(s.seed) or not 0 <= s.seed <= MAX_SEED):
         problems["seed"] = f"seed must be a whole number from 0 to {MAX_SEED}"
     elif not s.randomize_seed and _is_integer(s.candidates) and s.seed + s.candidates - 1 > MAX_SEED:
@@ -691,8 +727,9 @@ def preview_views(mesh_path: str | None, n_views: int, radius: float, pitch: flo
     problem = mesh_problem(mesh_path, service.config)
     if problem:
         raise MeshError(problem)
-    if not _is_integer(n_views) or not 1 <= n_views <= service.config.max_views:
-        raise InputError(f"number of views must be a whole number from 1 to {service.config.max_views}")
+    problems = view_problems(n_views, radius, pitch, y_rotation, service.config)
+    if problems:
+        raise InputError("; ".join(problems.values()))
     views = render_views(service.load_mesh(mesh_path), int(n_views), PREVIEW_RESOLUTION,
                          float(radius), float(pitch), float(y_rotation))
     gallery: list[tuple[Any, str]] = []
@@ -1074,6 +1111,14 @@ def validate_generation(mesh_path, prompt, n_views, radius, pitch, y_rotation, s
     verdicts += [gr.validate(name not in problems, problems.get(name, "")) for name in SETTING_FIELDS]
     verdicts.append(gr.validate(True, ""))  # show_asset is a display toggle
     return verdicts
+
+
+def validate_views(mesh_path, n_views, radius, pitch, y_rotation):
+    """Gradio `validator=` of the views preview: one gr.validate per input."""
+    problems = view_problems(n_views, radius, pitch, y_rotation, get_service().config)
+    verdicts = [gr.validate(True, "")]  # the mesh: the preview names its problems itself
+    return verdicts + [gr.validate(name not in problems, problems.get(name, ""))
+                       for name in ("n_views", "radius", "pitch", "y_rotation")]
 
 
 STOPPED = "Stopped: the generation ends after its current step."

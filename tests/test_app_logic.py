@@ -177,6 +177,26 @@ def test_validator_gives_one_verdict_per_input(service):
     assert "candidates must be a whole number from 1 to 4" in failed[13]
 
 
+def test_views_validator_names_each_view_setting(service):
+    service(logic.AppConfig())
+    verdicts = logic.validate_views(None, 0, 50.0, 0.0, float("nan"))
+    assert [v["is_valid"] for v in verdicts] == [True, False, False, True, False]  # mesh, views, radius, pitch, y
+    messages = [v["message"] for v in verdicts]
+    assert "number of views must be a whole number from 1 to" in messages[1]
+    assert messages[2] == "camera radius must be between 2 and 10"
+    assert messages[4] == "y rotation must be between -360 and 360 degrees"
+
+
+def test_number_inputs_leave_their_ranges_to_the_validators():
+    """Gradio's own range check answers gradio_client with a bare 400; these pass the value on."""
+    slider = logic.RangeCheckedSlider(1, 10, value=5, step=1)
+    number = logic.RangeCheckedNumber(value=3, precision=0, minimum=0, maximum=9)
+    assert slider.preprocess(50) == 50 and number.preprocess(-3.4) == -3 and number.preprocess("x") == "x"
+    with pytest.raises(gr.Error, match="greater than maximum"):
+        gr.Slider(1, 10, value=5, step=1).preprocess(50)
+    assert (slider.get_block_name(), number.get_block_name()) == ("slider", "number")  # drawn as Gradio's
+
+
 # ------------------------------------------------------------------------------------- models
 def test_model_loads_once_for_concurrent_requests():
     calls = []

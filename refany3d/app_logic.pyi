@@ -1,0 +1,1159 @@
+"""The work behind the Gradio app: configuration, models, sessions, validation, handlers.
+
+`app.py` only lays out and wires the UI; every handler it wires lives here, so the same logic
+serves the browser, the `gradio_client` API and tests. The parts:
+
+- `AppConfig`: limits and model locations from environment variables (README "App configuration").
+- `ModelStore`: loads a pipeline once per process, lazily and thread-safe; models are named in a
+  registry (name -> base, ref) so more (an embedded default) can be added without UI changes.
+- `SessionFolders`: one private temporary folder per browser session, deleted when it ends.
+- handlers: mesh display, reference-view preview, generation (CPU work around one GPU call),
+  alignment analysis of a generation (CPU), each turning every expected failure into a `gr.Error`
+  with a message meant for the visitor.
+"""
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from functools import wraps
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+import numpy as np
+import spaces
+
+from refany3d.errors import GenerationStopped, InputError, MeshError, ModelLoadError, RefAny3DError
+from refany3d.examples import EXAMPLES_DIR
+
+PAPER_URL = "https://arxiv.org/abs/2601.22094"
+PROJECT_URL = "https://judgementh.github.io/RefAny3D"
+DEFAULT_PROMPT = "a photo of the object on a wooden table in a sunlit room"
+PREVIEW_RESOLUTION = 192  # the preview gallery only needs thumbnails; rendering stays interactive
+MAX_CONDITION_SIZE = 512  # the release's reference-view size; larger outputs reuse it
+MESH_UPLOAD_TYPES = [".glb", ".gltf", ".obj", ".ply", ".stl", ".off", ".zip"]
+PUBLISHED_MODEL = "published"
+EMBEDDED_MODEL = "embedded"
+CONFIGURED_MODEL = "configured"
+SAMPLERS = ("faithful", "exact", "cached")  # RefAny3DPipeline modes; exact = faithful output, faster
+EXAMPLES_SESSION = "examples"  # the folder cached example outputs are written to
+DEFAULT_RADIUS = 4.0
+DEFAULT_GUIDANCE = 3.5
+DEFAULT_IMAGE_GUIDANCE = 2.0
+MIN_RESOLUTION = 64
+MAX_UPSCALE = 4  # the largest output a model is offered, as a multiple of the size it was trained at
+APP_CSS = """
+#title { margin-bottom: 0; }
+#status { min-height: 1.5em; }
+/* on a phone the views gallery scrolls within its column instead of widening the page */
+#views-gallery { max-width: 100%; overflow-x: auto; }
+/* a small model's 64 px result fills its box, with sharp pixels instead of a blur */
+#result-image img, #result-pointmap img, #alignment-overlay img {
+  width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
+}
+"""
+
+
+def _env(environ: Mapping[str, str], name: str, default: str) -> str:
+    value = environ.get(name, "").strip()
+    return value or default
+
+
+def _env_number(environ: Mapping[str, str], name: str, default: float, cast: type = int):
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return cast(raw)
+    except ValueError:
+        raise InputError(f"environment variable {name}={raw!r} is not a valid {cast.__name__}") from None
+
+
+def _env_flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise InputError(f"environment variable {name}={raw!r} must be 1/0, true/false, yes/no or on/off")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where one selectable model's weights are: a FLUX base and RefAny3D weights (ids or folders)."""
+
+    label: str
+    base_model: str
+    ref_model: str
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Everything an operator can set through environment variables (see README)."""
+
+    base_model: str | None = None  # set: a "configured" model comes first in the registry
+    ref_model: str | None = None
+    device: str | None = None
+    sampler: str = "exact"
+    cpu_offload: bool = False
+    preload: bool = False
+    max_upload_mb: int = 50
+    max_faces: int = 1_000_000
+    max_resolution: int = 1024
+    max_steps: int = 50
+    max_views: int = 12
+    max_candidates: int = 4
+    default_resolution: int = 512
+    default_steps: int = 28
+    default_views: int = 8
+    condition_ratio: float = 1.0  # reference-view size / output size the default model was trained with
+    concurrency: int = 1
+    session_ttl_s: int = 6 * 3600
+    gpu_duration_cap_s: int = 120
+    gpu_tflops: float = 300.0
+    cache_examples: bool = True
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> AppConfig:
+        from refany3d.pipeline import default_model, recommended_settings
+
+        env = os.environ if environ is None else environ
+        on_space = bool(env.get("SPACE_ID"))
+        # Starting values follow what the default model was trained for (the embedded one: 64 px).
+        native = recommended_settings(default_model({k: v.strip() for k, v in env.items()})[1])
+        config = cls(
+            base_model=env.get("REFANY3D_BASE_MODEL", "").strip() or None,
+            ref_model=env.get("REFANY3D_REF_MODEL", "").strip() or None,
+            device=env.get("REFANY3D_DEVICE", "").strip() or None,
+            sampler=_env(env, "REFANY3D_SAMPLER", cls.sampler),
+            cpu_offload=_env_flag(env, "REFANY3D_CPU_OFFLOAD", False),
+            preload=_env_flag(env, "REFANY3D_PRELOAD", on_space),
+            max_upload_mb=_env_number(env, "REFANY3D_MAX_UPLOAD_MB", cls.max_upload_mb),
+            max_faces=_env_number(env, "REFANY3D_MAX_FACES", cls.max_faces),
+            max_resolution=_env_number(env, "REFANY3D_MAX_RESOLUTION", cls.max_resolution),
+            max_steps=_env_number(env, "REFANY3D_MAX_STEPS", cls.max_steps),
+            max_views=_env_number(env, "REFANY3D_MAX_VIEWS", cls.max_views),
+            max_candidates=_env_number(env, "REFANY3D_MAX_CANDIDATES", cls.max_candidates),
+            default_resolution=_env_number(env, "REFANY3D_DEFAULT_RESOLUTION", native["height"]),
+            default_steps=_env_number(env, "REFANY3D_DEFAULT_STEPS", native["num_inference_steps"]),
+            default_views=_env_number(env, "REFANY3D_DEFAULT_VIEWS", native["n_views"]),
+            condition_ratio=native["condition_size"] / native["height"],
+            concurrency=_env_number(env, "REFANY3D_CONCURRENCY", cls.concurrency),
+            session_ttl_s=_env_number(env, "REFANY3D_SESSION_TTL", cls.session_ttl_s),
+            gpu_duration_cap_s=_env_number(env, "REFANY3D_GPU_DURATION_CAP", cls.gpu_duration_cap_s),
+            gpu_tflops=_env_number(env, "REFANY3D_GPU_TFLOPS", cls.gpu_tflops, float),
+            cache_examples=_env_flag(env, "REFANY3D_CACHE_EXAMPLES", True),
+        )
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Refuse inconsistent limits at start-up rather than with a confusing error per visitor."""
+        positive = ("max_upload_mb", "max_faces", "max_resolution", "max_steps", "max_views",
+                    "max_candidates", "concurrency", "session_ttl_s", "gpu_duration_cap_s", "gpu_tflops")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise InputError(f"{name} must be positive, got {getattr(self, name)}")
+        if not MIN_RESOLUTION <= self.default_resolution <= self.max_resolution:
+            raise InputError(f"default resolution {self.default_resolution} must be within "
+                             f"[{MIN_RESOLUTION}, {self.max_resolution}]")
+        if not 1 <= self.default_steps <= self.max_steps:
+            raise InputError(f"default steps {self.default_steps} must be within [1, {self.max_steps}]")
+        if not 1 <= self.default_views <= self.max_views:
+            raise InputError(f"default views {self.default_views} must be within [1, {self.max_views}]")
+        if self.sampler not in SAMPLERS:
+            raise InputError(f"sampler {self.sampler!r} must be one of {', '.join(SAMPLERS)}")
+
+    def model_registry(self) -> dict[str, ModelSpec]:
+        """Selectable models by name, the default first: the configured one (environment), the
+        embedded one trained by this project (when shipped), the published FLUX.1-dev release."""
+        from refany3d.pipeline import DEFAULT_BASE_MODEL, DEFAULT_REF_MODEL, EMBEDDED_MODEL_DIR
+
+        registry: dict[str, ModelSpec] = {}
+        published = ModelSpec(f"RefAny3D ({DEFAULT_REF_MODEL}) on {DEFAULT_BASE_MODEL}",
+                              DEFAULT_BASE_MODEL, DEFAULT_REF_MODEL)
+        embedded = None
+        if (EMBEDDED_MODEL_DIR / "base").is_dir() and (EMBEDDED_MODEL_DIR / "ref").is_dir():
+            embedded = ModelSpec("Embedded small model (trained by this project)",
+                                 str(EMBEDDED_MODEL_DIR / "base"), str(EMBEDDED_MODEL_DIR / "ref"))
+        if self.base_model or self.ref_model:
+            fallback = embedded or published
+            base, ref = self.base_model or fallback.base_model, self.ref_model or fallback.ref_model
+            registry[CONFIGURED_MODEL] = ModelSpec(f"Configured: {ref} on {base}", base, ref)
+        if embedded is not None:
+            registry[EMBEDDED_MODEL] = embedded
+        registry[PUBLISHED_MODEL] = published
+        return registry
+
+    def launch_options(self) -> dict[str, Any]:
+        """Keyword arguments for `demo.launch` (Gradio 6 takes theme and css there)."""
+        return {
+            "theme": gr.themes.Soft(primary_hue="indigo"),
+            "css": APP_CSS,
+            "max_file_size": f"{self.max_upload_mb}mb",
+            "allowed_paths": [str(EXAMPLES_DIR)],
+        }
+
+
+
+# ------------------------------------------------------------------------------------- models
+def _hub_file_cached(repo_id: str, filename: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+    except Exception:  # an invalid repo id is simply "not cached"
+        return False
+
+
+def weights_problem(spec: ModelSpec) -> str | None:
+    """Why this model's weights are not on this machine (None when they are), without network.
+
+    Folders must hold the files; hub ids must be in the local Hugging Face cache (Spaces preload
+    them). Missing hub weights may still download on first use.
+    """
+    from refany3d.pipeline import REF_WEIGHT_FILES
+
+    problems = []
+    for what, location, files in (
+        ("FLUX base model", spec.base_model, ("model_index.json",)),
+        ("RefAny3D weights", spec.ref_model, REF_WEIGHT_FILES),
+    ):
+        folder = Path(location).expanduser()
+        if folder.is_dir():
+            missing = [f for f in files if not (folder / f).is_file()]
+            if missing:
+                problems.append(f"the {what} folder {location} lacks {', '.join(missing)}")
+        elif location.startswith((".", "/", "~")):
+            problems.append(f"the {what} folder {location} does not exist")
+        elif not all(_hub_file_cached(location, f) for f in files):
+            problems.append(f"{location} ({what}) is not in the Hugging Face cache")
+    return "; ".join(problems) or None
+
+
+class ModelStore:
+    """Pipelines by registry name, each loaded at most once per process, one in memory at a time.
+
+    A load is expensive (minutes for FLUX.1-dev), so concurrent first requests wait for one load
+    instead of starting several; a failed load is remembered for `retry_after_s` so a visitor
+    clicking again gets the message at once instead of another slow attempt.
+    """
+
+    def __init__(self, registry: dict[str, ModelSpec], loader: Callable[[ModelSpec], Any],
+                 retry_after_s: float = 300.0):
+        self.registry = registry
+        self._loader = loader
+        self._retry_after_s = retry_after_s
+        self._lock = threading.Lock()
+        self._loaded: tuple[str, Any] | None = None
+        self._failures: dict[str, tuple[float, str]] = {}
+
+    def get(self, name: str) -> Any:
+        spec = self.registry.get(name)
+        if spec is None:
+            raise InputError(f"unknown model {name!r}; choose one of {', '.join(self.registry)}")
+        with self._lock:
+            if self._loaded is not None and self._loaded[0] == name:
+                return self._loaded[1]
+            failed = self._failures.get(name)
+            if failed is not None and time.monotonic() - failed[0] < self._retry_after_s:
+                raise ModelLoadError(failed[1])
+            self._loaded = None  # free the previous model before loading the next one
+            try:
+                pipeline = self._loader(spec)
+            except ModelLoadError as err:
+                message = f"no model weights available for {spec.label}: {err}"
+                self._failures[name] = (time.monotonic(), message)
+                raise ModelLoadError(message) from None
+            self._failures.pop(name, None)
+            self._loaded = (name, pipeline)
+            return pipeline
+
+    def loaded_name(self) -> str | None:
+        return None if self._loaded is None else self._loaded[0]
+
+
+def pipeline_loader(config: AppConfig) -> Callable[[ModelSpec], Any]:
+    """The loader ModelStore uses: RefAny3DPipeline.from_pretrained with the configured device."""
+
+    def load(spec: ModelSpec):
+        from refany3d.pipeline import RefAny3DPipeline
+
+        return RefAny3DPipeline.from_pretrained(
+            spec.base_model, spec.ref_model, device=config.device, cpu_offload=config.cpu_offload
+        )
+
+    return load
+
+
+# ----------------------------------------------------------------------------------- sessions
+_SESSION_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class SessionFolders:
+    """A private temporary folder per Gradio session under one root, removed when it ends.
+
+    Folders live under the system temp directory, which Gradio may read outputs from (it copies
+    them into its own cache, served by unguessable names); the root itself is never exposed.
+    Folders of sessions that ended without an unload event (API clients, crashed tabs) are
+    removed once untouched for `ttl_s`.
+    """
+
+    def __init__(self, root: Path, ttl_s: float):
+        self.root = Path(root)
+        self.ttl_s = ttl_s
+
+    def folder(self, session_hash: str | None) -> Path:
+        if not session_hash or not _SESSION_NAME.match(session_hash):
+            raise InputError("this request has no valid session; reload the page")
+        self.clean_stale()
+        folder = self.root / session_hash
+        folder.mkdir(parents=True, exist_ok=True)
+        os.utime(folder)  # touched = alive
+        return folder
+
+    def new_run_folder(self, session_hash: str | None, prefix: str) -> Path:
+        """A fresh folder inside the session's, so two runs of one session never share files."""
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=self.folder(session_hash)))
+
+    def remove(self, session_hash: str | None) -> None:
+        if session_hash and _SESSION_NAME.match(session_hash):
+            shutil.rmtree(self.root / session_hash, ignore_errors=True)
+
+    def clean_stale(self) -> None:
+        if not self.root.is_dir():
+            return
+        cutoff = time.time() - self.ttl_s
+        for folder in self.root.iterdir():
+            try:
+                if folder.is_dir() and folder.stat().st_mtime < cutoff:
+                    shutil.rmtree(folder, ignore_errors=True)
+            except FileNotFoundError:  # another thread removed it first
+                continue
+
+
+# --------------------------------------------------------------------------------- validation
+@dataclass
+class GenerationSettings:
+    """Every setting of a generation, in the order the UI and the API take them."""
+
+    prompt: str
+    n_views: int
+    radius: float
+    pitch: float
+    y_rotation: float
+    seed: int
+    randomize_seed: bool
+    steps: int
+    guidance_scale: float
+    image_guidance_scale: float
+    resolution: int
+    model: str
+    candidates: int = 1  # seeds seed..seed+K-1 are sampled; the most rigid point map is kept
+
+    @property
+    def condition_size(self) -> int:
+        """Reference-view size: the output size scaled as the default model was trained (a multiple of 16)."""
+        scaled = 16 * max(1, round(self.resolution * get_service().config.condition_ratio / 16))
+        return min(scaled, MAX_CONDITION_SIZE)
+
+    def to_record(self) -> dict[str, Any]:
+        record = asdict(self)
+        record.pop("randomize_seed")
+        record["condition_size"] = self.condition_size
+        return record
+
+
+SETTING_FIELDS = [f for f in GenerationSettings.__dataclass_fields__]
+MAX_SEED = 2**32 - 1
+
+
+# ------------------------------------------------------------------------------- number inputs
+def _number_as_given(payload: Any, precision: int | None) -> Any:
+    """A number input's value, rounded as Gradio rounds it but not range-checked."""
+    if isinstance(payload, (int, float)) and not isinstance(payload, bool):
+        return gr.Number.round_to_precision(payload, precision)
+    return payload
+
+from gradio.events import Dependency
+
+class RangeCheckedSlider(gr.Slider):
+    """A slider whose range is checked by its events' validators rather than by Gradio's
+    preprocessing, which runs first and answers an API client's out-of-range value with a bare
+    "400 Bad Request" (gradio_client shows no message); a validator's answer names the setting
+    and its range. Drawn as a plain slider (`is_template`)."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        return _number_as_given(payload, self.precision)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+class RangeCheckedNumber(gr.Number):
+    """A number box checked like `RangeCheckedSlider`."""
+
+    is_template = True
+
+    def preprocess(self, payload: Any) -> Any:
+        return _number_as_given(payload, self.precision)
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
+    from gradio.blocks import Block
+    if TYPE_CHECKING:
+        from gradio.components import Timer
+        from gradio.components.base import Component
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer, float)) and not isinstance(value, bool) and float(value).is_integer()
+
+
+def _is_finite(value: Any) -> bool:
+    return isinstance(value, (int, float, np.number)) and not isinstance(value, bool) and np.isfinite(value)
+
+
+def mesh_problem(path: str | Path | None, config: AppConfig) -> str | None:
+    """What is wrong with an uploaded mesh file before it is parsed (existence, type, size)."""
+    if path is None or str(path) == "":
+        return "upload a mesh (GLB, glTF, OBJ, PLY, STL, OFF, or a .zip with an OBJ and its textures)"
+    path = Path(path)
+    if not path.is_file():
+        return f"the mesh file {path.name} is missing; upload it again"
+    if path.suffix.lower() not in MESH_UPLOAD_TYPES:
+        return f"unsupported mesh type {path.suffix or '(none)'!r}; use {', '.join(MESH_UPLOAD_TYPES)}"
+    size_mb = path.stat().st_size / 2**20
+    if size_mb > config.max_upload_mb:
+        return f"the mesh file is {size_mb:.1f} MB; the limit is {config.max_upload_mb} MB"
+    return None
+
+
+def resolution_limit(config: AppConfig, spec: ModelSpec) -> int:
+    """The largest output offered for a model: MAX_UPSCALE times the size it was trained at (a small
+    model drawn far larger shows nothing more, and takes minutes on a CPU), within the operator's cap."""
+    from refany3d.pipeline import recommended_settings
+
+    try:
+        native = int(recommended_settings(spec.ref_model)["height"])
+    except ModelLoadError:
+        native = config.max_resolution
+    return max(MIN_RESOLUTION, min(config.max_resolution, MAX_UPSCALE * native) // 16 * 16)
+
+
+def view_problems(n_views: Any, radius: Any, pitch: Any, y_rotation: Any, config: AppConfig) -> dict[str, str]:
+    """Field name -> what is wrong with it, for the reference views' settings."""
+    problems: dict[str, str] = {}
+    if not _is_integer(n_views) or not 1 <= n_views <= config.max_views:
+        problems["n_views"] = f"number of views must be a whole number from 1 to {config.max_views}"
+    if not _is_finite(radius) or not 2.0 <= radius <= 10.0:
+        problems["radius"] = "camera radius must be between 2 and 10"
+    if not _is_finite(pitch) or not -89.0 <= pitch <= 89.0:
+        problems["pitch"] = "pitch must be between -89 and 89 degrees"
+    if not _is_finite(y_rotation) or not -360.0 <= y_rotation <= 360.0:
+        problems["y_rotation"] = "y rotation must be between -360 and 360 degrees"
+    return problems
+
+
+def settings_problems(s: GenerationSettings, config: AppConfig, registry: Mapping[str, ModelSpec]) -> dict[str, str]:
+    """Field name -> what is wrong with it. Empty when every setting is usable."""
+    problems: dict[str, str] = {}
+    if not isinstance(s.prompt, str) or not s.prompt.strip():
+        problems["prompt"] = "write a prompt describing the scene"
+    elif len(s.prompt) > 2000:
+        problems["prompt"] = "the prompt is longer than 2000 characters"
+    problems.update(view_problems(s.n_views, s.radius, s.pitch, s.y_rotation, config))
+    if not s.randomize_seed and (not _is_integer(s.seed) or not 0 <= s.seed <= MAX_SEED):
+        problems["seed"] = f"seed must be a whole number from 0 to {MAX_SEED}"
+    elif not s.randomize_seed and _is_integer(s.candidates) and s.seed + s.candidates - 1 > MAX_SEED:
+        problems["seed"] = f"with {s.candidates} candidates the seed can be at most {MAX_SEED - s.candidates + 1}"
+    if not _is_integer(s.steps) or not 1 <= s.steps <= config.max_steps:
+        problems["steps"] = f"steps must be a whole number from 1 to {config.max_steps}"
+    if not _is_finite(s.guidance_scale) or not 0.0 <= s.guidance_scale <= 20.0:
+        problems["guidance_scale"] = "guidance must be between 0 and 20"
+    if not _is_finite(s.image_guidance_scale) or not 0.0 <= s.image_guidance_scale <= 20.0:
+        problems["image_guidance_scale"] = "image guidance must be between 0 and 20"
+    if s.model not in registry:
+        problems["model"] = f"unknown model {s.model!r}; choose one of {', '.join(registry)}"
+    largest = resolution_limit(config, registry[s.model]) if s.model in registry else config.max_resolution
+    if not _is_integer(s.resolution) or not MIN_RESOLUTION <= s.resolution <= largest:
+        problems["resolution"] = (f"resolution must be a whole number from {MIN_RESOLUTION} to {largest}"
+                                  + ("" if largest == config.max_resolution else
+                                     f" for this model, which was trained at {largest // MAX_UPSCALE} px"))
+    if not _is_integer(s.candidates) or not 1 <= s.candidates <= config.max_candidates:
+        problems["candidates"] = f"candidates must be a whole number from 1 to {config.max_candidates}"
+    return problems
+
+
+# ------------------------------------------------------------------------------- GPU duration
+# FLUX.1-dev: ~12e9 transformer parameters (2 FLOPs each per token), 57 blocks of width 3072.
+_FLUX_PARAMS = 12e9
+_FLUX_BLOCKS = 57
+_FLUX_WIDTH = 3072
+_LOAD_AND_DECODE_S = 10.0  # moving weights onto the GPU, text encoding, VAE decoding
+
+
+def generation_flops(steps: int, n_views: int, resolution: int, condition_size: int,
+                     image_guidance_scale: float, sampler: str = "exact") -> float:
+    """Transformer FLOPs of one generation at FLUX.1-dev's size: the unit GPU time is measured in.
+
+    Tokens: two targets (image + point map) at resolution/16 per side, text (512), and every
+    reference view twice (RGB + point map) at condition_size/16 per side; image guidance runs a
+    second pass per step. The cached sampler runs the views only at its first step.
+    """
+    views = 2 * n_views * (condition_size // 16) ** 2
+    queries = 2 * (resolution // 16) ** 2 + 512
+
+    def step(rows: int) -> float:  # linear layers over `rows`, attention of `rows` over every key
+        return 2 * _FLUX_PARAMS * rows + _FLUX_BLOCKS * 4 * rows * (queries + views) * _FLUX_WIDTH
+
+    passes = 1 if np.isclose(image_guidance_scale, 1.0) else 2
+    per_pass = steps * step(queries + views) if sampler != "cached" else step(queries + views) + (steps - 1) * step(queries)
+    return passes * per_pass
+
+
+class GpuTimings:
+    """Measured speed of the GPU calls, per (model, sampler), so ZeroGPU requests what this GPU and
+    model really need. A rate is generation FLOPs per wall-clock second of a whole `sample_on_gpu`
+    call (start-up and decoding included, so small jobs err long); the slowest of the last few
+    calls is used, with a margin. Measured in the main process: on ZeroGPU the call itself runs in
+    a worker process, while the duration is asked for here."""
+
+    def __init__(self, keep: int = 5, margin: float = 1.3):
+        self.keep, self.margin = keep, margin
+        self._rates: dict[tuple[str, str], list[float]] = {}
+        self._lock = threading.Lock()
+
+    def record(self, key: tuple[str, str], flops: float, seconds: float) -> None:
+        if seconds <= 0 or flops <= 0:
+            return
+        with self._lock:
+            rates = self._rates.setdefault(key, [])
+            rates.append(flops / seconds)
+            del rates[: -self.keep]
+
+    def seconds(self, key: tuple[str, str], flops: float) -> float | None:
+        """Predicted seconds of a call of `flops`, or None before the first measurement."""
+        with self._lock:
+            rates = self._rates.get(key)
+            return None if not rates else self.margin * flops / min(rates)
+
+
+# -------------------------------------------------------------------------------- the service
+class StopRequests:
+    """Stops asked for by sessions, applied to each run of theirs under way; the sampler checks
+    after each step.
+
+    Gradio's `cancels=` cannot interrupt a function that is already running, so the stop is
+    cooperative. It is kept per run, not per session: a cancelled run frees its queue slot while
+    its thread finishes the current step, so a session can briefly have two. Under ZeroGPU the
+    sampler runs in another process, which does not see it; there the GPU duration bounds a run."""
+
+    def __init__(self) -> None:
+        self._runs: dict[int, str | None] = {}  # run id -> session
+        self._stopping: set[int] = set()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def running(self, session: str | None):
+        """The block is one run of the session's; yields the run's id for `check`."""
+        with self._lock:
+            run = next(self._ids)
+            self._runs[run] = session
+        try:
+            yield run
+        finally:
+            with self._lock:
+                del self._runs[run]
+                self._stopping.discard(run)
+
+    def request(self, session: str | None) -> bool:
+        """Ask every run of the session to stop; False when none is under way."""
+        with self._lock:
+            runs = [run for run, owner in self._runs.items() if owner == session]
+            self._stopping.update(runs)
+            return bool(runs)
+
+    def check(self, run: int | None, what: str) -> None:
+        """Raise GenerationStopped if the run was asked to stop."""
+        with self._lock:
+            stop = run in self._stopping
+        if stop:
+            raise GenerationStopped(f"Generation {what}, as asked.")
+
+
+class AppService:
+    """One per process: configuration, model store, session folders and a small mesh cache."""
+
+    def __init__(self, config: AppConfig, loader: Callable[[ModelSpec], Any] | None = None):
+        self.config = config
+        self.registry = config.model_registry()
+        self.models = ModelStore(self.registry, loader or pipeline_loader(config))
+        self.sessions = SessionFolders(Path(tempfile.gettempdir()) / "refany3d-sessions", config.session_ttl_s)
+        self._meshes: OrderedDict[tuple[str, float], Any] = OrderedDict()
+        self._mesh_lock = threading.Lock()
+        self.gpu_timings = GpuTimings()
+        self.stops = StopRequests()
+
+    def default_model(self) -> str:
+        return next(iter(self.registry))
+
+    def model_choices(self) -> list[tuple[str, str]]:
+        """(label, name) per model; a model whose weights are not on this machine says so."""
+        missing = " (weights not on this machine: downloaded on first use)"
+        return [(spec.label + (missing if weights_problem(spec) else ""), name) for name, spec in self.registry.items()]
+
+    def model_status(self) -> str:
+        """A one-line notice for the page when the default model cannot be loaded here."""
+        problem = weights_problem(self.registry[self.default_model()])
+        if problem is None:
+            return ""
+        return (f"**Model weights not found on this machine:** {problem}. Generating will try to "
+                "download them from the Hugging Face Hub (FLUX.1-dev is gated: it needs an HF_TOKEN) "
+                "and says so if it cannot; everything else works. See *App configuration* in the "
+                "README to point the app at local weights.")
+
+    def load_mesh(self, path: str | Path):
+        """Load (or reuse) a mesh; the preview and the generation of one upload parse it once."""
+        from refany3d.mesh import load_mesh
+
+        path = Path(path)
+        key = (str(path.resolve()), path.stat().st_mtime)
+        with self._mesh_lock:
+            if key in self._meshes:
+                self._meshes.move_to_end(key)
+                return self._meshes[key]
+        mesh = load_mesh(path, max_faces=self.config.max_faces)
+        with self._mesh_lock:
+            self._meshes[key] = mesh
+            while len(self._meshes) > 4:
+                self._meshes.popitem(last=False)
+        return mesh
+
+    def preload(self) -> None:
+        """Load the default model now (Spaces: before the first visitor, while the GPU is free)."""
+        try:
+            self.models.get(self.default_model())
+        except ModelLoadError as err:
+            print(f"refany3d app: model not preloaded: {err}")
+
+
+_service: AppService | None = None
+_service_lock = threading.Lock()
+
+
+def get_service() -> AppService:
+    """The process-wide service, built from the environment on first use."""
+    global _service
+    with _service_lock:
+        if _service is None:
+            _service = AppService(AppConfig.from_env())
+        return _service
+
+
+# ----------------------------------------------------------------------------------- handlers
+def _out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
+    )
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Run a handler; expected failures become a gr.Error with their message, the app keeps serving."""
+
+    @wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except RefAny3DError as err:
+            raise gr.Error(str(err), title=type(err).__name__.replace("Error", " error")) from None
+        except Exception as err:
+            if _out_of_memory(err):
+                _free_accelerator_memory()
+                raise gr.Error(
+                    "Out of memory while generating. Try fewer views, a lower resolution, or "
+                    "fewer steps.", title="Out of memory"
+                ) from None
+            raise
+
+    return wrapper
+
+
+def _free_accelerator_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _session_hash(request: gr.Request | None) -> str | None:
+    return getattr(request, "session_hash", None)
+
+
+@user_errors
+def show_mesh(mesh_path: str | None, request: gr.Request) -> str | None:
+    """The uploaded mesh as a textured GLB for the 3D viewer (None clears it)."""
+    if not mesh_path:
+        return None
+    service = get_service()
+    problem = mesh_problem(mesh_path, service.config)
+    if problem:
+        raise MeshError(problem)
+    mesh = service.load_mesh(mesh_path)
+    folder = service.sessions.new_run_folder(_session_hash(request), "view-")
+    target = folder / (Path(mesh_path).stem + ".glb")
+    mesh.export(target)
+    return str(target)
+
+
+@user_errors
+def preview_views(mesh_path: str | None, n_views: int, radius: float, pitch: float,
+                  y_rotation: float) -> list[tuple[Any, str]]:
+    """Thumbnails of the reference views the model will see: each RGB view, then its point map."""
+    from refany3d.views import render_views
+
+    if not mesh_path:
+        return []
+    service = get_service()
+    problem = mesh_problem(mesh_path, service.config)
+    if problem:
+        raise MeshError(problem)
+    problems = view_problems(n_views, radius, pitch, y_rotation, service.config)
+    if problems:
+        raise InputError("; ".join(problems.values()))
+    views = render_views(service.load_mesh(mesh_path), int(n_views), PREVIEW_RESOLUTION,
+                         float(radius), float(pitch), float(y_rotation))
+    gallery: list[tuple[Any, str]] = []
+    for azimuth, rgb, pointmap in zip(views.azimuths, views.rgb, views.pointmap):
+        gallery += [(rgb, f"RGB {azimuth:.0f}°"), (pointmap, f"point map {azimuth:.0f}°")]
+    return gallery
+
+
+def gpu_duration(model: str, prompt: str, rgb_views: list, pointmap_views: list, settings: dict,
+                 progress: Any = None, run: int | None = None) -> int:
+    """ZeroGPU seconds to request for `sample_on_gpu` with these arguments: from this process's
+    measured timings of the model and sampler, else from the FLOP estimate (capped, see README)."""
+    service = get_service()
+    config = service.config
+    flops = _call_flops(len(rgb_views), settings)
+    seconds = service.gpu_timings.seconds((model, settings["sampler"]), flops)
+    if seconds is None:
+        seconds = _LOAD_AND_DECODE_S + flops / (config.gpu_tflops * 1e12)
+    return int(min(config.gpu_duration_cap_s, max(15.0, seconds)))
+
+
+def _call_flops(n_views: int, settings: dict) -> float:
+    one = generation_flops(settings["steps"], n_views, settings["resolution"], settings["condition_size"],
+                           settings["image_guidance_scale"], settings["sampler"])
+    return one * settings["candidates"]
+
+
+@spaces.GPU(duration=gpu_duration)
+def sample_on_gpu(model: str, prompt: str, rgb_views: list, pointmap_views: list, settings: dict,
+                  progress: Any = None, run: int | None = None) -> list[tuple[Any, Any]]:
+    """The only GPU work: load (once) and run the sampler, once per candidate (seeds seed,
+    seed+1, ...). Returns (image, point map) pairs; views and files stay on the CPU side.
+    A stop asked for the run (`StopRequests`) ends it after the current step (GenerationStopped)."""
+    import torch
+
+    pipeline = get_service().models.get(model)
+    candidates = settings["candidates"]
+    total = settings["steps"] * candidates
+    if progress is not None:
+        progress(0.0, desc="Sampling")
+    outputs = []
+
+    def on_step(step: int, _: int) -> None:
+        done = len(outputs) * settings["steps"] + step
+        if progress is not None:  # one bar over every candidate's steps
+            progress((done, total), desc="Sampling", unit="steps")
+        if done < total:
+            get_service().stops.check(run, f"stopped after step {done} of {total}")
+
+    for k in range(candidates):
+        output = pipeline(
+            prompt,
+            rgb_views,
+            pointmap_views,
+            height=settings["resolution"],
+            width=settings["resolution"],
+            condition_size=settings["condition_size"],
+            num_inference_steps=settings["steps"],
+            guidance_scale=settings["guidance_scale"],
+            image_guidance_scale=settings["image_guidance_scale"],
+            generator=torch.Generator("cpu").manual_seed(int(settings["seed"]) + k),
+            callback=on_step,
+            mode=settings["sampler"],
+        )
+        outputs.append((output.image, output.pointmap))
+    return outputs
+
+
+@dataclass
+class GenerationResult:
+    """Files of one generation; kept in the session so the plot can be redrawn with the overlay
+    and, once the alignment has run, the recovered camera."""
+
+    image: str
+    pointmap: str
+    ply: str
+    settings_json: str
+    mesh_path: str
+    y_rotation: float
+    seed: int
+    files: list[str] = field(default_factory=list)
+    camera_segments: np.ndarray | None = None  # recovered camera's frustum (asset's own frame)
+    report: Any = field(default=None, repr=False)  # its alignment, when choosing among candidates made it
+
+
+def _figure(result: GenerationResult, show_asset: bool):
+    import trimesh
+
+    from refany3d.outputs import PointCloud, pointcloud_figure, surface_points
+
+    cloud = trimesh.load(result.ply)
+    points = PointCloud(np.asarray(cloud.vertices), np.asarray(cloud.colors)[:, :3])
+    asset = surface_points(get_service().load_mesh(result.mesh_path)) if show_asset else None
+    return pointcloud_figure(points, asset, camera_segments=result.camera_segments)
+
+
+def _generate(mesh_path: str | None, settings: GenerationSettings, session: str | None,
+              progress: Any, run: int | None = None) -> tuple[GenerationResult, str]:
+    """Render the reference views (CPU), sample on the GPU, write every output file (CPU).
+
+    `run` is the id under which a stop can end it (`StopRequests.running`). Returns the result
+    and a status line."""
+    from refany3d.alignment import candidate_scores, choose_candidate
+    from refany3d.outputs import pointcloud_from_pointmap, write_ply, write_settings_json
+    from refany3d.views import render_views
+
+    service = get_service()
+    problem = mesh_problem(mesh_path, service.config)
+    if problem:
+        raise MeshError(problem)
+    problems = settings_problems(settings, service.config, service.registry)
+    if problems:
+        raise InputError("; ".join(problems.values()))
+    settings.candidates = int(settings.candidates)
+    if settings.randomize_seed:  # leaving room for the candidates' seeds
+        settings.seed = int(np.random.default_rng().integers(0, MAX_SEED + 2 - settings.candidates))
+    for name in ("n_views", "seed", "steps", "resolution"):
+        setattr(settings, name, int(getattr(settings, name)))
+    settings.resolution -= settings.resolution % 16  # the model's latent patch; a typed 70 samples at 64
+    for name in ("radius", "pitch", "y_rotation", "guidance_scale", "image_guidance_scale"):
+        setattr(settings, name, float(getattr(settings, name)))
+    settings.prompt = settings.prompt.strip()
+
+    progress(0.0, desc="Loading the model")
+    service.models.get(settings.model)  # on the CPU side: a missing model never requests a GPU
+    progress(0.0, desc="Loading the mesh")
+    mesh = service.load_mesh(mesh_path)
+    progress(0.0, desc="Rendering reference views")
+    views = render_views(mesh, settings.n_views, settings.condition_size, settings.radius, settings.pitch,
+                         settings.y_rotation)
+    record = {**settings.to_record(), "sampler": service.config.sampler}
+    began = time.perf_counter()
+    service.stops.check(run, "stopped before sampling")
+    candidates = sample_on_gpu(settings.model, settings.prompt, views.rgb, views.pointmap, record, progress, run)
+    service.gpu_timings.record((settings.model, record["sampler"]), _call_flops(len(views.rgb), record),
+                               time.perf_counter() - began)
+    best, reports = 0, [None]
+    if len(candidates) > 1:
+        progress(1.0, desc="Choosing the most rigid candidate")
+        best, reports = choose_candidate(mesh, candidates, settings.y_rotation)
+        seeds = [settings.seed + k for k in range(len(candidates))]
+        record.update(chosen_seed=seeds[best], candidate_scores=candidate_scores(seeds, reports))
+    image, pointmap = candidates[best]
+    seed = settings.seed + best
+
+    progress(1.0, desc="Writing files")
+    folder = service.sessions.new_run_folder(session, "run-")
+    image_path, pointmap_path = folder / "image.png", folder / "pointmap.png"
+    image.save(image_path)
+    pointmap.save(pointmap_path)
+    cloud = pointcloud_from_pointmap(pointmap, image, views.normalization, settings.y_rotation)
+    ply_path = write_ply(cloud, folder / "pointcloud.ply")
+    json_path = write_settings_json(record, folder / "settings.json", mesh_path=mesh_path)
+    result = GenerationResult(
+        image=str(image_path), pointmap=str(pointmap_path), ply=str(ply_path),
+        settings_json=str(json_path), mesh_path=str(mesh_path), y_rotation=settings.y_rotation,
+        seed=seed, files=[str(image_path), str(pointmap_path), str(ply_path), str(json_path)], report=reports[best],
+    )
+    status = f"Done: seed {seed}, {len(cloud)} foreground points."
+    if len(candidates) > 1:
+        status += (f" The most rigid point map of {len(candidates)} candidates (seeds {settings.seed}–"
+                   f"{settings.seed + len(candidates) - 1}); seed {seed} with 1 candidate gives it again.")
+    if len(cloud) == 0:
+        status += " The point map has no foreground, so the point cloud is empty."
+    return result, status
+
+
+@user_errors
+def generate(mesh_path: str | None, prompt: str, n_views: int, radius: float, pitch: float,
+             y_rotation: float, seed: int, randomize_seed: bool, steps: int, guidance_scale: float,
+             image_guidance_scale: float, resolution: int, model: str, candidates: int, show_asset: bool,
+             request: gr.Request, progress: gr.Progress = gr.Progress()):
+    """Generate an image and point map of the mesh in the prompt's scene.
+
+    Returns image, point map, point-cloud figure, PLY, all downloads (image, point map, PLY,
+    settings JSON), the seed used, a status line and the result (session state).
+    """
+    settings = GenerationSettings(prompt, n_views, radius, pitch, y_rotation, seed, bool(randomize_seed),
+                                  steps, guidance_scale, image_guidance_scale, resolution, model, candidates)
+    session = _session_hash(request)
+    with get_service().stops.running(session) as run:
+        result, status = _generate(mesh_path, settings, session, progress, run)
+    return (result.image, result.pointmap, _figure(result, show_asset), result.ply, result.files,
+            result.seed, status, result)
+
+
+def default_settings(prompt: str, config: AppConfig, model: str) -> GenerationSettings:
+    """The settings the UI starts with (and examples are generated with)."""
+    return GenerationSettings(
+        prompt=prompt, n_views=config.default_views, radius=DEFAULT_RADIUS, pitch=0.0, y_rotation=0.0,
+        seed=0, randomize_seed=False, steps=config.default_steps, guidance_scale=DEFAULT_GUIDANCE,
+        image_guidance_scale=DEFAULT_IMAGE_GUIDANCE, resolution=config.default_resolution, model=model,
+    )
+
+
+@user_errors
+def generate_example(mesh_path: str, prompt: str, progress: gr.Progress = gr.Progress()):
+    """An example's outputs at the default settings and seed 0, with its alignment panel (cached
+    once, shared by everyone)."""
+    service = get_service()
+    settings = default_settings(prompt, service.config, service.default_model())
+    result, status = _generate(mesh_path, settings, EXAMPLES_SESSION, progress)
+    panel = _align_generation(result)
+    return (result.image, result.pointmap, _figure(result, False), result.ply, result.files, result.seed,
+            status, *panel)
+
+
+def example_rows() -> tuple[list[list[str]], list[str]]:
+    """(mesh path, prompt) rows of the project's example meshes, and their labels."""
+    from refany3d.examples import PROMPTS, example_paths
+
+    paths = {name: path for name, path in example_paths().items() if path.is_file()}
+    rows = [[str(path), PROMPTS[name]] for name, path in paths.items()]
+    labels = [Path(name).stem.replace("_", " ") for name in paths]
+    return rows, labels
+
+
+def cache_examples(service: AppService) -> bool:
+    """Cache example outputs (lazily, on first click) only when they can be generated here."""
+    if not service.config.cache_examples:
+        return False
+    # Gradio keeps cached outputs in a CSV file; a point-cloud figure is one field far above
+    # Python's default 128 KiB field limit, which would make reading the cache fail.
+    csv.field_size_limit(2**31 - 1)
+    return weights_problem(service.registry[service.default_model()]) is None
+
+
+@user_errors
+def redraw_pointcloud(result: GenerationResult | None, show_asset: bool):
+    """The point-cloud plot again, with or without the asset's surface overlay (and the box
+    unticked again when there is no generation of the visitor's to draw it on)."""
+    if result is None:
+        if show_asset:
+            gr.Info("The overlay draws on a generation of yours: click Generate first.")
+        return gr.skip(), False
+    return _figure(result, show_asset), gr.skip()
+
+
+def forget_result() -> tuple[None, bool, bool]:
+    """An example's outputs replace the shown result: the overlay must not redraw an older one,
+    and "Randomize seed" is unticked, so Generate at the default settings gives the example again."""
+    return None, False, False
+
+
+# ---------------------------------------------------------------------------------- alignment
+ALIGNMENT_INTRO = (
+    "After each generation this panel answers *does the image show my asset, in one consistent "
+    "pose?*: the camera is recovered from the predicted point map, the asset is re-rendered there "
+    "and laid over the image, and the match is scored."
+)
+# (label, AlignmentReport attribute, value format, what it measures)
+_ALIGNMENT_SCORES = (
+    ("Inlier ratio", "inlier_ratio", "{:.3f}", "share of the point map's pixels that one camera explains"),
+    ("Median reprojection error", "reprojection_error_px", "{:.2f} px",
+     "how far those pixels land from where the camera puts their asset points"),
+    ("Silhouette IoU", "iou", "{:.3f}", "asset re-rendered at that camera vs the point map's foreground"),
+    ("Image IoU", "image_iou", "{:.3f}", "object found in the generated image vs the point map's foreground"),
+    ("Colour agreement", "colour_psnr", "{:.1f} dB PSNR",
+     "generated image vs re-rendered asset where both show it"),
+    ("Point-map error", "pointmap_error", "{:.2%} of the asset size",
+     "median distance between predicted and re-rendered surface points"),
+)
+
+
+def alignment_markdown(report: Any, heading: str = "Alignment") -> str:
+    """The panel's text: a verdict (or the reason it is not measurable), every score (n/a where it
+    could not be computed), how the object was found in the image, and the recovered camera."""
+    lines = [f"### {heading}"]
+    if report.measurable:
+        lines.append("**Measured:** one camera of this asset explains the point map.")
+        if report.reason:
+            lines.append(f"Note: {report.reason.rstrip('.')}.")
+    else:
+        lines.append(f"**Not measurable:** {report.reason.rstrip('.')}.")
+        if report.inlier_ratio is not None:
+            lines.append("The scores below are those of the best camera found; they show how far off it is.")
+    lines += ["", "| Score | Value | What it measures |", "|---|---|---|"]
+    for label, attribute, spec, meaning in _ALIGNMENT_SCORES:
+        value = getattr(report, attribute)
+        lines.append(f"| {label} | {'n/a' if value is None else spec.format(value)} | {meaning} |")
+    lines.append("")
+    if report.image_segmentation:
+        lines.append(f"Object in the image: {report.image_segmentation}.")
+    if report.measurable and report.orbit is not None:
+        o = report.orbit
+        lines.append(
+            f"Recovered camera: azimuth {o['azimuth_deg']:.1f}°, pitch {o['pitch_deg']:.1f}°, "
+            f"roll {o['roll_deg']:.1f}°, distance {o['distance']:.2f} asset half-sizes, focal "
+            f"{report.camera.fy:.0f} px; drawn in red beside the point cloud (Result tab)."
+        )
+    return "\n".join(lines)
+
+
+def _align_files(mesh_path: str | None, image_path: str | None, pointmap_path: str | None,
+                 y_rotation: float):
+    """Validate, then align at the point map's own (the generated) resolution: one PnP and one
+    render, well under a second at 512 px on a CPU."""
+    from refany3d.alignment import align
+
+    service = get_service()
+    problem = mesh_problem(mesh_path, service.config)
+    if problem:
+        raise MeshError(problem)
+    if not pointmap_path:
+        raise InputError("give the predicted point map (PNG) to align")
+    if not _is_finite(y_rotation) or not -360.0 <= y_rotation <= 360.0:
+        raise InputError("y rotation must be between -360 and 360 degrees")
+    return align(service.load_mesh(mesh_path), pointmap_path, image_path or None, y_rotation=float(y_rotation))
+
+
+def _save_overlay(report: Any, folder: Path) -> str | None:
+    overlay = report.overlay()
+    if overlay is None:
+        return None
+    path = folder / "alignment_overlay.png"
+    overlay.save(path)
+    return str(path)
+
+
+def _align_generation(result: GenerationResult) -> tuple[str | None, str, dict[str, Any]]:
+    """Align a generation; the result keeps the camera (for plots) and gets alignment.json.
+
+    Returns the overlay, the panel's text and the report as a dict.
+    """
+    report = result.report or _align_files(result.mesh_path, result.image, result.pointmap, result.y_rotation)
+    folder = Path(result.image).parent
+    details = report.to_dict()
+    json_path = folder / "alignment.json"
+    json_path.write_text(json.dumps(details, indent=2) + "\n")
+    if str(json_path) not in result.files:
+        result.files.append(str(json_path))
+    result.camera_segments = report.frustum(frame="own") if report.measurable else None
+    heading = f"Alignment of the generation with seed {result.seed}"
+    return _save_overlay(report, folder), alignment_markdown(report, heading), details
+
+
+@user_errors
+def align_result(result: GenerationResult | None, show_asset: bool):
+    """Run after every generation (CPU, no GPU): the alignment panel (overlay, text, report), the
+    point-cloud plot with the recovered camera, the downloads with alignment.json, the result."""
+    if result is None:
+        return (gr.skip(),) * 6
+    overlay, text, details = _align_generation(result)
+    return overlay, text, details, _figure(result, show_asset), result.files, result
+
+
+@user_errors
+def align_pair(mesh_path: str | None, image_path: str | None, pointmap_path: str | None, y_rotation: float,
+               request: gr.Request):
+    """Align any generated (image, point map) pair with its mesh; `y_rotation` is the one of the
+    reference views. The image is optional (without it, image IoU and colour are not scored).
+
+    Returns the overlay, the panel's text, the report as a dict and a point-cloud plot of the
+    point map with the recovered camera (when measurable). A point map that cannot be measured is
+    a result with the reason, not an error.
+    """
+    from refany3d.alignment import as_float_image
+    from refany3d.outputs import pointcloud_figure, pointcloud_from_pointmap
+
+    report = _align_files(mesh_path, image_path, pointmap_path, y_rotation)
+    pointmap = as_float_image(pointmap_path, "point map")
+    colours = report.image if report.image is not None else pointmap
+    cloud = pointcloud_from_pointmap(pointmap, colours, report.normalization, float(y_rotation))
+    camera = report.frustum(frame="own") if report.measurable else None
+    folder = get_service().sessions.new_run_folder(_session_hash(request), "align-")
+    return (_save_overlay(report, folder), alignment_markdown(report), report.to_dict(),
+            pointcloud_figure(cloud, camera_segments=camera))
+
+
+def validate_generation(mesh_path, prompt, n_views, radius, pitch, y_rotation, seed, randomize_seed,
+                        steps, guidance_scale, image_guidance_scale, resolution, model, candidates, show_asset):
+    """Gradio `validator=`: one gr.validate per input, checked before the event is queued."""
+    service = get_service()
+    settings = GenerationSettings(prompt, n_views, radius, pitch, y_rotation, seed, bool(randomize_seed),
+                                  steps, guidance_scale, image_guidance_scale, resolution, model, candidates)
+    problems = settings_problems(settings, service.config, service.registry)
+    mesh = mesh_problem(mesh_path, service.config)
+    verdicts = [gr.validate(mesh is None, mesh or "")]
+    verdicts += [gr.validate(name not in problems, problems.get(name, "")) for name in SETTING_FIELDS]
+    verdicts.append(gr.validate(True, ""))  # show_asset is a display toggle
+    return verdicts
+
+
+def validate_views(mesh_path, n_views, radius, pitch, y_rotation):
+    """Gradio `validator=` of the views preview: one gr.validate per input."""
+    problems = view_problems(n_views, radius, pitch, y_rotation, get_service().config)
+    verdicts = [gr.validate(True, "")]  # the mesh: the preview names its problems itself
+    return verdicts + [gr.validate(name not in problems, problems.get(name, ""))
+                       for name in ("n_views", "radius", "pitch", "y_rotation")]
+
+
+STOPPED = "Stopped: the generation ends after its current step."
+NOTHING_TO_STOP = "Nothing was sampling; a generation still waiting in the queue, if any, is cancelled."
+
+
+def request_stop(request: gr.Request) -> str:
+    """The Stop button: the session's running generation ends after its current step (Gradio's
+    `cancels=` drops a queued one, and the page stops waiting for either). The status line says so."""
+    return STOPPED if get_service().stops.request(_session_hash(request)) else NOTHING_TO_STOP
+
+
+def resolution_slider(model: str, resolution: int):
+    """The resolution slider for the chosen model: its largest offered size, the value kept within it."""
+    service = get_service()
+    if model not in service.registry:
+        return gr.skip()
+    largest = resolution_limit(service.config, service.registry[model])
+    value = min(int(resolution), largest) if _is_integer(resolution) else largest
+    return gr.Slider(maximum=largest, value=value)
+
+
+def end_session(request: gr.Request) -> None:
+    """Stop the session's generation and remove its folder when its browser tab closes."""
+    service = get_service()
+    service.stops.request(_session_hash(request))
+    service.sessions.remove(_session_hash(request))
