@@ -34,7 +34,7 @@ import math
 import random
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -623,6 +623,17 @@ def camera_from_object_pose(K: np.ndarray, rotation: np.ndarray, translation: np
                   znear=max(1e-3, depth - 2.0) * 0.5, zfar=depth + 4.0)
 
 
+def _square_around(mask: np.ndarray) -> tuple[int, int, int]:
+    """(x0, y0, side) of the largest square in the image centred on the mask's bounding box, moved
+    inside the image where the object sits near an edge."""
+    height, width = mask.shape
+    side = min(height, width)
+    rows, cols = np.nonzero(mask)
+    x0 = int(np.clip(round((cols.min() + cols.max() + 1 - side) / 2), 0, width - side))
+    y0 = int(np.clip(round((rows.min() + rows.max() + 1 - side) / 2), 0, height - side))
+    return x0, y0, side
+
+
 def write_real_sample(
     out_dir: str | Path,
     image: str | Path | Image.Image,
@@ -638,8 +649,11 @@ def write_real_sample(
     """Add a real photograph to a dataset: render its aligned point map from the object pose.
 
     `rotation`, `translation` map the mesh's own coordinates to OpenCV camera coordinates
-    (x right, y down, z forward); `K` are the image's pixel intrinsics. The image and point map
-    are written at the image's own size; the trainer resizes both.
+    (x right, y down, z forward); `K` are the image's pixel intrinsics. A non-square photo is
+    cropped to the largest square centred on the object as far as the photo allows (the recorded
+    camera's principal point moves with it; meta.json's scene.crop is [x0, y0, side]), so the
+    trainer's resize to its square size does not stretch it. Image and point map keep the
+    photo's pixel scale; the trainer resizes both.
     """
     from refany3d.mesh import load_mesh
     from refany3d.views import Renderer
@@ -656,13 +670,17 @@ def write_real_sample(
     view = Renderer().render(mesh, camera)
     if not view.mask.any():
         raise InputError("the asset is not visible at the given pose and intrinsics")
+    x0, y0, side = _square_around(view.mask)
+    crop = (slice(y0, y0 + side), slice(x0, x0 + side))
+    camera = replace(camera, cx=camera.cx - x0, cy=camera.cy - y0, width=side, height=side)
     stem = Path(mesh_path).stem
     # by content too: real data often names every mesh model.obj, and views must be of this one
     asset_id = f"real-{stem}-{hashlib.sha256(Path(mesh_path).read_bytes()).hexdigest()[:10]}"
     if not (root / "assets" / asset_id / "meta.json").exists():
         write_asset(root, asset_id, mesh, n_views, resolution, description=stem, mesh_file=Path(mesh_path))
     sample_id = sample_id or f"real-{stem}-{len(list((root / 'samples').glob('real-*'))) if (root / 'samples').exists() else 0:06d}"
-    target = TargetSample(np.asarray(picture), view.pointmap_xyz, view.mask, caption, camera, "", {"source": "real"})
+    target = TargetSample(np.asarray(picture)[crop], view.pointmap_xyz[crop], view.mask[crop], caption, camera, "",
+                          {"source": "real", "crop": [x0, y0, side]})
     folder = write_sample(root, sample_id, asset_id, target)
     _write_manifest(root, n_views=n_views, resolution=resolution)
     return folder

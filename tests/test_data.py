@@ -170,23 +170,27 @@ def test_real_sample_builder_renders_the_aligned_pointmap(tmp_path: Path) -> Non
     angle = np.radians(30)
     rotation = np.array([[np.cos(angle), 0, np.sin(angle)], [0, 1, 0], [-np.sin(angle), 0, np.cos(angle)]])
     translation = np.array([0.1, 0.0, 4.0])
-    photo = Image.new("RGB", (64, 72), (10, 20, 30))
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 64, 3), dtype=np.uint8))  # portrait
     folder = write_real_sample(tmp_path / "real", photo, mesh_path, K, rotation, translation, "a thing", n_views=2, resolution=32)
     meta = json.loads((folder / "meta.json").read_text())
     assert meta["caption"] == "a thing"
-    np.testing.assert_array_equal(np.asarray(Image.open(folder / "image.png")), np.asarray(photo))
+    # cropped to a square (the trainer resizes to a square: a portrait would be squashed)
+    x0, y0, side = meta["scene"]["crop"]
+    assert (x0, side) == (0, 64) and 0 < y0 < 32
+    np.testing.assert_array_equal(np.asarray(Image.open(folder / "image.png")), np.asarray(photo)[y0 : y0 + 64])
     pointmap = np.asarray(Image.open(folder / "pointmap.png"))
-    assert pointmap.shape == (72, 64, 3)
+    assert pointmap.shape == (64, 64, 3)
     asset_meta = json.loads((tmp_path / "real" / "assets" / meta["asset"] / "meta.json").read_text())
     mask = np.asarray(Image.open(folder / "mask.png")) > 127
-    _check_aligned(pointmap, mask, Camera.from_dict(meta["camera"]), _normalization(asset_meta))
-    # the object's own origin-frame points land where the pose puts them
-    norm = _normalization(asset_meta)
     rows, cols = np.nonzero(mask)
+    assert abs((rows.min() + rows.max()) / 2 - 31.5) <= 1  # the object is centred in the crop
+    _check_aligned(pointmap, mask, Camera.from_dict(meta["camera"]), _normalization(asset_meta))
+    # the object's own origin-frame points land where the pose puts them in the photo
+    norm = _normalization(asset_meta)
     own = norm.own_from_pointmap(pointmap[rows, cols] / 255.0)
     cam = own @ rotation.T + translation
     uv = np.stack([K[0, 0] * cam[:, 0] / cam[:, 2] + K[0, 2], K[1, 1] * cam[:, 1] / cam[:, 2] + K[1, 2]], 1)
-    assert np.median(np.hypot(uv[:, 0] - cols, uv[:, 1] - rows)) < 0.5
+    assert np.median(np.hypot(uv[:, 0] - (cols + x0), uv[:, 1] - (rows + y0))) < 0.5
     assert len(list_samples([tmp_path / "real"])) == 1
 
     # another mesh under the same file name gets its own views; another format is refused
