@@ -2,9 +2,9 @@
 """Stage-1 training step speed: eager against torch.compile (`train --compile`), side by side.
 
 Builds the RefAny3D objective (LoRA adapters + domain embedder on a frozen base, the group mask)
-on the embedded model's base, feeds it random latents of the native sizes (64² targets, 32²
-views, 4 views), and times whole optimizer steps (forward, backward, AdamW) for each batch size,
-eager and compiled interleaved round by round, so a busy machine slows both alike. Compile time
+on the embedded model's base, feeds it random latents of the sizes --resolution and
+--condition-size encode to (the embedded model's 64² targets and 32² views by default; 4 views),
+and times whole optimizer steps (forward, backward, AdamW) for each batch size, eager and compiled interleaved round by round, so a busy machine slows both alike. Compile time
 (the first compiled step) is printed apart, and so is how many operators (and, on a GPU, kernels)
 an eager step runs. Throughput in samples/s shows whether a step is bound by work (grows with the
 batch) or by per-operation overhead (flat).
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import sys
 import time
@@ -44,6 +45,12 @@ def build_objective(base: Path, device: str, rank: int, views: int) -> RefAny3DO
     train_only_lora(transformer)
     inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
     return RefAny3DObjective(transformer, new_domain_embedder(inner).to(device), views).to(device)
+
+
+def latent_factor(base: Path) -> int:
+    """Pixels per latent cell of the base's VAE: 8 for FLUX.1-dev, 4 for the embedded model."""
+    config = json.loads((base / "vae" / "config.json").read_text())
+    return 2 ** (len(config["block_out_channels"]) - 1)
 
 
 def random_batch(transformer, batch: int, views: int, target: int, view: int, device: str) -> dict[str, torch.Tensor]:
@@ -112,8 +119,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data", type=Path, help="a dataset (make-data): also time the input preparation on it")
-    ap.add_argument("--resolution", type=int, default=64, help="size the targets are encoded at (embedded: 64)")
-    ap.add_argument("--condition-size", type=int, default=32, help="size the views are encoded at (embedded: 32)")
+    ap.add_argument("--resolution", type=int, default=64, help="target size in pixels (embedded: 64)")
+    ap.add_argument("--condition-size", type=int, default=32, help="view size in pixels (embedded: 32)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -128,12 +135,15 @@ def main() -> int:
         optimizers[name].step()
         optimizers[name].zero_grad(set_to_none=True)
 
-    print(f"stage-1 training step on {device}, {args.views} views, LoRA rank {args.rank}, base {args.base}")
+    factor = latent_factor(args.base)
+    print(f"stage-1 training step on {device}, {args.resolution}² targets, {args.views} views of "
+          f"{args.condition_size}², LoRA rank {args.rank}, base {args.base}")
     if args.data:
         for size in args.batch:
             time_inputs(args.base, args.data, size, args.views, args.resolution, args.condition_size, device, args.rounds)
     for size in args.batch:
-        batch = random_batch(eager.transformer, size, args.views, 16, 8, device)
+        batch = random_batch(eager.transformer, size, args.views, args.resolution // factor,
+                             args.condition_size // factor, device)
         for name in variants:  # warm-up (compiles; a new batch size recompiles)
             sync()
             start = time.perf_counter()
