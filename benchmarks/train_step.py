@@ -4,9 +4,10 @@
 Builds the RefAny3D objective (LoRA adapters + domain embedder on a frozen base, the group mask)
 on the embedded model's base, feeds it random latents of the sizes --resolution and
 --condition-size encode to (the embedded model's 64² targets and 32² views by default; 4 views),
-and times whole optimizer steps (forward, backward, AdamW) for each batch size, eager and compiled interleaved round by round, so a busy machine slows both alike. Compile time
-(the first compiled step) is printed apart, and so is how many operators (and, on a GPU, kernels)
-an eager step runs. Throughput in samples/s shows whether a step is bound by work (grows with the
+and times whole optimizer steps (forward, backward, AdamW) for each batch size, eager and
+compiled interleaved round by round, so a busy machine slows both alike. Compile time (the first
+compiled step) is printed apart, and so is how many operators (and, on a GPU, kernels) an eager
+step runs. Throughput in samples/s shows whether a step is bound by work (grows with the
 batch) or by per-operation overhead (flat).
 
 With --data, it also times what comes before each step: turning a batch of a dataset into the
