@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -24,12 +25,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _flag_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Setting name -> the flag that sets it, where they are spelled differently (num_inference_steps
+    -> --steps), so that errors raised in the API's terms name what the user typed."""
+    return {a.dest: a.option_strings[-1] for a in parser._actions if a.option_strings and "_" in a.dest}
+
+
+def _in_flag_terms(message: str, flags: dict[str, str]) -> str:
+    return re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: flags.get(m.group(0), m.group(0)), message)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args) or 0)
     except RefAny3DError as err:
-        print(f"error: {err}", file=sys.stderr)
+        # settings given as flags are named as flags; a jobs file's keys keep the API's names
+        flags = getattr(args, "flag_names", None) if not getattr(args, "jobs", None) else None
+        print(f"error: {_in_flag_terms(str(err), flags) if flags else err}", file=sys.stderr)
         return 2
     except OSError as err:
         where = f": {err.filename}" if err.filename else ""
@@ -98,7 +111,7 @@ def _add_generate(sub) -> None:
                    "else the embedded model, else JudgementH/RefAny3D)")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     p.add_argument("--cpu-offload", action="store_true", help="keep weights on the CPU between uses (small GPUs)")
-    p.set_defaults(run=_run_generate)
+    p.set_defaults(run=_run_generate, flag_names=_flag_names(p))
 
 
 @contextmanager

@@ -113,6 +113,9 @@ def test_no_pointmap_branch_writes_an_image_alone_and_resumes(model_args, tmp_pa
     jobs.write_text(json.dumps(job) + "\n")
     assert main(["generate", "--jobs", str(jobs), "--out", str(tmp_path / "exact"), *model_args]) == 2
     assert "mode='faithful' only" in capsys.readouterr().err
+    jobs.write_text(json.dumps({**job, "num_inference_steps": 0}) + "\n")  # a jobs file's keys keep their names
+    assert main(["generate", "--jobs", str(jobs), "--out", str(tmp_path / "zero"), *model_args]) == 2
+    assert "num_inference_steps must be a positive integer, got 0" in capsys.readouterr().err
 
 
 def test_read_jobs_errors(tmp_path):
@@ -156,9 +159,10 @@ GOOD = ["generate", str(ROOT / "examples" / "vase.glb"), "--prompt", "p", "--out
         ([*GOOD, "--ref-model", "JudgementH/RefAny3D", "--base-model", "/no/such/base"],
          "RefAny3D weights"),  # offline: the hub id fails first, without a traceback
         ([*GOOD, "--device", "bogus"], "unknown device 'bogus'; use cpu, cuda or cuda:N"),
-        ([*GOOD, "--guidance", "nan"], "guidance_scale must be a finite number, got nan"),
-        ([*GOOD, "--image-guidance", "inf"], "image_guidance_scale must be a finite number, got inf"),
-        ([*GOOD, "--max-sequence-length", "0"], "max_sequence_length must be a positive integer, got 0"),
+        ([*GOOD, "--guidance", "nan"], "--guidance must be a finite number, got nan"),  # named as typed
+        ([*GOOD, "--image-guidance", "inf"], "--image-guidance must be a finite number, got inf"),
+        ([*GOOD, "--steps", "0"], "--steps must be a positive integer, got 0"),
+        ([*GOOD, "--max-sequence-length", "0"], "--max-sequence-length must be a positive integer, got 0"),
         ([*GOOD, "--seed", str(2**64 - 1)], "seed must be a whole number from 0 to 9223372036854775807"),
         ([*GOOD[:-1], "a_file/sub"], "Not a directory: a_file/sub"),
     ],
