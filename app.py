@@ -9,9 +9,6 @@ import gradio as gr
 
 from refany3d import app_logic as logic
 
-# Number inputs whose ranges the events' validators check, so API clients get their messages
-Slider, Number = logic.RangeCheckedSlider, logic.RangeCheckedNumber
-
 service = logic.get_service()
 config = service.config
 defaults = logic.default_settings(logic.DEFAULT_PROMPT, config, service.default_model())
@@ -29,8 +26,8 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
     ply = gr.File(label="Point cloud (PLY)", interactive=False, render=False)
     downloads = gr.File(label="All files (image, point map, PLY, settings JSON)", file_count="multiple",
                         interactive=False, elem_id="downloads", render=False)
-    seed = Number(label="Seed", value=defaults.seed, precision=0, minimum=0, maximum=logic.MAX_SEED,
-                  render=False)
+    seed = gr.Number(label="Seed", value=defaults.seed, precision=0, minimum=0, maximum=logic.MAX_SEED,
+                     render=False)
     randomize_seed = gr.Checkbox(label="Randomize seed", value=True, render=False)
     result_outputs = [image, pointmap, pointcloud_plot, ply, downloads, seed, status]
     alignment_overlay = gr.Image(label="Asset re-rendered at the recovered camera, over the generated image",
@@ -72,12 +69,12 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
             mesh_view = gr.Model3D(label="Uploaded asset", height=300, interactive=False, elem_id="mesh-view")
             with gr.Accordion("Reference views", open=True):
                 with gr.Row():
-                    n_views = Slider(1, config.max_views, value=defaults.n_views, step=1, label="Views")
-                    radius = Slider(2.0, 10.0, value=defaults.radius, step=0.1, label="Camera radius",
-                                    info="in asset sizes: the asset spans [-1, 1]")
+                    n_views = gr.Slider(1, config.max_views, value=defaults.n_views, step=1, label="Views")
+                    radius = gr.Slider(2.0, 10.0, value=defaults.radius, step=0.1, label="Camera radius",
+                                       info="in asset sizes: the asset spans [-1, 1]")
                 with gr.Row():
-                    pitch = Slider(-89, 89, value=defaults.pitch, step=1, label="Pitch (°)")
-                    y_rotation = Slider(-180, 180, value=defaults.y_rotation, step=1, label="Y rotation (°)")
+                    pitch = gr.Slider(-89, 89, value=defaults.pitch, step=1, label="Pitch (°)")
+                    y_rotation = gr.Slider(-180, 180, value=defaults.y_rotation, step=1, label="Y rotation (°)")
                 views_gallery = gr.Gallery(
                     label="What the model sees: RGB and point-map views",
                     columns=4, height=260, object_fit="contain", format="png", elem_id="views-gallery",
@@ -86,23 +83,23 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
                 seed.render()
                 randomize_seed.render()
             with gr.Accordion("Advanced", open=False):
-                steps = Slider(1, config.max_steps, value=defaults.steps, step=1, label="Steps", elem_id="steps",
-                               info="denoising steps: more is slower, rarely better past 28")
-                guidance_scale = Slider(0.0, 20.0, value=defaults.guidance_scale, step=0.1, label="Guidance",
-                                        info="how closely to follow the prompt (FLUX.1-dev's distilled guidance)")
-                image_guidance_scale = Slider(
+                steps = gr.Slider(1, config.max_steps, value=defaults.steps, step=1, label="Steps", elem_id="steps",
+                                  info="denoising steps: more is slower, rarely better past 28")
+                guidance_scale = gr.Slider(0.0, 20.0, value=defaults.guidance_scale, step=0.1, label="Guidance",
+                                           info="how closely to follow the prompt (FLUX.1-dev's distilled guidance)")
+                image_guidance_scale = gr.Slider(
                     0.0, 20.0, value=defaults.image_guidance_scale, step=0.1, label="Image guidance",
                     info="how strongly to follow the reference views (1: off; 2 in the release)",
                 )
                 # The API accepts up to the operator's cap (each model's own limit is checked by the
                 # validator); the page narrows the slider to the chosen model's at load and on change.
-                resolution = Slider(
+                resolution = gr.Slider(
                     logic.MIN_RESOLUTION, config.max_resolution, value=defaults.resolution, step=16,
                     label="Resolution (px)", elem_id="resolution",
                     info=f"up to {logic.MAX_UPSCALE}x the size the chosen model was trained at",
                 )
                 model = gr.Dropdown(service.model_choices(), value=defaults.model, label="Model")
-                candidates = Slider(
+                candidates = gr.Slider(
                     1, config.max_candidates, value=defaults.candidates, step=1, label="Candidates",
                     info="Sample this many seeds (seed, seed+1, ...) and keep the most rigid point map",
                     elem_id="candidates",
@@ -129,6 +126,10 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
                     with gr.Accordion("Report (JSON)", open=False):
                         alignment_details.render()
             result = gr.State()
+
+    # API clients get the validators' messages for out-of-range numbers, not Gradio's bare 400
+    logic.leave_ranges_to_validators(seed, n_views, radius, pitch, y_rotation, steps, guidance_scale,
+                                     image_guidance_scale, resolution, candidates)
 
     mesh_file.change(logic.show_mesh, mesh_file, mesh_view, api_name="display_mesh").success(
         logic.preview_views, [mesh_file, n_views, radius, pitch, y_rotation], views_gallery,

@@ -389,25 +389,16 @@ def _number_as_given(payload: Any, precision: int | None) -> Any:
     return payload
 
 
-class RangeCheckedSlider(gr.Slider):
-    """A slider whose range is checked by its events' validators rather than by Gradio's
-    preprocessing, which runs first and answers an API client's out-of-range value with a bare
-    "400 Bad Request" (gradio_client shows no message); a validator's answer names the setting
-    and its range. Drawn as a plain slider (`is_template`)."""
+def leave_ranges_to_validators(*inputs: gr.Slider | gr.Number) -> None:
+    """Let these number inputs pass any number on, for their events' validators to check.
 
-    is_template = True
-
-    def preprocess(self, payload: Any) -> Any:
-        return _number_as_given(payload, self.precision)
-
-
-class RangeCheckedNumber(gr.Number):
-    """A number box checked like `RangeCheckedSlider`."""
-
-    is_template = True
-
-    def preprocess(self, payload: Any) -> Any:
-        return _number_as_given(payload, self.precision)
+    Gradio's own range check runs before a validator and answers an API client's out-of-range
+    value with a bare "400 Bad Request" (gradio_client shows no message); the validators name the
+    setting and its range. The page keeps the inputs' ranges. (An instance attribute, not a
+    subclass: Gradio writes a .pyi stub beside the module of every component subclass.)
+    """
+    for component in inputs:
+        component.preprocess = lambda payload, precision=component.precision: _number_as_given(payload, precision)
 
 
 def _is_integer(value: Any) -> bool:
