@@ -27,6 +27,7 @@ from PIL import Image
 
 from refany3d.cameras import DEFAULT_FOV_Y_DEG, Camera, focal_from_fov
 from refany3d.errors import AlignmentError, InputError, RefAny3DError
+from refany3d.images import as_float_image
 from refany3d.outputs import BACKGROUND_TOLERANCE, foreground_mask
 
 # OpenGL camera axes (x right, y up, -z forward) <-> OpenCV axes (x right, y down, +z forward).
@@ -43,30 +44,6 @@ _FOCAL_SEARCH_POINTS = 1500
 # --------------------------------------------------------------------------------------------
 # Inputs
 # --------------------------------------------------------------------------------------------
-
-
-def as_float_image(image: Any, what: str = "image") -> np.ndarray:
-    """PIL image, path, uint8 or [0,1] float array -> float32 HxWx3 in [0,1] (alpha dropped)."""
-    if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as img:
-                image = img.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise InputError(f"cannot read {what} {str(image)!r}: {err}") from None
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
-    arr = np.asarray(image)
-    if arr.ndim != 3 or arr.shape[2] not in (3, 4) or min(arr.shape[:2]) < 1:
-        raise InputError(f"{what} must be an HxWx3 image, got shape {arr.shape}")
-    arr = arr[..., :3]
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise InputError(f"{what} must be uint8 or float in [0,1], got {arr.dtype}")
-    arr = arr.astype(np.float32)
-    if not np.all(np.isfinite(arr)) or arr.min() < -1e-3 or arr.max() > 1 + 1e-3:
-        raise InputError(f"{what} values must be finite and within [0,1]")
-    return np.clip(arr, 0.0, 1.0)
 
 
 def default_intrinsics(width: int, height: int, fov_y_deg: float = DEFAULT_FOV_Y_DEG) -> np.ndarray:

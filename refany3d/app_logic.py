@@ -1077,7 +1077,7 @@ def align_pair(mesh_path: str | None, image_path: str | None, pointmap_path: str
     point map with the recovered camera (when measurable). A point map that cannot be measured is
     a result with the reason, not an error.
     """
-    from refany3d.alignment import as_float_image
+    from refany3d.images import as_float_image
     from refany3d.outputs import pointcloud_figure, pointcloud_from_pointmap
 
     report = _align_files(mesh_path, image_path, pointmap_path, y_rotation)

@@ -7,45 +7,13 @@ its own latent grid shifted by CONDITION_POSITION_DELTA, so the model tells view
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-
-from refany3d.errors import InputError
+from PIL import Image
 
 # (row, column) shift of every condition's position ids, in latent tokens: the release's value.
 CONDITION_POSITION_DELTA = (0, -32)
-
-ImageLike = Image.Image | np.ndarray | str | Path
-
-
-def to_rgb_image(image: ImageLike, what: str = "image") -> Image.Image:
-    """Accept a PIL image, an HxWx3 array (uint8, or float in [0,1]) or a file path; return RGB PIL."""
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (str, Path)):
-        try:
-            with Image.open(image) as img:
-                return img.convert("RGB")
-        except (OSError, UnidentifiedImageError) as err:
-            raise InputError(f"cannot read {what} {str(image)!r}: {err}") from None
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] not in (3, 4) or image.size == 0:
-            raise InputError(f"{what} must be an HxWx3 array, got shape {image.shape}")
-        if image.dtype != np.uint8:
-            if not np.isfinite(image).all():
-                raise InputError(f"{what} contains NaN or infinite values")
-            integers = np.issubdtype(image.dtype, np.integer)
-            top = 255 if integers else 1.0
-            if image.min() < 0 or image.max() > top:  # silently clipped, it would come out black or white
-                raise InputError(f"{what} values must be within [0, {top}] for a {image.dtype} array, got "
-                                 f"[{image.min():g}, {image.max():g}]" + ("" if integers else
-                                 "; for 0-255 values pass a uint8 array"))
-            image = image.astype(np.uint8) if integers else (image * 255.0 + 0.5).astype(np.uint8)
-        return Image.fromarray(image[..., :3], "RGB")
-    raise InputError(f"{what} must be a PIL image, an array or a file path, got {type(image).__name__}")
 
 
 def black_like(images: Sequence[Image.Image]) -> list[Image.Image]:

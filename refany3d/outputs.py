@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from refany3d.errors import InputError
+from refany3d.images import as_float_image
 
 # A pixel is background when every channel is at least 1 - this (the white of the point map).
 BACKGROUND_TOLERANCE = 0.05
@@ -32,29 +33,18 @@ class PointCloud:
     colors: np.ndarray
 
     def __post_init__(self) -> None:
-        self.points = np.asarray(self.points, dtype=np.float32).reshape(-1, 3)
-        self.colors = np.asarray(self.colors, dtype=np.uint8).reshape(-1, 3)
+        points, colors = np.asarray(self.points), np.asarray(self.colors)
+        if points.size and not np.isfinite(points).all():
+            raise InputError("point cloud coordinates must be finite, got NaN or infinite values")
+        if colors.size and (colors.min() < 0 or colors.max() > 255):  # a uint8 cast would wrap them
+            raise InputError(f"point colours must be within [0, 255], got [{colors.min()}, {colors.max()}]")
+        self.points = points.astype(np.float32).reshape(-1, 3)
+        self.colors = colors.astype(np.uint8).reshape(-1, 3)
         if len(self.points) != len(self.colors):
             raise InputError(f"{len(self.points)} points but {len(self.colors)} colours")
 
     def __len__(self) -> int:
         return len(self.points)
-
-
-def _float_rgb(image: Image.Image | np.ndarray, what: str) -> np.ndarray:
-    """HxWx3 float in [0, 1] from a PIL image, a uint8 array or a float array in [0, 1]."""
-    if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    array = np.asarray(image)
-    if array.ndim != 3 or array.shape[2] < 3:
-        raise InputError(f"{what} must be an HxWx3 image, got shape {array.shape}")
-    array = array[..., :3]
-    if array.dtype == np.uint8:
-        return array.astype(np.float32) / 255.0
-    array = array.astype(np.float32)
-    if not np.isfinite(array).all() or array.min() < 0.0 or array.max() > 1.0:
-        raise InputError(f"{what} as a float array must hold finite values in [0, 1]")
-    return array
 
 
 def foreground_mask(pointmap: np.ndarray, tolerance: float = BACKGROUND_TOLERANCE) -> np.ndarray:
@@ -75,8 +65,8 @@ def pointcloud_from_pointmap(
     points are in the asset's own frame, so they overlay its surface; without, they stay in the
     point map's [0, 1]^3 cube.
     """
-    P = _float_rgb(pointmap, "point map")
-    rgb = _float_rgb(image, "image")
+    P = as_float_image(pointmap, "point map")
+    rgb = as_float_image(image, "image")
     if P.shape[:2] != rgb.shape[:2]:
         raise InputError(f"point map {P.shape[1]}x{P.shape[0]} and image {rgb.shape[1]}x{rgb.shape[0]} differ in size")
     mask = foreground_mask(P, tolerance)
@@ -96,11 +86,13 @@ def subsample(cloud: PointCloud, max_points: int, seed: int = 0) -> PointCloud:
 
 
 def surface_points(mesh, count: int = ASSET_OVERLAY_POINTS, seed: int = 0) -> PointCloud:
-    """Points sampled uniformly (by area) on a trimesh surface, neutral gray: the comparison overlay."""
+    """Points sampled uniformly (by area) on a mesh's surface (a trimesh object or a mesh file),
+    neutral gray: the comparison overlay."""
     import trimesh
 
-    if len(mesh.faces) == 0:
-        raise InputError("the mesh has no faces to sample")
+    from refany3d.mesh import as_mesh
+
+    mesh = as_mesh(mesh)
     points, _ = trimesh.sample.sample_surface(mesh, count, seed=seed)
     return PointCloud(points, np.full((len(points), 3), 150, dtype=np.uint8))
 

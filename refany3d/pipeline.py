@@ -19,16 +19,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from refany3d.conditions import (
-    ImageLike,
-    black_like,
-    condition_tokens,
-    latent_position_ids,
-    pack_latents,
-    to_rgb_image,
-    unpack_latents,
-)
+from refany3d.conditions import black_like, condition_tokens, latent_position_ids, pack_latents, unpack_latents
 from refany3d.errors import InputError, ModelLoadError, require_finite, require_positive_integer
+from refany3d.images import ImageLike, to_rgb_image
 from refany3d.transformer import joint_forward, refany3d_branches, refany3d_group_mask
 
 DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-dev"

@@ -120,6 +120,20 @@ def test_exact_pointmap_recovers_the_camera(asset, name):
     assert report.colour_psnr > 30.0
 
 
+def test_a_cut_out_pointmap_and_image_align_as_on_white(asset, tmp_path):
+    """Transparent pixels are background: read as black they would be points at the frame's corner."""
+    view = render_at(asset, _camera(**CASES["front"]))
+    on_white = align(asset, pointmap_image(view.pointmap_xyz), view.rgb)
+    alpha = np.where(view.mask, 255, 0).astype(np.uint8)[..., None]
+    cut = {name: np.concatenate([np.where(view.mask[..., None], rgb, 0), alpha], axis=-1).astype(np.uint8)
+           for name, rgb in (("pointmap", np.asarray(pointmap_image(view.pointmap_xyz))), ("image", view.rgb))}
+    Image.fromarray(cut["pointmap"], "RGBA").save(tmp_path / "pointmap.png")
+    cut_out = align(asset, tmp_path / "pointmap.png", cut["image"])
+    assert on_white.measurable and cut_out.measurable
+    assert (cut_out.iou, cut_out.inlier_ratio, cut_out.reprojection_error_px) == pytest.approx(
+        (on_white.iou, on_white.inlier_ratio, on_white.reprojection_error_px))
+
+
 def test_off_centre_principal_point_with_given_intrinsics(asset):
     camera = _camera(160, 25, 3.5, roll=5, principal_offset=(14.0, -9.0))
     pointmap = _pointmap_png(asset, camera)
@@ -528,7 +542,7 @@ def test_bad_inputs_raise_typed_errors(asset):
 
     with pytest.raises(InputError, match="aspect ratios"):
         align(asset, _blank(), np.zeros((50, 100, 3), np.uint8))
-    with pytest.raises(InputError, match="within \\[0,1\\]"):
+    with pytest.raises(InputError, match="within \\[0, 1\\]"):
         align(asset, np.full((RES, RES, 3), 2.0))
     with pytest.raises(InputError, match="HxWx3"):
         align(asset, np.zeros((RES, RES)))
