@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from refany3d.cameras import DEFAULT_FOV_Y_DEG, Camera, focal_from_fov
-from refany3d.errors import AlignmentError, InputError, RefAny3DError
+from refany3d.errors import AlignmentError, InputError, RefAny3DError, require_finite
 from refany3d.images import as_float_image
 from refany3d.outputs import BACKGROUND_TOLERANCE, foreground_mask
 
@@ -642,6 +643,8 @@ FIT_SIZES = tuple(np.geomspace(0.3, 0.75, 9))  # image-width fractions spanned b
 FIT_GAIN = (0.8, 1.2)  # brightness the fit may apply to a template (scenes dim or brighten the asset)
 _FIT_SPHERE = 1.25  # radius, in normalized units, that a template's width spans
 _FIT_FOV_DEG = 28.0  # templates are seen from ~5 units away: the middle of the training targets' 2.6-7.9
+_FIT_MAX_SIDE = 2  # images are fitted at most this many times the templates' size: more adds time, not detail
+_FIT_MIN_TEMPLATE = 8  # px: a smaller placed template matches any image too well to mean anything
 
 
 @dataclass
@@ -661,6 +664,12 @@ def asset_templates(mesh: Any, resolution: int = 64, azimuths=FIT_AZIMUTHS, pitc
     from refany3d.mesh import as_mesh
     from refany3d.views import render_at
 
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or not 16 <= resolution <= 512:
+        raise InputError(f"template resolution must be a whole number from 16 to 512, got {resolution!r}")
+    if not len(azimuths) or not len(pitches):
+        raise InputError("give at least one azimuth and one pitch to render templates from")
+    for angle in (*azimuths, *pitches):
+        require_finite("a template direction's angle", angle)
     mesh = as_mesh(mesh)
     fov = _FIT_FOV_DEG
     radius = _FIT_SPHERE / math.tan(math.radians(fov) / 2.0)
@@ -688,14 +697,25 @@ def fit_asset_to_image(templates: AssetTemplates, image: Any, sizes=FIT_SIZES) -
 
     It asks "does this image show this asset anywhere, from some side?". The best of many
     placements flatters any image a little, so compare it with the fit of another asset's
-    templates to the same image. Placements keep the whole template inside the image.
+    templates to the same image. Placements keep the whole template inside the image. An image over
+    twice the templates' size is fitted at that size (the templates hold no finer detail; the cost
+    grows with the fourth power of the side) and the placed silhouette scaled back to it.
     """
     import torch
     import torch.nn.functional as F
 
-    img = as_float_image(image, "image")
-    height, width = img.shape[:2]
-    x = torch.from_numpy(img).permute(2, 0, 1)[None]
+    if not isinstance(templates, AssetTemplates):
+        raise InputError(f"templates must be asset_templates(mesh), got {type(templates).__name__}")
+    sizes = tuple(np.atleast_1d(np.asarray(sizes, dtype=object)))
+    if not sizes or not all(isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v <= 1 for v in sizes):
+        raise InputError(f"sizes must be fractions of the image width in (0, 1], got {sizes!r}")
+    full = as_float_image(image, "image")
+    full_height, full_width = full.shape[:2]
+    scale = min(1.0, _FIT_MAX_SIDE * templates.rgb.shape[1] / max(full_height, full_width))
+    x = torch.from_numpy(full).permute(2, 0, 1)[None]
+    if scale < 1.0:
+        x = F.interpolate(x, size=(max(1, round(full_height * scale)), max(1, round(full_width * scale))), mode="area")
+    height, width = x.shape[2:]
     squares = (x ** 2).sum(1, keepdim=True)
     rgb = torch.from_numpy(templates.rgb).permute(0, 3, 1, 2)
     silhouettes = torch.from_numpy(templates.mask).float()[:, None]
@@ -703,7 +723,7 @@ def fit_asset_to_image(templates: AssetTemplates, image: Any, sizes=FIT_SIZES) -
     with torch.no_grad():
         for size in sizes:
             k = int(round(size * width))
-            if not 4 <= k <= min(height, width):
+            if not _FIT_MIN_TEMPLATE <= k <= min(height, width):
                 continue
             t = F.interpolate(rgb, size=(k, k), mode="area")
             m = F.interpolate(silhouettes, size=(k, k), mode="area")
@@ -723,10 +743,13 @@ def fit_asset_to_image(templates: AssetTemplates, image: Any, sizes=FIT_SIZES) -
                 best = (float(mse[d, y, x0]), int(d), float(size), int(y), int(x0), float(gain[d, y, x0]),
                         (m[d, 0] > 0.5).numpy())
     if best is None:
-        raise InputError(f"the image ({width}x{height}) is too small to fit the asset's templates")
+        raise InputError(f"the image ({full_width}x{full_height}) is too small to fit the asset's templates "
+                         f"at sizes {', '.join(f'{v:.2f}' for v in sizes)} of its width")
     mse, d, size, y, x0, gain, placed = best
     mask = np.zeros((height, width), dtype=bool)
     mask[y:y + placed.shape[0], x0:x0 + placed.shape[1]] = placed
+    if scale < 1.0:
+        mask = np.asarray(Image.fromarray(mask).resize((full_width, full_height), Image.NEAREST))
     psnr = 100.0 if mse <= 1e-10 else min(100.0, 10.0 * math.log10(1.0 / max(mse, 1e-10)))
     azimuth, pitch = templates.directions[d]
     return ImageFit(psnr, azimuth, pitch, size, gain, mask)

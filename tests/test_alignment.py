@@ -297,8 +297,22 @@ def test_image_only_fit_finds_the_asset_its_side_and_size(asset, other_asset):
     assert mask_iou(fit.mask, view.mask) > 0.85
     wrong = fit_asset_to_image(asset_templates(other_asset, res, **grid), image)
     assert fit.psnr > 20 and wrong.psnr < fit.psnr - 6
+    templates = asset_templates(asset, res, **grid)
     with pytest.raises(InputError, match="too small"):
-        fit_asset_to_image(asset_templates(asset, res, **grid), image[:4, :4])
+        fit_asset_to_image(templates, image[:4, :4])
+    # a large image is fitted at twice the templates' size: the same answer, the mask at full size
+    big = np.asarray(Image.fromarray(image).resize((8 * res, 8 * res), Image.NEAREST))
+    large = fit_asset_to_image(templates, big)
+    assert (large.azimuth_deg, large.pitch_deg) == (135, 25)
+    assert abs(math.log(large.size / size)) <= math.log(step) + 1e-6
+    assert large.mask.shape == (8 * res, 8 * res) and large.psnr > 20
+    assert mask_iou(large.mask, np.kron(view.mask, np.ones((8, 8), bool))) > 0.75  # up to one size step off
+    for bad, message in [(dict(sizes=[float("nan")]), "sizes must be fractions"), (dict(sizes=[]), "sizes must be"),
+                         (dict(templates="asset.glb"), "templates must be asset_templates\\(mesh\\), got str")]:
+        with pytest.raises(InputError, match=message):
+            fit_asset_to_image(**{"templates": templates, "image": image, **bad})
+    with pytest.raises(InputError, match="at least one azimuth"):
+        asset_templates(asset, res, azimuths=[], pitches=(0,))
 
 
 def test_random_pointmap_is_not_measurable(asset):
