@@ -519,6 +519,24 @@ def _same_size(image: np.ndarray, height: int, width: int) -> np.ndarray:
     return cv2.resize(image, (width, height), interpolation=cv2.INTER_AREA)
 
 
+def _check_align_settings(y_rotation, fov_y_deg, inlier_threshold_px, tolerance, seed) -> None:
+    """InputError naming the first of align's settings that cannot be used as given."""
+    require_finite("y_rotation", y_rotation)
+    require_finite("fov_y_deg", fov_y_deg)
+    if not 0 < fov_y_deg < 180:
+        raise InputError(f"fov_y_deg must be between 0 and 180, got {fov_y_deg!r}")
+    if inlier_threshold_px is not None:
+        require_finite("inlier_threshold_px", inlier_threshold_px)
+        if inlier_threshold_px <= 0:
+            raise InputError(f"inlier_threshold_px must be positive (None: the default), got {inlier_threshold_px!r}")
+    require_finite("tolerance", tolerance)
+    if not 0 <= tolerance < 1:
+        raise InputError(f"tolerance (how far from white a background pixel may be) must be in [0, 1), "
+                         f"got {tolerance!r}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise InputError(f"seed must be a whole number >= 0, got {seed!r}")
+
+
 def align(
     mesh: Any,
     pointmap: Any,
@@ -544,6 +562,7 @@ def align(
     from refany3d.mesh import as_mesh, normalization_of
     from refany3d.views import render_at
 
+    _check_align_settings(y_rotation, fov_y_deg, inlier_threshold_px, tolerance, seed)
     mesh = as_mesh(mesh)
     normalization = normalization_of(mesh)
     P = as_float_image(pointmap, "point map")
@@ -628,6 +647,8 @@ def choose_candidate(mesh: Any, candidates: list[tuple[Any, Any]],
     self-consistent one (`most_consistent`) and every report."""
     from refany3d.mesh import as_mesh
 
+    if not all(isinstance(c, (tuple, list)) and len(c) == 2 for c in candidates):
+        raise InputError("candidates must be (image, point map) pairs")
     mesh = as_mesh(mesh)  # once for every candidate
     reports = [align(mesh, pointmap, image, y_rotation=y_rotation) for image, pointmap in candidates]
     return most_consistent(reports), reports

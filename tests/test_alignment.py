@@ -560,6 +560,16 @@ def test_bad_inputs_raise_typed_errors(asset):
         align(asset, np.full((RES, RES, 3), 2.0))
     with pytest.raises(InputError, match="HxWx3"):
         align(asset, np.zeros((RES, RES)))
+    for setting, message in [({"y_rotation": float("nan")}, "y_rotation must be a finite number, got nan"),
+                             ({"y_rotation": "10"}, "y_rotation must be a finite number, got '10'"),
+                             ({"inlier_threshold_px": 0}, "inlier_threshold_px must be positive"),
+                             ({"tolerance": -1.0}, "tolerance .* must be in \\[0, 1\\)"),
+                             ({"seed": -1}, "seed must be a whole number >= 0, got -1"),
+                             ({"fov_y_deg": 180}, "fov_y_deg must be between 0 and 180")]:
+        with pytest.raises(InputError, match=message):
+            align(asset, _blank(), **setting)
+    with pytest.raises(InputError, match="candidates must be \\(image, point map\\) pairs"):
+        choose_candidate(asset, [_blank()])
 
 
 def test_grabcut_segmentation_does_not_depend_on_what_ran_before(tmp_path):
