@@ -26,6 +26,7 @@ from refany3d.transformer import joint_forward, refany3d_branches, refany3d_grou
 
 DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
 DEFAULT_REF_MODEL = "JudgementH/RefAny3D"
+MAX_SIZE = 4096  # largest image side a call takes (the renderer's limit too)
 REF_WEIGHT_FILES = ("coord.safetensors", "default.safetensors", "domain_embedder.pth")
 
 StepCallback = Callable[[int, int], None]
@@ -161,12 +162,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def parse_device(device: str | torch.device) -> torch.device:
+def parse_device(device: str | int | torch.device) -> torch.device:
     """A torch device that exists on this machine, or an InputError that says what does."""
+    if isinstance(device, int) and not isinstance(device, bool):
+        device = f"cuda:{device}"  # torch's convention for a bare index
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError):
         raise InputError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError("device 'mps' asked for, but this machine or torch build has no Apple MPS support; use cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"device {str(device)!r} cannot run the pipeline; use cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device {str(device)!r} asked for, but this machine has no CUDA GPU (torch "
                          f"{torch.__version__}); use cpu")
@@ -211,7 +218,7 @@ class RefAny3DPipeline:
         device = parse_device(device) if device is not None else default_device()
         if isinstance(dtype, str):  # "bfloat16", "float16", "float32"
             dtype = getattr(torch, dtype, None) if dtype in ("bfloat16", "float16", "float32") else dtype
-        if dtype is not None and not isinstance(dtype, torch.dtype):
+        if dtype is not None and dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise InputError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}")
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         ref_files = resolve_ref_weights(ref_model)  # a missing ref model fails before the (large) base loads
@@ -237,6 +244,7 @@ class RefAny3DPipeline:
         return pipe
 
     def to(self, device: str | torch.device) -> RefAny3DPipeline:
+        device = parse_device(device)
         self.flux.to(device)
         self.domain_embedder.to(device)
         return self
@@ -301,6 +309,9 @@ class RefAny3DPipeline:
         latents = unpack_latents(tokens, lat_h, lat_w)
         latents = latents / vae.config.scaling_factor + vae.config.shift_factor
         pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        if not torch.isfinite(pixels).all():  # else a black image, or NaNs, with no word of why
+            raise InputError("sampling diverged to NaN or infinite values: lower the guidance"
+                             + ("" if vae.dtype == torch.float32 else ", or load the model in float32"))
         return self.flux.image_processor.postprocess(pixels, output_type=output_type)[0]
 
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:
@@ -309,7 +320,7 @@ class RefAny3DPipeline:
 
     # ----------------------------------------------------------------------------------- sampling
     def _check(self, prompt, rgb_views, pointmap_views, height, width, condition_size, steps, output_type,
-               guidance_scales, max_sequence_length):
+               guidance_scales, max_sequence_length, callback):
         if not isinstance(prompt, str):
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
         for name, value in guidance_scales.items():
@@ -324,6 +335,8 @@ class RefAny3DPipeline:
         for name, value in (("height", height), ("width", width), ("condition_size", condition_size)):
             self._check_size(name, value)
         require_positive_integer("num_inference_steps", steps)
+        if callback is not None and not callable(callback):
+            raise InputError(f"callback must be a function callback(step, total), got {type(callback).__name__}")
         if output_type not in ("pil", "np"):
             raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
 
@@ -333,11 +346,14 @@ class RefAny3DPipeline:
         return self.default_settings.get(name, True) if value is None else value
 
     def _check_size(self, name: str, value) -> None:
-        """An image side the model can take: a positive multiple of its latent patch (16 for FLUX)."""
+        """An image side the model can take: a positive multiple of its latent patch (16 for FLUX),
+        at most MAX_SIZE (beyond it a call would only fail to allocate memory)."""
         multiple = self.flux.vae_scale_factor * 2
         require_positive_integer(name, value)
         if value % multiple:
             raise InputError(f"{name} must be a multiple of {multiple}, got {value}")
+        if value > MAX_SIZE:
+            raise InputError(f"{name} must be at most {MAX_SIZE}, got {value}")
 
     def _timesteps(self, steps: int, image_tokens: int):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
@@ -438,9 +454,12 @@ class RefAny3DPipeline:
         rgb_images = _as_images(rgb_views, "RGB view")
         pm_images = _as_images(pointmap_views, "point-map view")
         self._check(prompt, rgb_images, pm_images, height, width, condition_size, num_inference_steps, output_type,
-                    {"guidance_scale": guidance_scale, "image_guidance_scale": image_guidance_scale}, max_sequence_length)
+                    {"guidance_scale": guidance_scale, "image_guidance_scale": image_guidance_scale}, max_sequence_length,
+                    callback)
         height, width, condition_size = int(height), int(width), int(condition_size)  # NumPy numbers too
-        num_inference_steps, max_sequence_length = int(num_inference_steps), int(max_sequence_length)
+        num_inference_steps = int(num_inference_steps)
+        # the text encoder's limit caps it (T5: 512 tokens); settings record what was used
+        max_sequence_length = min(int(max_sequence_length), self.flux.tokenizer_2.model_max_length)
         guidance_scale, image_guidance_scale = float(guidance_scale), float(image_guidance_scale)
         device, dtype = self.device, self.dtype
         if mode == "faithful":
@@ -527,7 +546,7 @@ class RefAny3DPipeline:
         a small model's samples vary much in that from seed to seed. Its `candidates` holds every
         candidate's alignment report and settings["candidate"] the index of the one returned.
         """
-        from refany3d.mesh import load_mesh
+        from refany3d.mesh import as_mesh
         from refany3d.views import render_views
 
         n_views, condition_size = self._own("n_views", n_views), self._own("condition_size", condition_size)
@@ -535,12 +554,18 @@ class RefAny3DPipeline:
         if generators is not None:
             if not generators:
                 raise InputError("generator is an empty list: give one generator per candidate")
+            if not all(isinstance(g, torch.Generator) for g in generators):
+                kinds = ", ".join(sorted({type(g).__name__ for g in generators}))
+                raise InputError(f"generator must be a torch.Generator or a list of them, got a list of {kinds}")
             if self._own("pointmap_branch", call_kwargs.get("pointmap_branch")) is False:
                 raise InputError("choosing among candidates needs their point maps (pointmap_branch=False has none)")
         self._check_size("condition_size", condition_size)  # before rendering views of that size
-        mesh = load_mesh(mesh_or_path) if isinstance(mesh_or_path, (str, os.PathLike)) else mesh_or_path  # loaded once
+        mesh = as_mesh(mesh_or_path)  # loaded once
         views = render_views(mesh, n_views=n_views, resolution=condition_size, radius=radius, pitch=pitch,
                              y_rotation=y_rotation)
+        if not any(mask.any() for mask in views.masks):
+            raise InputError(f"the asset is not visible in any reference view: radius {radius:g} is too far for "
+                             f"{condition_size} px views")
         sample = partial(self, prompt, views.rgb, views.pointmap, condition_size=condition_size, **call_kwargs)
         if generators is None:
             out = sample(generator=generator)

@@ -168,6 +168,13 @@ def test_callback_reports_every_step(pipe):
     assert calls == [(1, 3), (2, 3), (3, 3)]
 
 
+def test_a_longer_caption_limit_than_the_text_encoder_takes_is_recorded_as_used(pipe):
+    limit = pipe.flux.tokenizer_2.model_max_length
+    longer, used = sample(pipe, max_sequence_length=limit * 10), sample(pipe, max_sequence_length=limit)
+    np.testing.assert_array_equal(np.asarray(longer.image), np.asarray(used.image))
+    assert longer.settings["max_sequence_length"] == limit
+
+
 def test_branch_adapters_matter(pipe):
     """Swapping the point-map target's adapter set changes its prediction (so per-branch LoRA is live)."""
     tr = pipe.flux.transformer
@@ -278,6 +285,9 @@ def test_attention_recorder_shares_follow_the_group_mask(pipe):
         (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
         (dict(image_guidance_scale=float("inf")), "image_guidance_scale must be a finite number, got inf"),
         (dict(max_sequence_length=0), "max_sequence_length must be a positive integer, got 0"),
+        (dict(height=2**20, width=2**20), "height must be at most 4096, got 1048576"),
+        (dict(callback=5), "callback must be a function callback\\(step, total\\), got int"),
+        (dict(image_guidance_scale=1e30), "sampling diverged to NaN or infinite values: lower the guidance"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(pipe, kwargs, message):
@@ -330,6 +340,15 @@ def test_devices_this_machine_lacks_are_input_errors(tiny_dirs):
     else:
         with pytest.raises(InputError, match="'cuda:1' asked for, but this machine has no CUDA GPU"):
             parse_device("cuda:1")
+        with pytest.raises(InputError, match="'cuda:0' asked for, but this machine has no CUDA GPU"):
+            parse_device(0)  # a bare index is a CUDA device
+    with pytest.raises(InputError, match="device 'meta' cannot run the pipeline"):
+        parse_device("meta")
+    if not torch.backends.mps.is_available():
+        with pytest.raises(InputError, match="no Apple MPS support"):
+            parse_device("mps")
+    with pytest.raises(InputError, match="dtype must be torch.bfloat16, torch.float16 or torch.float32, got torch.float64"):
+        RefAny3DPipeline.from_pretrained(*map(str, tiny_dirs), device="cpu", dtype=torch.float64)
 
 
 def test_loading_two_adapters_does_not_warn(tiny_dirs):
@@ -407,6 +426,13 @@ def test_candidates_need_generators_and_a_point_map(pipe):
     mesh = EXAMPLES_DIR / "vase.glb"
     with pytest.raises(InputError, match="empty list"):
         pipe.generate_from_mesh(mesh, "p", n_views=1, condition_size=32, generator=[])
+    calls = []
+    with pytest.raises(InputError, match="a torch.Generator or a list of them, got a list of Generator, int"):
+        pipe.generate_from_mesh(mesh, "p", n_views=1, condition_size=32, generator=[torch.Generator(), 5],
+                                callback=lambda *step: calls.append(step))
+    assert not calls  # named before the first candidate samples
+    with pytest.raises(InputError, match="not visible in any reference view: radius 1e\\+06 is too far for 32 px"):
+        pipe.generate_from_mesh(mesh, "p", n_views=1, condition_size=32, radius=1e6)
     with pytest.raises(InputError, match="needs their point maps"):
         pipe.generate_from_mesh(mesh, "p", n_views=1, condition_size=32, pointmap_branch=False, mode="faithful",
                                 generator=[torch.Generator(), torch.Generator()])
