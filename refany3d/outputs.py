@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,8 @@ def pointcloud_from_pointmap(
 
 def subsample(cloud: PointCloud, max_points: int, seed: int = 0) -> PointCloud:
     """At most `max_points` points, drawn without replacement (keeps plots responsive)."""
+    if isinstance(max_points, bool) or not isinstance(max_points, numbers.Integral) or max_points < 0:
+        raise InputError(f"max_points must be a whole number >= 0, got {max_points!r}")
     if len(cloud) <= max_points:
         return cloud
     keep = np.sort(np.random.default_rng(seed).choice(len(cloud), size=max_points, replace=False))
@@ -135,12 +138,15 @@ def settings_record(settings: dict[str, Any], mesh_path: str | Path | None = Non
     record: dict[str, Any] = {"refany3d_version": __version__, "settings": dict(settings)}
     if mesh_path is not None:
         mesh_path = Path(mesh_path)
+        if not mesh_path.is_file():
+            raise InputError(f"mesh file not found: {mesh_path}")
         record["mesh"] = {"name": mesh_path.name, "path": str(mesh_path), "sha256": file_sha256(mesh_path)}
     return record
 
 
 def write_settings_json(settings: dict[str, Any], path: str | Path, mesh_path: str | Path | None = None) -> Path:
-    """Write `settings_record` as indented JSON (numpy scalars become plain numbers)."""
+    """Write `settings_record` as indented JSON (numpy scalars become plain numbers). Values JSON
+    cannot hold (NaN, infinities, objects) are refused by name rather than written unreadable."""
     path = Path(path)
 
     def plain(value: Any) -> Any:
@@ -148,9 +154,18 @@ def write_settings_json(settings: dict[str, Any], path: str | Path, mesh_path: s
             return value.item()
         if isinstance(value, Path):
             return str(value)
-        raise TypeError(f"setting of type {type(value).__name__} cannot go into JSON")
+        raise InputError(f"a setting of type {type(value).__name__} cannot go into settings.json")
 
-    path.write_text(json.dumps(settings_record(settings, mesh_path), indent=2, default=plain) + "\n")
+    record = settings_record(settings, mesh_path)
+    try:
+        text = json.dumps(record, indent=2, default=plain, allow_nan=False)
+    except InputError:
+        raise
+    except ValueError:  # NaN or an infinity
+        bad = [k for k, v in settings.items() if isinstance(v, (float, np.floating)) and not np.isfinite(v)]
+        raise InputError(f"settings.json cannot hold NaN or infinite values ({', '.join(bad) or 'a nested setting'})"
+                         ) from None
+    path.write_text(text + "\n")
     return path
 
 

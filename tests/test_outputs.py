@@ -83,6 +83,10 @@ def test_pointcloud_rejects_mismatched_or_invalid_inputs():
         pointcloud_from_pointmap(np.full((2, 2, 3), 2.0, np.float32), np.zeros((2, 2, 3), np.uint8))
     with pytest.raises(InputError, match="HxWx3"):
         pointcloud_from_pointmap(np.zeros((4, 4), np.float32), np.zeros((4, 4, 3), np.uint8))
+    with pytest.raises(InputError, match="coordinates must be finite"):
+        PointCloud(np.array([[0.0, np.nan, 1.0]]), [[1, 2, 3]])
+    with pytest.raises(InputError, match="colours must be within \\[0, 255\\], got \\[-5, 300\\]"):
+        PointCloud(np.zeros((1, 3)), [[300, -5, 1]])  # a uint8 cast would wrap them to (44, 251, 1)
 
 
 def test_subsample_draws_distinct_points_deterministically():
@@ -95,6 +99,8 @@ def test_subsample_draws_distinct_points_deterministically():
     assert len({tuple(p) for p in small.points.tolist()}) == 100
     np.testing.assert_array_equal(small.points, subsample(cloud, 100, seed=3).points)
     assert subsample(cloud, 5000) is cloud
+    with pytest.raises(InputError, match="max_points must be a whole number >= 0, got -1"):
+        subsample(cloud, -1)
 
 
 def test_ply_round_trips_through_trimesh(tmp_path):
@@ -127,6 +133,11 @@ def test_settings_json_records_settings_and_mesh_identity(tmp_path):
         "sha256": hashlib.sha256(mesh_file.read_bytes()).hexdigest(),
     }
     assert record["refany3d_version"]
+    with pytest.raises(InputError, match="cannot hold NaN or infinite values \\(guidance_scale\\)"):
+        write_settings_json({**settings, "guidance_scale": float("nan")}, tmp_path / "nan.json")
+    assert not (tmp_path / "nan.json").exists()  # nothing unreadable was written
+    with pytest.raises(InputError, match="mesh file not found"):
+        write_settings_json(settings, tmp_path / "s.json", mesh_path=tmp_path / "gone.obj")
 
 
 def test_surface_points_lie_on_the_box(box):
