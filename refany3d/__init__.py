@@ -29,6 +29,7 @@ _EXPORTS = {
     "orbit_camera": "cameras",
     "reference_azimuths": "cameras",
     "load_mesh": "mesh",
+    "as_mesh": "mesh",
     "Normalization": "mesh",
     "normalization_of": "mesh",
     "Renderer": "views",
@@ -36,6 +37,8 @@ _EXPORTS = {
     "ReferenceViews": "views",
     "render_views": "views",
     "render_at": "views",
+    "as_float_image": "images",
+    "to_rgb_image": "images",
     # issue 8: fast sampler
     "FastSampler": "fast",
     "fast_sampler": "fast",
