@@ -22,7 +22,7 @@ import trimesh
 from PIL import Image
 
 from refany3d.cameras import Camera, orbit_camera, reference_azimuths
-from refany3d.errors import InputError, RenderError
+from refany3d.errors import InputError, RenderError, require_finite
 from refany3d.mesh import Normalization, as_mesh, normalization_of
 
 MAX_RESOLUTION = 4096
@@ -293,9 +293,8 @@ def thread_renderer() -> Renderer:
 # --------------------------------------------------------------------------------------------
 
 
-def _check_number(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or not math.isfinite(value):
-        raise InputError(f"{name} must be a finite number, got {value!r}")
+def _finite(name: str, value) -> float:
+    require_finite(name, value)
     return float(value)
 
 
@@ -308,7 +307,7 @@ def render_at(
 ) -> RenderedView:
     """Render one view at any camera (any intrinsics, off-centre principal point, fx != fy)."""
     mesh = as_mesh(mesh_or_path)
-    y_rotation = _check_number("y_rotation", y_rotation)
+    y_rotation = _finite("y_rotation", y_rotation)
     return (renderer or thread_renderer()).render(mesh, camera, y_rotation, normalization)
 
 
@@ -326,9 +325,9 @@ def render_views(
         raise InputError(f"resolution must be an integer, got {resolution!r}")
     if not 8 <= resolution <= MAX_RESOLUTION:
         raise InputError(f"resolution must be between 8 and {MAX_RESOLUTION}, got {resolution}")
-    radius = _check_number("radius", radius)
-    pitch = _check_number("pitch", pitch)
-    y_rotation = _check_number("y_rotation", y_rotation)
+    radius = _finite("radius", radius)
+    pitch = _finite("pitch", pitch)
+    y_rotation = _finite("y_rotation", y_rotation)
     azimuths = reference_azimuths(n_views)
     cameras = [orbit_camera(a, pitch, radius, resolution) for a in azimuths]
     if radius <= math.sqrt(3.0) + cameras[0].znear:
