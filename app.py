@@ -23,7 +23,7 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
     pointmap = gr.Image(label="Predicted point map", type="filepath", format="png", height=300, interactive=False,
                         buttons=["download", "fullscreen"], elem_id="result-pointmap", render=False)
     pointcloud_plot = gr.Plot(label="Predicted point cloud (asset frame)", elem_id="pointcloud", render=False)
-    ply = gr.File(label="Point cloud (PLY)", interactive=False, render=False)
+    ply = gr.File(label="Point cloud (PLY)", interactive=False, elem_id="ply-file", render=False)
     downloads = gr.File(label="All files (image, point map, PLY, settings JSON)", file_count="multiple",
                         interactive=False, elem_id="downloads", render=False)
     seed = gr.Number(label="Seed", value=defaults.seed, precision=0, minimum=0, maximum=logic.MAX_SEED,
@@ -155,6 +155,7 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
         outputs=[*result_outputs, result],
         api_name="generate",
         validator=logic.validate_generation,
+        show_progress_on=[status],  # progress, and a failure's "Error" mark, on the status line alone
         concurrency_limit=config.concurrency,
         concurrency_id="gpu",
     )

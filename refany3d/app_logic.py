@@ -62,6 +62,8 @@ APP_CSS = """
 #result-image img, #result-pointmap img, #alignment-overlay img {
   width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated;
 }
+/* the result's files are outputs: Gradio's "Remove this file" there would only drop them from the list */
+#downloads .label-clear-button, #ply-file .label-clear-button { display: none; }
 """
 
 
@@ -274,8 +276,12 @@ class ModelStore:
             self._loaded = None  # free the previous model before loading the next one
             try:
                 pipeline = self._loader(spec)
-            except ModelLoadError as err:
-                message = f"no model weights available for {spec.label}: {err}"
+            except ModelLoadError as err:  # the details are for the operator; the visitor gets what to do
+                print(f"refany3d app: model {name!r} could not be loaded: {err}")
+                others = [other.label for other_name, other in self.registry.items() if other_name != name]
+                message = (f"no model weights available for {spec.label} on this server: they are not here and "
+                           "could not be downloaded" + (f"; choose {others[0]}" if others else "")
+                           + " (the server log says what was looked for)")
                 self._failures[name] = (time.monotonic(), message)
                 raise ModelLoadError(message) from None
             self._failures.pop(name, None)
@@ -445,8 +451,8 @@ def view_problems(n_views: Any, radius: Any, pitch: Any, y_rotation: Any, config
         problems["radius"] = "camera radius must be between 2 and 10"
     if not _is_finite(pitch) or not -89.0 <= pitch <= 89.0:
         problems["pitch"] = "pitch must be between -89 and 89 degrees"
-    if not _is_finite(y_rotation) or not -360.0 <= y_rotation <= 360.0:
-        problems["y_rotation"] = "y rotation must be between -360 and 360 degrees"
+    if not _is_finite(y_rotation) or not -180.0 <= y_rotation <= 180.0:  # the slider's range
+        problems["y_rotation"] = "y rotation must be between -180 and 180 degrees"
     return problems
 
 
@@ -575,7 +581,7 @@ class StopRequests:
         with self._lock:
             stop = run in self._stopping
         if stop:
-            raise GenerationStopped(f"Generation {what}, as asked.")
+            raise GenerationStopped(f"Stopped {what}, as asked.")
 
 
 class AppService:
@@ -768,7 +774,7 @@ def sample_on_gpu(model: str, prompt: str, rgb_views: list, pointmap_views: list
         if progress is not None:  # one bar over every candidate's steps
             progress((done, total), desc="Sampling", unit="steps")
         if done < total:
-            get_service().stops.check(run, f"stopped after step {done} of {total}")
+            get_service().stops.check(run, f"after step {done} of {total}")
 
     for k in range(candidates):
         output = pipeline(
@@ -853,7 +859,7 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
                          settings.y_rotation)
     record = {**settings.to_record(), "sampler": service.config.sampler}
     began = time.perf_counter()
-    service.stops.check(run, "stopped before sampling")
+    service.stops.check(run, "before sampling")
     candidates = sample_on_gpu(settings.model, settings.prompt, views.rgb, views.pointmap, record, progress, run)
     service.gpu_timings.record((settings.model, record["sampler"]), _call_flops(len(views.rgb), record),
                                time.perf_counter() - began)
@@ -902,7 +908,10 @@ def generate(mesh_path: str | None, prompt: str, n_views: int, radius: float, pi
                                   steps, guidance_scale, image_guidance_scale, resolution, model, candidates)
     session = _session_hash(request)
     with get_service().stops.running(session) as run:
-        result, status = _generate(mesh_path, settings, session, progress, run)
+        try:
+            result, status = _generate(mesh_path, settings, session, progress, run)
+        except GenerationStopped as stopped:  # asked for, not a failure: the outputs stay as they were
+            return (*[gr.skip()] * 6, f"{stopped} The results shown are the previous ones.", gr.skip())
     return (result.image, result.pointmap, _figure(result, show_asset), result.ply, result.files,
             result.seed, status, result)
 
@@ -1026,8 +1035,8 @@ def _align_files(mesh_path: str | None, image_path: str | None, pointmap_path: s
         raise MeshError(problem)
     if not pointmap_path:
         raise InputError("give the predicted point map (PNG) to align")
-    if not _is_finite(y_rotation) or not -360.0 <= y_rotation <= 360.0:
-        raise InputError("y rotation must be between -360 and 360 degrees")
+    if not _is_finite(y_rotation) or not -180.0 <= y_rotation <= 180.0:
+        raise InputError("y rotation must be between -180 and 180 degrees")
     return align(service.load_mesh(mesh_path), pointmap_path, image_path or None, y_rotation=float(y_rotation))
 
 
@@ -1098,6 +1107,11 @@ def validate_generation(mesh_path, prompt, n_views, radius, pitch, y_rotation, s
                                   steps, guidance_scale, image_guidance_scale, resolution, model, candidates)
     problems = settings_problems(settings, service.config, service.registry)
     mesh = mesh_problem(mesh_path, service.config)
+    if mesh is None:  # parse it now (once: the generation reuses it) so an unusable mesh is refused here
+        try:
+            service.load_mesh(mesh_path)
+        except RefAny3DError as err:
+            mesh = str(err)
     verdicts = [gr.validate(mesh is None, mesh or "")]
     verdicts += [gr.validate(name not in problems, problems.get(name, "")) for name in SETTING_FIELDS]
     verdicts.append(gr.validate(True, ""))  # show_asset is a display toggle

@@ -129,7 +129,7 @@ def test_display_mesh_returns_a_glb_of_the_asset(client):
 def test_bad_inputs_give_clear_errors_and_the_app_keeps_serving(client, tmp_path):
     junk = tmp_path / "junk.obj"
     junk.write_text("this is not a mesh\n")
-    with pytest.raises(AppError, match="no faces"):
+    with pytest.raises(ValidationError, match="junk.obj has no faces"):  # parsed, and refused, before the queue
         _generate(client, junk)
     with pytest.raises(ValidationError, match="write a prompt"):
         _generate(client, VASE, prompt="   ")
@@ -138,7 +138,7 @@ def test_bad_inputs_give_clear_errors_and_the_app_keeps_serving(client, tmp_path
     # out of a slider's or number box's range: the validator's message, not Gradio's bare 400
     for setting, message in [({"steps": 0}, "steps must be a whole number from 1 to"),
                              ({"seed": -1}, "seed must be a whole number from 0 to 4294967295"),
-                             ({"y_rotation": 400.0}, "y rotation must be between -360 and 360 degrees"),
+                             ({"y_rotation": 400.0}, "y rotation must be between -180 and 180 degrees"),
                              ({"guidance_scale": 25.0}, "guidance must be between 0 and 20"),
                              ({"n_views": 2.5}, "number of views must be a whole number")]:
         with pytest.raises(ValidationError, match=message):
@@ -161,7 +161,7 @@ def test_bad_inputs_give_clear_errors_and_the_app_keeps_serving(client, tmp_path
 
 @pytest.mark.skipif(not SHARED_MESHES.is_dir(), reason="../shared/meshes is absent")
 def test_point_cloud_only_file_is_refused(client):
-    with pytest.raises(AppError, match="no faces"):
+    with pytest.raises(ValidationError, match="no faces"):
         _generate(client, SHARED_MESHES / "points_emptyface.ply")
 
 

@@ -114,7 +114,7 @@ def test_default_settings_are_valid():
     ("radius", 1.0, "between 2 and 10"),
     ("radius", float("nan"), "between 2 and 10"),
     ("pitch", 95, "between -89 and 89"),
-    ("y_rotation", 400, "between -360 and 360"),
+    ("y_rotation", 200, "between -180 and 180"),
     ("seed", -1, "from 0 to 4294967295"),
     ("steps", 51, "from 1 to 50"),
     ("guidance_scale", -1, "between 0 and 20"),
@@ -177,6 +177,16 @@ def test_validator_gives_one_verdict_per_input(service):
     assert "candidates must be a whole number from 1 to 4" in failed[13]
 
 
+def test_validator_refuses_a_mesh_that_cannot_be_read_before_the_run_is_queued(service, tmp_path):
+    service(logic.AppConfig())
+    cloud = tmp_path / "cloud.obj"
+    cloud.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\n")  # points only: the right type and size, no surface
+    args = [str(cloud), "a cloud", 3, 4.0, 0.0, 0.0, 5, False, 4, 3.5, 2.0, 64, logic.EMBEDDED_MODEL, 1, False]
+    mesh_verdict = logic.validate_generation(*args)[0]
+    assert not mesh_verdict["is_valid"] and "cloud.obj has no faces" in mesh_verdict["message"]
+    assert logic.validate_generation(str(VASE), *args[1:])[0]["is_valid"]
+
+
 def test_views_validator_names_each_view_setting(service):
     service(logic.AppConfig())
     verdicts = logic.validate_views(None, 0, 50.0, 0.0, float("nan"))
@@ -184,7 +194,7 @@ def test_views_validator_names_each_view_setting(service):
     messages = [v["message"] for v in verdicts]
     assert "number of views must be a whole number from 1 to" in messages[1]
     assert messages[2] == "camera radius must be between 2 and 10"
-    assert messages[4] == "y rotation must be between -360 and 360 degrees"
+    assert messages[4] == "y rotation must be between -180 and 180 degrees"
 
 
 def test_number_inputs_leave_their_ranges_to_the_validators():
@@ -226,7 +236,7 @@ def test_failed_load_is_remembered_then_retried():
 
     store = logic.ModelStore({"a": logic.ModelSpec("A", "b", "r")}, failing, retry_after_s=3600)
     for _ in range(2):
-        with pytest.raises(ModelLoadError, match="no model weights available for A: weights folder /x"):
+        with pytest.raises(ModelLoadError, match="no model weights available for A on this server"):
             store.get("a")
     assert len(calls) == 1
     store._retry_after_s = 0
@@ -244,15 +254,17 @@ def test_switching_models_keeps_one_in_memory():
     assert store.get("b") == "B" and store.loaded_name() == "b"
 
 
-def test_generation_without_weights_is_a_clear_error(service, tmp_path, monkeypatch):
+def test_generation_without_weights_is_a_clear_error(service, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     installed = service(logic.AppConfig(base_model=str(tmp_path / "base"), ref_model=str(tmp_path / "ref")))
     assert "does not exist" in installed.model_status()
     assert not logic.cache_examples(installed)
-    with pytest.raises(gr.Error, match="no model weights available") as error:
+    with pytest.raises(gr.Error, match="no model weights available for .* on this server") as error:
         logic.generate(str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 1, 3.5, 2.0, 64,
                        logic.CONFIGURED_MODEL, 1, False, _Request("session1"), lambda *a, **k: None)
-    assert str(tmp_path / "ref") in error.value.message
+    # one short line for the visitor, with what to do; what was looked for goes to the server log
+    assert "; choose Embedded" in error.value.message and "CLI:" not in error.value.message
+    assert "RefAny3D weights folder" in capsys.readouterr().out
     # the views preview still works without weights
     assert len(logic.preview_views(str(VASE), 2, 4.0, 0.0, 0.0)) == 4
 
@@ -430,8 +442,9 @@ def test_stop_ends_the_running_generation_after_its_current_step_and_only_that_o
         if value == (2, 4):
             assert logic.request_stop(_Request("visitor")) == logic.STOPPED
 
-    with pytest.raises(gr.Error, match="Generation stopped after step 2 of 4, as asked."):
-        logic.generate(*args, _Request("visitor"), press_stop_at_step_two)
+    stopped = logic.generate(*args, _Request("visitor"), press_stop_at_step_two)  # not an error: no red badges
+    assert stopped[6] == "Stopped after step 2 of 4, as asked. The results shown are the previous ones."
+    assert all(output == gr.skip() for i, output in enumerate(stopped) if i != 6)
     assert steps[-1] == (2, 4)
     assert logic.request_stop(_Request("visitor")) == logic.NOTHING_TO_STOP  # nor kept for the next one
     image, *_ = logic.generate(*args[:11], 70, *args[12:], _Request("visitor"), lambda *a, **k: None)
@@ -449,8 +462,8 @@ def test_a_stop_reaches_every_run_of_the_session_under_way_and_no_later_one():
         # a cancelled run still finishing its step, beside the session's next one
         assert stops.request("a")
         for run in (old, new):
-            with pytest.raises(logic.GenerationStopped, match="Generation stopped at step 3, as asked."):
-                stops.check(run, "stopped at step 3")
+            with pytest.raises(logic.GenerationStopped, match="Stopped at step 3, as asked."):
+                stops.check(run, "at step 3")
         stops.check(other, "never")  # another session's run goes on
     with stops.running("a") as later:
         stops.check(later, "never")  # the stop was for the runs under way then

@@ -85,6 +85,8 @@ def test_example_preview_generate_and_plot(page):
     page.wait_for_selector("#downloads td.filename[aria-label='alignment.json']")
     for name in ("image.png", "pointmap.png", "pointcloud.ply", "settings.json"):
         assert page.locator(f"#downloads td.filename[aria-label='{name}']").count() == 1
+    removers = page.locator(", ".join(f"#{box} button[aria-label='Remove this file']" for box in ("downloads", "ply-file")))
+    assert removers.count() > 0 and not any(removers.nth(i).is_visible() for i in range(removers.count()))
     assert "asset surface" not in page.inner_text("#pointcloud")
     page.click("#show-asset input")  # overlay the asset's own surface points
     page.wait_for_function("document.querySelector('#pointcloud').innerText.includes('asset surface')")
@@ -136,7 +138,8 @@ def test_stop_ends_a_running_generation_and_the_next_one_runs(page):
     page.click("#generate")
     page.get_by_text(re.compile(r"Sampling")).first.wait_for()
     page.click("#stop")
-    page.wait_for_function("document.querySelector('#status').innerText.startsWith('Stopped: the generation ends')")
+    # the Stop button's line, or the stopped run's own ("Stopped after step N of 50, ...")
+    page.wait_for_function("document.querySelector('#status').innerText.startsWith('Stopped')")
 
     _set_sliders(page, {"#steps": "1", "#resolution": "64"})
     page.click("#generate")  # the stop was for that generation only
