@@ -49,7 +49,7 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
     with gr.Row(equal_height=False):
         with gr.Column(scale=1):
             mesh_file = gr.File(
-                label="Mesh: GLB, glTF, OBJ, PLY, STL, OFF, or a .zip (a glTF or OBJ with its .bin, .mtl and textures)",
+                label="Mesh: GLB, glTF, OBJ, PLY, STL, OFF, or a .zip of one with its files",
                 file_types=logic.MESH_UPLOAD_TYPES,
                 type="filepath",
                 elem_id="mesh-upload",

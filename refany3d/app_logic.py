@@ -845,6 +845,7 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
         settings.seed = int(np.random.default_rng().integers(0, MAX_SEED + 2 - settings.candidates))
     for name in ("n_views", "seed", "steps", "resolution"):
         setattr(settings, name, int(getattr(settings, name)))
+    typed_resolution = settings.resolution
     settings.resolution -= settings.resolution % 16  # the model's latent patch; a typed 70 samples at 64
     for name in ("radius", "pitch", "y_rotation", "guidance_scale", "image_guidance_scale"):
         setattr(settings, name, float(getattr(settings, name)))
@@ -886,6 +887,8 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
         seed=seed, files=[str(image_path), str(pointmap_path), str(ply_path), str(json_path)], report=reports[best],
     )
     status = f"Done: seed {seed}, {len(cloud)} foreground points."
+    if settings.resolution != typed_resolution:
+        status += f" Sampled at {settings.resolution} px: sizes are multiples of 16."
     if len(candidates) > 1:
         status += (f" The most rigid point map of {len(candidates)} candidates (seeds {settings.seed}–"
                    f"{settings.seed + len(candidates) - 1}); seed {seed} with 1 candidate gives it again.")

@@ -361,7 +361,7 @@ def _load_scene(path: Path) -> trimesh.Scene:
                         f".zip of {path.name} with the files it refers to") from None
     except Exception as err:  # trimesh raises many types for malformed files
         reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-        raise MeshError(f"{path.name} could not be read as {suffix[1:].upper()}: {reason}") from None
+        raise MeshError(f"{path.name} is not a readable {suffix[1:].upper()} file ({reason})") from None
     return loaded
 
 

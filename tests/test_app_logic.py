@@ -447,8 +447,9 @@ def test_stop_ends_the_running_generation_after_its_current_step_and_only_that_o
     assert all(output == gr.skip() for i, output in enumerate(stopped) if i != 6)
     assert steps[-1] == (2, 4)
     assert logic.request_stop(_Request("visitor")) == logic.NOTHING_TO_STOP  # nor kept for the next one
-    image, *_ = logic.generate(*args[:11], 70, *args[12:], _Request("visitor"), lambda *a, **k: None)
+    image, *_, status, _ = logic.generate(*args[:11], 70, *args[12:], _Request("visitor"), lambda *a, **k: None)
     assert Image.open(image).size == (64, 64)  # a typed 70 px samples at the multiple of 16 below
+    assert "Sampled at 64 px: sizes are multiples of 16." in status
 
     other = []  # another visitor's Stop leaves this generation alone
     logic.generate(*args, _Request("visitor"),

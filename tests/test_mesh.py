@@ -197,7 +197,7 @@ def zip_with(tmp_path, members: dict[str, bytes], name="bad.zip") -> Path:
         ("empty.glb", b"", "is empty"),
         ("model.xyz", b"solid", "unsupported mesh format"),
         ("noext", b"solid", "unsupported mesh format"),
-        ("garbage.glb", b"\x00\x01 definitely not a glb", "could not be read"),
+        ("garbage.glb", b"\x00\x01 definitely not a glb", "garbage.glb is not a readable GLB file"),
         ("nan.obj", "v 0 0 0\nv 1 0 nan\nv 0 1 0\nf 1 2 3\n", "NaN"),
         ("inf.off", "OFF\n3 1 0\n0 0 0\n1 0 inf\n0 1 0\n3 0 1 2\n", "NaN"),
         ("range.off", "OFF\n3 1 0\n0 0 0\n1 0 0\n0 1 0\n3 0 1 7\n", "outside"),
@@ -213,7 +213,7 @@ def test_bad_files_raise_mesh_error(tmp_path, name, data, message):
 
 def test_truncated_glb(tmp_path):
     data = box_mesh().export(file_type="glb")
-    with pytest.raises(MeshError, match="could not be read"):
+    with pytest.raises(MeshError, match="is not a readable GLB file"):
         load_mesh(write(tmp_path / "cut.glb", data[: len(data) // 2]))
 
 
