@@ -671,8 +671,9 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except RefAny3DError as err:
-            raise gr.Error(str(err), title=type(err).__name__.replace("Error", " error")) from None
+        except RefAny3DError as err:  # the visitor's to mend, not the server's: no traceback in its log
+            raise gr.Error(str(err), title=type(err).__name__.replace("Error", " error"),
+                           print_exception=False) from None
         except Exception as err:
             if _out_of_memory(err):
                 _free_accelerator_memory()

@@ -498,8 +498,9 @@ def test_handler_errors_become_gradio_errors():
     def bug():
         raise KeyError("x")
 
-    with pytest.raises(gr.Error, match="bunny.ply has no faces"):
+    with pytest.raises(gr.Error, match="bunny.ply has no faces") as refused:
         bad_mesh()
+    assert refused.value.title == "Mesh error" and not refused.value.print_exception  # a visitor's, not a bug
     with pytest.raises(gr.Error, match="Out of memory while generating. Try fewer views"):
         out_of_memory()
     with pytest.raises(KeyError):  # a bug keeps its traceback
