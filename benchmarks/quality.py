@@ -44,7 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refany3d.alignment import (AlignmentReport, AssetTemplates, align, asset_templates,  # noqa: E402
                                 fit_asset_to_image, most_consistent)
 from refany3d.cameras import Camera  # noqa: E402
-from refany3d.data import list_samples, load_asset_views, other_asset_indices, viewpoint_phrase  # noqa: E402
+from refany3d.cli import positive_int, run_reporting_errors  # noqa: E402
+from refany3d.data import (dataset_manifest, list_samples, load_asset_views, other_asset_indices,  # noqa: E402
+                           viewpoint_phrase)
 from refany3d.pipeline import RefAny3DPipeline, default_model  # noqa: E402
 
 METRICS = ("measurable", "inlier_ratio", "reprojection_error_px", "iou", "image_iou", "colour_psnr",
@@ -133,13 +135,13 @@ def main() -> None:
     parser.add_argument("--data", required=True, help="held-out dataset (make-data --split val)")
     parser.add_argument("--base", help="base model folder (default: the embedded model)")
     parser.add_argument("--ref", help="RefAny3D weights folder (default: the embedded model)")
-    parser.add_argument("--count", type=int, default=24)
+    parser.add_argument("--count", type=positive_int, default=24)
     # Sampling settings left out are the model's own (its settings.json; embedded: 28 steps, 64 px,
     # 4 views at 32 px, guidance 3.5, image guidance 2.0).
-    parser.add_argument("--steps", type=int)
-    parser.add_argument("--resolution", type=int)
-    parser.add_argument("--condition-size", type=int, help="size of the reference views (default: the model's)")
-    parser.add_argument("--views", type=int)
+    parser.add_argument("--steps", type=positive_int)
+    parser.add_argument("--resolution", type=positive_int)
+    parser.add_argument("--condition-size", type=positive_int, help="size of the reference views (default: the model's)")
+    parser.add_argument("--views", type=positive_int)
     parser.add_argument("--guidance", type=float, help="the distilled guidance input (default: the model's)")
     parser.add_argument("--image-guidance", type=float, help="image guidance scale (default: the model's)")
     parser.add_argument("--fewer-views", type=int, nargs="*", default=None, metavar="K",
@@ -180,6 +182,13 @@ def main() -> None:
     elif args.cached and not args.pointmap_branch:
         parser.error("--cached needs the point-map branch (the cached sampler does not run the ablation)")
 
+    stored = dataset_manifest(args.data)
+    if stored.get("n_views", args.views) % args.views:
+        parser.error(f"{args.data} holds {stored['n_views']} views per asset; --views must divide it "
+                     f"(the model's own: {own['n_views']})")
+    if stored.get("resolution", args.resolution) != args.resolution:
+        print(f"note: the targets are {stored['resolution']} px and are scored against {args.resolution} px "
+              "outputs, resized")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = args.resolution
@@ -275,4 +284,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_reporting_errors(main))

@@ -29,8 +29,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from refany3d.cli import positive_int, run_reporting_errors  # noqa: E402
 from refany3d.conditions import pack_latents  # noqa: E402
-from refany3d.data import SampleDataset, collate, other_asset_indices  # noqa: E402
+from refany3d.data import SampleDataset, collate, dataset_manifest, other_asset_indices  # noqa: E402
 from refany3d.pipeline import RefAny3DPipeline, default_model  # noqa: E402
 from refany3d.train import RefAny3DInputs, RefAny3DObjective  # noqa: E402
 from refany3d.transformer import AttentionRecorder, branch_attention, joint_forward  # noqa: E402
@@ -70,10 +71,10 @@ def main() -> int:
     ap.add_argument("--data", required=True, help="held-out dataset (make-data --split val)")
     ap.add_argument("--base", help="base model folder (default: the embedded model)")
     ap.add_argument("--ref", help="RefAny3D weights folder (default: the embedded model)")
-    ap.add_argument("--count", type=int, default=32)
-    ap.add_argument("--resolution", type=int, help="default: the model's (its settings.json; embedded: 64)")
-    ap.add_argument("--condition-size", type=int, help="size of the reference views (default: the model's; embedded: 32)")
-    ap.add_argument("--views", type=int, help="default: the model's (embedded: 4)")
+    ap.add_argument("--count", type=positive_int, default=32)
+    ap.add_argument("--resolution", type=positive_int, help="default: the model's (its settings.json; embedded: 64)")
+    ap.add_argument("--condition-size", type=positive_int, help="size of the reference views (default: the model's; embedded: 32)")
+    ap.add_argument("--views", type=positive_int, help="default: the model's (embedded: 4)")
     ap.add_argument("--times", type=float, nargs="+", default=[0.5, 0.8, 0.95], help="flow times t to probe")
     ap.add_argument("--attention-time", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=0)
@@ -84,12 +85,18 @@ def main() -> int:
     args = ap.parse_args()
     if args.count < 2:
         ap.error("--count must be at least 2 (another sample's views stand for another asset)")
+    if not all(0.0 <= t <= 1.0 for t in [*args.times, args.attention_time]):
+        ap.error("flow times (--times, --attention-time) must be within [0, 1]")
 
     base, ref = default_model()
     pipe = RefAny3DPipeline.from_pretrained(args.base or base, args.ref or ref, device="cpu")
     for name, key in (("resolution", "height"), ("condition_size", "condition_size"), ("views", "n_views")):
         if getattr(args, name) is None:
             setattr(args, name, pipe.default_settings[key])
+    stored = dataset_manifest(args.data)
+    if stored.get("n_views", args.views) % args.views:
+        ap.error(f"{args.data} holds {stored['n_views']} views per asset; --views must divide it "
+                 f"(the model's own: {pipe.default_settings['n_views']})")
     dataset = SampleDataset([args.data], args.resolution, args.views, shuffle=False, repeat=False)
     count = min(args.count, len(dataset))
     batch = collate([dataset.item(i) for i in range(count)])
@@ -126,4 +133,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_reporting_errors(main))

@@ -17,6 +17,7 @@ import trimesh
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from refany3d.cameras import orbit_camera, reference_azimuths  # noqa: E402
+from refany3d.cli import positive_int, run_reporting_errors  # noqa: E402
 from refany3d.examples import EXAMPLES_DIR  # noqa: E402
 from refany3d.mesh import load_mesh  # noqa: E402
 from refany3d.views import Renderer  # noqa: E402
@@ -44,8 +45,8 @@ def time_views(renderer: Renderer, mesh: trimesh.Trimesh, resolution: int, n_vie
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--resolution", type=int, default=512)
-    parser.add_argument("--views", type=int, default=8)
+    parser.add_argument("--resolution", type=positive_int, default=512)
+    parser.add_argument("--views", type=positive_int, default=8)
     args = parser.parse_args()
     start = time.perf_counter()
     renderer = Renderer()
@@ -61,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_reporting_errors(main))

@@ -35,6 +35,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from refany3d.cli import positive_int, run_reporting_errors  # noqa: E402
 from refany3d.fast import fast_sampler  # noqa: E402
 from refany3d.pipeline import EMBEDDED_MODEL_DIR, RefAny3DPipeline  # noqa: E402
 from refany3d.tiny import (  # noqa: E402
@@ -286,9 +287,9 @@ def bench(pipe: RefAny3DPipeline, config: Config, repeats: int, modes: tuple[str
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid", "embedded"])
-    ap.add_argument("--views", type=int, nargs="+", default=[8])
-    ap.add_argument("--steps", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--views", type=positive_int, nargs="+", default=[8])
+    ap.add_argument("--steps", type=positive_int, default=8)
+    ap.add_argument("--repeats", type=positive_int, default=3)
     ap.add_argument("--modes", nargs="+", default=list(MODES), type=lambda name: Variant.parse(name) and name,
                     help=f"sampler variants (default: {' '.join(MODES)}; also cached/K, exact+compile, cached+compile)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -337,4 +338,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_reporting_errors(main))

@@ -33,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from refany3d.cli import positive_int, run_reporting_errors  # noqa: E402
 from refany3d.pipeline import EMBEDDED_MODEL_DIR  # noqa: E402
 from refany3d.tiny import add_refany3d_adapters, new_domain_embedder  # noqa: E402
 from refany3d.train import PosteriorCache, RefAny3DInputs, RefAny3DObjective, train_only_lora  # noqa: E402
@@ -113,15 +114,15 @@ def time_inputs(base: Path, data: Path, batch: int, views: int, resolution: int,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--base", type=Path, default=EMBEDDED_MODEL_DIR / "base", help="diffusers FLUX base folder")
-    ap.add_argument("--batch", type=int, nargs="+", default=[8])
-    ap.add_argument("--views", type=int, default=4)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=5, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=positive_int, nargs="+", default=[8])
+    ap.add_argument("--views", type=positive_int, default=4)
+    ap.add_argument("--rank", type=positive_int, default=16)
+    ap.add_argument("--steps", type=positive_int, default=5, help="timed steps per round")
+    ap.add_argument("--rounds", type=positive_int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--data", type=Path, help="a dataset (make-data): also time the input preparation on it")
-    ap.add_argument("--resolution", type=int, default=64, help="target size in pixels (embedded: 64)")
-    ap.add_argument("--condition-size", type=int, default=32, help="view size in pixels (embedded: 32)")
+    ap.add_argument("--resolution", type=positive_int, default=64, help="target size in pixels (embedded: 64)")
+    ap.add_argument("--condition-size", type=positive_int, default=32, help="view size in pixels (embedded: 32)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -171,4 +172,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_reporting_errors(main))

@@ -11,7 +11,7 @@ import argparse
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 from refany3d.errors import RefAny3DError
@@ -35,14 +35,14 @@ def _in_flag_terms(message: str, flags: dict[str, str]) -> str:
     return re.sub(r"\b[a-z]+(?:_[a-z]+)+\b", lambda m: flags.get(m.group(0), m.group(0)), message)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def run_reporting_errors(run: Callable[[], int | None], describe: Callable[[str], str] = str) -> int:
+    """Run a command: refany3d's own errors and the operating system's become one line on stderr
+    (`describe` may reword it) and exit status 2; anything else is a bug and keeps its traceback.
+    The benchmarks' scripts run through it too."""
     try:
-        return int(args.run(args) or 0)
+        return int(run() or 0)
     except RefAny3DError as err:
-        # settings given as flags are named as flags; a jobs file's keys keep the API's names
-        flags = getattr(args, "flag_names", None) if not getattr(args, "jobs", None) else None
-        print(f"error: {_in_flag_terms(str(err), flags) if flags else err}", file=sys.stderr)
+        print(f"error: {describe(str(err))}", file=sys.stderr)
         return 2
     except OSError as err:
         where = f": {err.filename}" if err.filename else ""
@@ -51,6 +51,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def positive_int(text: str) -> int:
+    """argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # settings given as flags are named as flags; a jobs file's keys keep the API's names
+    flags = getattr(args, "flag_names", None) if not getattr(args, "jobs", None) else None
+    return run_reporting_errors(lambda: args.run(args), (lambda m: _in_flag_terms(m, flags)) if flags else str)
 
 
 # Subcommands register themselves below, one section each.

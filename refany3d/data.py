@@ -723,6 +723,17 @@ def list_samples(roots: Sequence[str | Path]) -> list[tuple[Path, Path]]:
     return found
 
 
+def dataset_manifest(root: str | Path) -> dict[str, Any]:
+    """A dataset's dataset.json: format, resolution, n_views, split, seed, count."""
+    manifest = Path(root) / "dataset.json"
+    if not manifest.is_file():
+        raise InputError(f"{root} is not a refany3d dataset (no dataset.json)")
+    try:
+        return json.loads(manifest.read_text())
+    except (OSError, ValueError) as err:
+        raise InputError(f"{manifest} cannot be read ({err})") from None
+
+
 def other_asset_indices(assets: Sequence[str]) -> list[int]:
     """For each sample (given by its asset id), the next sample, cyclically, that shows a different
     asset: a held-out set puts several scenes of one asset side by side, and probes that swap in
@@ -731,7 +742,8 @@ def other_asset_indices(assets: Sequence[str]) -> list[int]:
     for i, asset in enumerate(assets):
         j = next((j % len(assets) for j in range(i + 1, i + len(assets)) if assets[j % len(assets)] != asset), None)
         if j is None:
-            raise InputError("every sample shows the same asset; comparing with another asset needs more samples")
+            raise InputError(f"all {len(assets)} samples show the same asset ({asset}); comparing with another "
+                             "asset needs more samples (make-data writes each asset's scenes one after another)")
         order.append(j)
     return order
 
