@@ -155,11 +155,12 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, nargs="*", default=[], metavar="K",
                         help="also keep the most self-consistent of K samples (`alignment.most_consistent`; "
                         "candidate k seeded seed + i + 1000 k, so candidate 0 is the main row's); one row per K")
-    parser.add_argument("--no-group-mask", dest="group_mask", action="store_false",
-                        help="the model was trained with --no-group-mask (ablation): sample it with full attention")
-    parser.add_argument("--no-pointmap-branch", dest="pointmap_branch", action="store_false",
+    parser.add_argument("--no-group-mask", dest="group_mask", action="store_false", default=None,
+                        help="the model was trained with --no-group-mask (ablation): sample it with full attention "
+                        "(default: as its settings.json says)")
+    parser.add_argument("--no-pointmap-branch", dest="pointmap_branch", action="store_false", default=None,
                         help="the model was trained with --no-pointmap-branch (ablation): sample its image alone "
-                        "(faithful sampler) and score it by the image-only fit")
+                        "(faithful sampler) and score it by the image-only fit (default: as its settings.json says)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     base, ref = default_model()
@@ -169,6 +170,9 @@ def main() -> None:
                       ("views", "n_views"), ("guidance", "guidance_scale"), ("image_guidance", "image_guidance_scale")):
         if getattr(args, name) is None:
             setattr(args, name, own[key])
+    for flag in ("group_mask", "pointmap_branch"):  # an ablation model's settings.json names its flag
+        if getattr(args, flag) is None:
+            setattr(args, flag, own.get(flag, True))
     if args.fewer_views is None:
         args.fewer_views = [args.views // 2] if args.views > 1 else []
     if args.count < 2:
@@ -252,7 +256,7 @@ def main() -> None:
             best = most_consistent([report for _, report in candidates[:k]])
             rows[_candidates_row(model, args.views, k)].append(candidates[best][0])
         for k in args.fewer_views:
-            idx = list(range(0, args.views, args.views // k))[:k]
+            idx = [round(j * args.views / k) for j in range(k)]  # evenly spaced, as far as k allows
             few = pipe(meta["caption"], [rgb[j] for j in idx], [pm[j] for j in idx],
                        generator=torch.Generator().manual_seed(args.seed + i), **kw)
             record(f"{model}, {k} view(s)", *_as_uint8(few))

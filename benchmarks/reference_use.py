@@ -67,7 +67,7 @@ def attention_shares(objective: RefAny3DObjective, inputs: dict, t: torch.Tensor
 
 @torch.no_grad()
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     ap.add_argument("--data", required=True, help="held-out dataset (make-data --split val)")
     ap.add_argument("--base", help="base model folder (default: the embedded model)")
     ap.add_argument("--ref", help="RefAny3D weights folder (default: the embedded model)")
@@ -78,10 +78,12 @@ def main() -> int:
     ap.add_argument("--times", type=float, nargs="+", default=[0.5, 0.8, 0.95], help="flow times t to probe")
     ap.add_argument("--attention-time", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-group-mask", dest="group_mask", action="store_false",
-                    help="the model was trained with --no-group-mask (ablation): probe it with full attention")
-    ap.add_argument("--no-pointmap-branch", dest="pointmap_branch", action="store_false",
-                    help="the model was trained with --no-pointmap-branch (ablation): probe its RGB target alone")
+    ap.add_argument("--no-group-mask", dest="group_mask", action="store_false", default=None,
+                    help="the model was trained with --no-group-mask (ablation): probe it with full attention "
+                    "(default: as its settings.json says)")
+    ap.add_argument("--no-pointmap-branch", dest="pointmap_branch", action="store_false", default=None,
+                    help="the model was trained with --no-pointmap-branch (ablation): probe its RGB target alone "
+                    "(default: as its settings.json says)")
     args = ap.parse_args()
     if args.count < 2:
         ap.error("--count must be at least 2 (another sample's views stand for another asset)")
@@ -93,6 +95,9 @@ def main() -> int:
     for name, key in (("resolution", "height"), ("condition_size", "condition_size"), ("views", "n_views")):
         if getattr(args, name) is None:
             setattr(args, name, pipe.default_settings[key])
+    for flag in ("group_mask", "pointmap_branch"):  # an ablation model's settings.json names its flag
+        if getattr(args, flag) is None:
+            setattr(args, flag, pipe.default_settings.get(flag, True))
     stored = dataset_manifest(args.data)
     if stored.get("n_views", args.views) % args.views:
         ap.error(f"{args.data} holds {stored['n_views']} views per asset; --views must divide it "
