@@ -585,15 +585,30 @@ def test_gpu_preset_is_the_larger_model_under_30_mb() -> None:
     assert 20e6 < float32_bytes < 30e6, float32_bytes
 
 
-def _benchmark(script: str, *args: str) -> str:
+def _run_benchmark(script: str, *args: str):
     import subprocess
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    result = subprocess.run([sys.executable, str(root / "benchmarks" / script), *args], capture_output=True, text=True,
-                            timeout=600, cwd=root)
+    return subprocess.run([sys.executable, str(root / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=600, cwd=root)
+
+
+def _benchmark(script: str, *args: str) -> str:
+    result = _run_benchmark(script, *args)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout
+
+
+def test_benchmarks_report_bad_input_in_one_line(tmp_path: Path) -> None:
+    for script, args, message in [
+        ("quality.py", ["--data", str(tmp_path / "none")], f"error: {tmp_path / 'none'} is not a refany3d dataset"),
+        ("reference_use.py", ["--data", str(tmp_path), "--times", "1.5"], "flow times (--times, --attention-time)"),
+        ("sampler.py", ["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+    ]:
+        result = _run_benchmark(script, *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
 
 
 def test_quality_and_reference_use_benchmarks_run_on_a_trained_model(trained: tuple[Path, dict], dataset: Path,
