@@ -44,7 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refany3d.alignment import (AlignmentReport, AssetTemplates, align, asset_templates,  # noqa: E402
                                 fit_asset_to_image, most_consistent)
 from refany3d.cameras import Camera  # noqa: E402
-from refany3d.cli import positive_int, run_reporting_errors  # noqa: E402
+from refany3d.cli import add_ablation_flags, positive_int, run_reporting_errors  # noqa: E402
 from refany3d.data import (dataset_manifest, list_samples, load_asset_views, other_asset_indices,  # noqa: E402
                            viewpoint_phrase)
 from refany3d.pipeline import RefAny3DPipeline, default_model  # noqa: E402
@@ -155,12 +155,7 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, nargs="*", default=[], metavar="K",
                         help="also keep the most self-consistent of K samples (`alignment.most_consistent`; "
                         "candidate k seeded seed + i + 1000 k, so candidate 0 is the main row's); one row per K")
-    parser.add_argument("--no-group-mask", dest="group_mask", action="store_false", default=None,
-                        help="the model was trained with --no-group-mask (ablation): sample it with full attention "
-                        "(default: as its settings.json says)")
-    parser.add_argument("--no-pointmap-branch", dest="pointmap_branch", action="store_false", default=None,
-                        help="the model was trained with --no-pointmap-branch (ablation): sample its image alone "
-                        "(faithful sampler) and score it by the image-only fit (default: as its settings.json says)")
+    add_ablation_flags(parser, "sample")  # without a point map, a model is scored by the image-only fit
     args = parser.parse_args()
     torch.set_num_threads(1)
     base, ref = default_model()

@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from refany3d.cli import positive_int, run_reporting_errors  # noqa: E402
+from refany3d.cli import add_ablation_flags, positive_int, run_reporting_errors  # noqa: E402
 from refany3d.conditions import pack_latents  # noqa: E402
 from refany3d.data import SampleDataset, collate, dataset_manifest, other_asset_indices  # noqa: E402
 from refany3d.pipeline import RefAny3DPipeline, default_model  # noqa: E402
@@ -78,12 +78,7 @@ def main() -> int:
     ap.add_argument("--times", type=float, nargs="+", default=[0.5, 0.8, 0.95], help="flow times t to probe")
     ap.add_argument("--attention-time", type=float, default=0.8)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-group-mask", dest="group_mask", action="store_false", default=None,
-                    help="the model was trained with --no-group-mask (ablation): probe it with full attention "
-                    "(default: as its settings.json says)")
-    ap.add_argument("--no-pointmap-branch", dest="pointmap_branch", action="store_false", default=None,
-                    help="the model was trained with --no-pointmap-branch (ablation): probe its RGB target alone "
-                    "(default: as its settings.json says)")
+    add_ablation_flags(ap, "probe")
     args = ap.parse_args()
     if args.count < 2:
         ap.error("--count must be at least 2 (another sample's views stand for another asset)")

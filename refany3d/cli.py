@@ -64,6 +64,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_ablation_flags(parser: argparse.ArgumentParser, verb: str) -> None:
+    """--no-group-mask and --no-pointmap-branch, for models trained as the paper's ablations. Left
+    out (None), the model's settings.json decides."""
+    parser.add_argument("--no-group-mask", dest="group_mask", action="store_false", default=None,
+                        help=f"{verb} with full attention among all branches, for models trained with "
+                        "`train --no-group-mask` (default: as the model's settings.json says)")
+    parser.add_argument("--no-pointmap-branch", dest="pointmap_branch", action="store_false", default=None,
+                        help=f"{verb} the image alone (no point map), for models trained with "
+                        "`train --no-pointmap-branch` (default: as the model's settings.json says)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # settings given as flags are named as flags; a jobs file's keys keep the API's names
@@ -117,10 +128,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--cache-refresh-every", dest="cache_refresh_every", type=int, default=defaults.cache_refresh_every,
                    help="cached mode: recompute the views' keys/values every K steps (default 0: first step only; "
                    "smaller is slower and closer to exact)")
-    p.add_argument("--no-group-mask", dest="group_mask", action="store_false", default=None,
-                   help="full attention among all branches, for models trained with `train --no-group-mask`")
-    p.add_argument("--no-pointmap-branch", dest="pointmap_branch", action="store_false", default=None,
-                   help="an image alone (no point map), for models trained with `train --no-pointmap-branch`")
+    add_ablation_flags(p, "sample")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the fast modes' transformer blocks (pays off over many images of one size)")
     p.add_argument("--base-model", help="diffusers FLUX folder or hub id (default: $REFANY3D_BASE_MODEL, "
