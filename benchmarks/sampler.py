@@ -287,9 +287,10 @@ def bench(pipe: RefAny3DPipeline, config: Config, repeats: int, modes: tuple[str
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--configs", nargs="+", default=["tiny", "mid"], choices=["tiny", "mid", "embedded"])
-    ap.add_argument("--views", type=positive_int, nargs="+", default=[8])
-    ap.add_argument("--steps", type=positive_int, default=8)
-    ap.add_argument("--repeats", type=positive_int, default=3)
+    ap.add_argument("--views", type=positive_int, nargs="+", default=[8],
+                    help="views per call of the tiny and mid configs (embedded: its own 4; --gpu-full: 8 and 4)")
+    ap.add_argument("--steps", type=positive_int, default=8, help="denoising steps (--gpu-full: 28)")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="timed calls per mode (--gpu-full: 1)")
     ap.add_argument("--modes", nargs="+", default=list(MODES), type=lambda name: Variant.parse(name) and name,
                     help=f"sampler variants (default: {' '.join(MODES)}; also cached/K, exact+compile, cached+compile)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
