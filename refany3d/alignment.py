@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from refany3d.cameras import DEFAULT_FOV_Y_DEG, Camera, focal_from_fov
-from refany3d.errors import AlignmentError, InputError, RefAny3DError, require_finite
+from refany3d.errors import AlignmentError, InputError, RefAny3DError, require_finite, require_whole_number
 from refany3d.images import as_float_image
 from refany3d.outputs import BACKGROUND_TOLERANCE, foreground_mask
 
@@ -533,8 +533,7 @@ def _check_align_settings(y_rotation, fov_y_deg, inlier_threshold_px, tolerance,
     if not 0 <= tolerance < 1:
         raise InputError(f"tolerance (how far from white a background pixel may be) must be in [0, 1), "
                          f"got {tolerance!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise InputError(f"seed must be a whole number >= 0, got {seed!r}")
+    require_whole_number("seed", seed)
 
 
 def align(

@@ -501,7 +501,7 @@ def make_dataset(
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from multiprocessing import get_context
 
-    from refany3d.views import MAX_RESOLUTION
+    from refany3d.images import MAX_IMAGE_SIDE
 
     if split not in ("train", "val"):
         raise InputError(f"split must be 'train' or 'val', got {split!r}")
@@ -509,8 +509,8 @@ def make_dataset(
                              ("targets per asset", targets_per_asset, 1), ("workers", workers, 1), ("seed", seed, 0)):
         if int(value) < low:
             raise InputError(f"{name} must be at least {low}, got {value}")
-    if resolution > MAX_RESOLUTION:
-        raise InputError(f"resolution must be at most {MAX_RESOLUTION}, got {resolution}")
+    if resolution > MAX_IMAGE_SIDE:
+        raise InputError(f"resolution must be at most {MAX_IMAGE_SIDE}, got {resolution}")
     smallest, largest = (float(v) for v in asset_size)
     if not 0.05 <= smallest <= largest <= 1.0:
         raise InputError("asset size must be MIN <= MAX within [0.05, 1] (a share of the image width), "

@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 from refany3d.errors import InputError
 
 ImageLike = Image.Image | np.ndarray | str | Path
+MAX_IMAGE_SIDE = 4096  # the largest view, target or output side anything takes (renderer and sampler alike)
 _FLOAT_SLACK = 1e-3  # float arrays a rounding error outside [0, 1] are clipped, not refused
 
 

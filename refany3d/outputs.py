@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from refany3d.errors import InputError
+from refany3d.errors import InputError, require_whole_number
 from refany3d.images import as_float_image
 
 # A pixel is background when every channel is at least 1 - this (the white of the point map).
@@ -80,8 +79,7 @@ def pointcloud_from_pointmap(
 
 def subsample(cloud: PointCloud, max_points: int, seed: int = 0) -> PointCloud:
     """At most `max_points` points, drawn without replacement (keeps plots responsive)."""
-    if isinstance(max_points, bool) or not isinstance(max_points, numbers.Integral) or max_points < 0:
-        raise InputError(f"max_points must be a whole number >= 0, got {max_points!r}")
+    require_whole_number("max_points", max_points)
     if len(cloud) <= max_points:
         return cloud
     keep = np.sort(np.random.default_rng(seed).choice(len(cloud), size=max_points, replace=False))

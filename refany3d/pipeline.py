@@ -21,12 +21,11 @@ from PIL import Image
 
 from refany3d.conditions import black_like, condition_tokens, latent_position_ids, pack_latents, unpack_latents
 from refany3d.errors import InputError, ModelLoadError, require_finite, require_positive_integer
-from refany3d.images import ImageLike, to_rgb_image
+from refany3d.images import MAX_IMAGE_SIDE, ImageLike, to_rgb_image
 from refany3d.transformer import joint_forward, refany3d_branches, refany3d_group_mask
 
 DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
 DEFAULT_REF_MODEL = "JudgementH/RefAny3D"
-MAX_SIZE = 4096  # largest image side a call takes (the renderer's limit too)
 REF_WEIGHT_FILES = ("coord.safetensors", "default.safetensors", "domain_embedder.pth")
 
 StepCallback = Callable[[int, int], None]
@@ -347,13 +346,13 @@ class RefAny3DPipeline:
 
     def _check_size(self, name: str, value) -> None:
         """An image side the model can take: a positive multiple of its latent patch (16 for FLUX),
-        at most MAX_SIZE (beyond it a call would only fail to allocate memory)."""
+        at most MAX_IMAGE_SIDE (beyond it a call would only fail to allocate memory)."""
         multiple = self.flux.vae_scale_factor * 2
         require_positive_integer(name, value)
         if value % multiple:
             raise InputError(f"{name} must be a multiple of {multiple}, got {value}")
-        if value > MAX_SIZE:
-            raise InputError(f"{name} must be at most {MAX_SIZE}, got {value}")
+        if value > MAX_IMAGE_SIDE:
+            raise InputError(f"{name} must be at most {MAX_IMAGE_SIDE}, got {value}")
 
     def _timesteps(self, steps: int, image_tokens: int):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps

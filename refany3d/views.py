@@ -23,9 +23,9 @@ from PIL import Image
 
 from refany3d.cameras import Camera, orbit_camera, reference_azimuths
 from refany3d.errors import InputError, RenderError, require_finite
+from refany3d.images import MAX_IMAGE_SIDE
 from refany3d.mesh import Normalization, as_mesh, normalization_of
 
-MAX_RESOLUTION = 4096
 
 
 def _choose_gl_platform() -> None:
@@ -323,8 +323,8 @@ def render_views(
     """The release's N reference views: orbit frames i*floor(60/N), RGB + point maps."""
     if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)):
         raise InputError(f"resolution must be an integer, got {resolution!r}")
-    if not 8 <= resolution <= MAX_RESOLUTION:
-        raise InputError(f"resolution must be between 8 and {MAX_RESOLUTION}, got {resolution}")
+    if not 8 <= resolution <= MAX_IMAGE_SIDE:
+        raise InputError(f"resolution must be between 8 and {MAX_IMAGE_SIDE}, got {resolution}")
     radius = _finite("radius", radius)
     pitch = _finite("pitch", pitch)
     y_rotation = _finite("y_rotation", y_rotation)
