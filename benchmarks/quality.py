@@ -167,7 +167,7 @@ def main() -> None:
             setattr(args, name, own[key])
     for flag in ("group_mask", "pointmap_branch"):  # an ablation model's settings.json names its flag
         if getattr(args, flag) is None:
-            setattr(args, flag, own.get(flag, True))
+            setattr(args, flag, own[flag])
     if args.fewer_views is None:
         args.fewer_views = [args.views // 2] if args.views > 1 else []
     if args.count < 2:

@@ -92,7 +92,7 @@ def main() -> int:
             setattr(args, name, pipe.default_settings[key])
     for flag in ("group_mask", "pointmap_branch"):  # an ablation model's settings.json names its flag
         if getattr(args, flag) is None:
-            setattr(args, flag, pipe.default_settings.get(flag, True))
+            setattr(args, flag, pipe.default_settings[flag])
     stored = dataset_manifest(args.data)
     if stored.get("n_views", args.views) % args.views:
         ap.error(f"{args.data} holds {stored['n_views']} views per asset; --views must divide it "

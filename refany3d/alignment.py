@@ -634,10 +634,14 @@ def most_consistent(reports: list[AlignmentReport]) -> int:
     return max(range(len(reports)), key=lambda i: consistency_key(reports[i]))
 
 
-def candidate_scores(seeds: list[int], reports: list[AlignmentReport]) -> list[dict[str, Any]]:
-    """What settings.json keeps of each candidate: its seed and how rigid its point map is."""
+def candidate_record(first_seed: int, best: int, reports: list[AlignmentReport]) -> dict[str, Any]:
+    """What settings.json keeps of a choice among candidates sampled with seeds first_seed + k:
+    the chosen seed (alone, with one candidate, it gives the chosen image again), and each
+    candidate's seed and how rigid its point map is."""
     keep = ("measurable", "inlier_ratio", "reprojection_error_px", "iou")
-    return [{"seed": seed, **{k: report.to_dict()[k] for k in keep}} for seed, report in zip(seeds, reports)]
+    return {"chosen_seed": first_seed + best,
+            "candidate_scores": [{"seed": first_seed + k, **{key: report.to_dict()[key] for key in keep}}
+                                 for k, report in enumerate(reports)]}
 
 
 def choose_candidate(mesh: Any, candidates: list[tuple[Any, Any]],
@@ -684,8 +688,7 @@ def asset_templates(mesh: Any, resolution: int = 64, azimuths=FIT_AZIMUTHS, pitc
     from refany3d.mesh import as_mesh
     from refany3d.views import render_at
 
-    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or not 16 <= resolution <= 512:
-        raise InputError(f"template resolution must be a whole number from 16 to 512, got {resolution!r}")
+    require_whole_number("template resolution", resolution, minimum=16, maximum=512)
     if not len(azimuths) or not len(pitches):
         raise InputError("give at least one azimuth and one pitch to render templates from")
     for angle in (*azimuths, *pitches):

@@ -34,6 +34,7 @@ import gradio as gr
 import numpy as np
 import spaces
 
+from refany3d.cameras import ORBIT_RADIUS
 from refany3d.errors import GenerationStopped, InputError, MeshError, ModelLoadError, RefAny3DError
 from refany3d.examples import EXAMPLES_DIR
 
@@ -46,9 +47,8 @@ MESH_UPLOAD_TYPES = [".glb", ".gltf", ".obj", ".ply", ".stl", ".off", ".zip"]
 PUBLISHED_MODEL = "published"
 EMBEDDED_MODEL = "embedded"
 CONFIGURED_MODEL = "configured"
-SAMPLERS = ("faithful", "exact", "cached")  # RefAny3DPipeline modes; exact = faithful output, faster
+SAMPLERS = ("faithful", "exact", "cached")  # pipeline.SAMPLER_MODES, without importing torch; exact = faithful output, faster
 EXAMPLES_SESSION = "examples"  # the folder cached example outputs are written to
-DEFAULT_RADIUS = 4.0
 DEFAULT_GUIDANCE = 3.5
 DEFAULT_IMAGE_GUIDANCE = 2.0
 MIN_RESOLUTION = 64
@@ -384,7 +384,7 @@ class GenerationSettings:
 
 
 SETTING_FIELDS = [f for f in GenerationSettings.__dataclass_fields__]
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**32 - 1  # the app's seeds: short enough to read and type, exact in the browser's numbers
 
 
 # ------------------------------------------------------------------------------- number inputs
@@ -830,7 +830,7 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
 
     `run` is the id under which a stop can end it (`StopRequests.running`). Returns the result
     and a status line."""
-    from refany3d.alignment import candidate_scores, choose_candidate
+    from refany3d.alignment import candidate_record, choose_candidate
     from refany3d.outputs import pointcloud_from_pointmap, write_ply, write_settings_json
     from refany3d.views import render_views
 
@@ -869,8 +869,7 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
     if len(candidates) > 1:
         progress(1.0, desc="Choosing the most rigid candidate")
         best, reports = choose_candidate(mesh, candidates, settings.y_rotation)
-        seeds = [settings.seed + k for k in range(len(candidates))]
-        record.update(chosen_seed=seeds[best], candidate_scores=candidate_scores(seeds, reports))
+        record.update(candidate_record(settings.seed, best, reports))
     image, pointmap = candidates[best]
     seed = settings.seed + best
 
@@ -923,7 +922,7 @@ def generate(mesh_path: str | None, prompt: str, n_views: int, radius: float, pi
 def default_settings(prompt: str, config: AppConfig, model: str) -> GenerationSettings:
     """The settings the UI starts with (and examples are generated with)."""
     return GenerationSettings(
-        prompt=prompt, n_views=config.default_views, radius=DEFAULT_RADIUS, pitch=0.0, y_rotation=0.0,
+        prompt=prompt, n_views=config.default_views, radius=ORBIT_RADIUS, pitch=0.0, y_rotation=0.0,
         seed=0, randomize_seed=False, steps=config.default_steps, guidance_scale=DEFAULT_GUIDANCE,
         image_guidance_scale=DEFAULT_IMAGE_GUIDANCE, resolution=config.default_resolution, model=model,
     )

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from refany3d.errors import InputError, require_finite, require_positive_integer
+from refany3d.cameras import ORBIT_RADIUS
+from refany3d.errors import InputError, require_finite, require_whole_number
 
 RUN_FILES = ("image.png", "pointmap.png", "settings.json")
 MAX_SEED = 2**63 - 1  # the largest seed torch.Generator.manual_seed takes as a signed 64-bit integer
@@ -34,7 +35,7 @@ class Job:
     candidates: int = 1  # sample seeds seed..seed+K-1 and keep the most self-consistent (see generate_from_mesh)
     name: str | None = None
     n_views: int = 8
-    radius: float = 4.0
+    radius: float = ORBIT_RADIUS
     pitch: float = 0.0
     y_rotation: float = 0.0
     height: int = 512
@@ -57,9 +58,8 @@ class Job:
                 raise InputError(f"{name} must be a string, got {getattr(self, name)!r}")
         for name in ("n_views", "height", "width", "condition_size", "num_inference_steps", "max_sequence_length",
                      "candidates"):
-            require_positive_integer(name, getattr(self, name))
-        if not _is_integer(self.cache_refresh_every) or self.cache_refresh_every < 0:
-            raise InputError(f"cache_refresh_every must be a whole number >= 0, got {self.cache_refresh_every!r}")
+            require_whole_number(name, getattr(self, name), minimum=1)
+        require_whole_number("cache_refresh_every", self.cache_refresh_every)
         for name in ("radius", "pitch", "y_rotation", "guidance_scale", "image_guidance_scale"):
             require_finite(name, getattr(self, name))
         for name in ("group_mask", "pointmap_branch"):
@@ -138,13 +138,12 @@ def run_job(pipe, job: Job, folder: str | Path, generator_device: str = "cpu", c
     """Render the job's views, sample, and write the run folder; returns the folder."""
     import torch
 
-    from refany3d.alignment import candidate_scores
+    from refany3d.alignment import candidate_record
     from refany3d.outputs import write_settings_json
 
     folder = Path(folder)
     seed = job.seed if job.seed is not None else random.randint(0, 2**31 - 1)  # short enough to type again
-    seeds = [seed + k for k in range(job.candidates)]
-    generators = [torch.Generator(generator_device).manual_seed(s) for s in seeds]
+    generators = [torch.Generator(generator_device).manual_seed(seed + k) for k in range(job.candidates)]
     out = pipe.generate_from_mesh(job.mesh, job.prompt, generator=generators if job.candidates > 1 else generators[0],
                                   callback=callback, **job.sampler_kwargs())
     folder.mkdir(parents=True, exist_ok=True)
@@ -153,9 +152,7 @@ def run_job(pipe, job: Job, folder: str | Path, generator_device: str = "cpu", c
         out.pointmap.save(folder / "pointmap.png")
     settings = {**asdict(job), "seed": seed, "mesh": str(job.mesh)}
     if out.candidates is not None:
-        # The chosen image alone comes back with --seed chosen_seed --candidates 1.
-        settings["chosen_seed"] = seeds[out.settings["candidate"]]
-        settings["candidate_scores"] = candidate_scores(seeds, out.candidates)
+        settings.update(candidate_record(seed, out.settings["candidate"], out.candidates))
     # settings.json last: its presence marks the run complete (see run_is_complete).
     write_settings_json(settings, folder / "settings.json", mesh_path=job.mesh)
     return folder

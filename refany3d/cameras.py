@@ -12,13 +12,14 @@ from typing import Any
 
 import numpy as np
 
-from refany3d.errors import InputError
+from refany3d.errors import InputError, require_whole_number
 
 # OpenGL camera axes (x right, y up, looking down -z) -> OpenCV axes (x right, y down, z forward).
 _GL_TO_CV = np.diag([1.0, -1.0, -1.0])
 
 ORBIT_FRAMES = 60
 DEFAULT_FOV_Y_DEG = 45.0
+ORBIT_RADIUS = 4.0  # the release's camera distance for reference views, in normalized units
 
 
 @dataclass(frozen=True, eq=False)
@@ -157,7 +158,7 @@ def focal_from_fov(fov_deg: float, size: int) -> float:
 def orbit_camera(
     azimuth_deg: float,
     pitch_deg: float = 0.0,
-    radius: float = 4.0,
+    radius: float = ORBIT_RADIUS,
     resolution: int = 512,
     fov_y_deg: float = DEFAULT_FOV_Y_DEG,
 ) -> Camera:
@@ -186,9 +187,6 @@ def orbit_camera(
 
 def reference_azimuths(n_views: int, n_frames: int = ORBIT_FRAMES) -> list[float]:
     """Azimuths (degrees) of the N reference views: orbit frames i*floor(n_frames/N), a = 360*i/n_frames."""
-    if isinstance(n_views, bool) or not isinstance(n_views, (int, np.integer)):
-        raise InputError(f"number of views must be an integer, got {n_views!r}")
-    if not 1 <= n_views <= n_frames:
-        raise InputError(f"number of views must be between 1 and {n_frames}, got {n_views}")
+    require_whole_number("number of views", n_views, minimum=1, maximum=n_frames)
     step = n_frames // n_views
     return [360.0 * i * step / n_frames for i in range(n_views)]

@@ -14,6 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
+from refany3d.cameras import ORBIT_RADIUS
 from refany3d.errors import RefAny3DError
 
 
@@ -215,7 +216,8 @@ def _add_render(sub) -> None:
     p.add_argument("mesh", help="mesh file (GLB, glTF, OBJ, PLY, STL, OFF or a .zip)")
     p.add_argument("--views", type=int, default=8, help="number of reference views (default 8)")
     p.add_argument("--resolution", type=int, default=512, help="square image size in pixels (default 512)")
-    p.add_argument("--radius", type=float, default=4.0, help="camera distance in normalized units (default 4)")
+    p.add_argument("--radius", type=float, default=ORBIT_RADIUS,
+                   help=f"camera distance in normalized units (default {ORBIT_RADIUS:g})")
     p.add_argument("--pitch", type=float, default=0.0, help="camera elevation in degrees (default 0)")
     p.add_argument("--y-rotation", type=float, default=0.0, help="point-map rotation about +y in degrees")
     p.add_argument("--out", required=True, help="output folder")

@@ -44,7 +44,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from refany3d.cameras import Camera, look_at
-from refany3d.errors import InputError
+from refany3d.errors import InputError, require_whole_number
 
 FORMAT = "refany3d-samples/1"
 
@@ -505,12 +505,10 @@ def make_dataset(
 
     if split not in ("train", "val"):
         raise InputError(f"split must be 'train' or 'val', got {split!r}")
-    for name, value, low in (("count", count, 1), ("views", n_views, 1), ("resolution", resolution, 16),
-                             ("targets per asset", targets_per_asset, 1), ("workers", workers, 1), ("seed", seed, 0)):
-        if int(value) < low:
-            raise InputError(f"{name} must be at least {low}, got {value}")
-    if resolution > MAX_IMAGE_SIDE:
-        raise InputError(f"resolution must be at most {MAX_IMAGE_SIDE}, got {resolution}")
+    for name, value, low in (("count", count, 1), ("views", n_views, 1), ("targets per asset", targets_per_asset, 1),
+                             ("workers", workers, 1), ("seed", seed, 0)):
+        require_whole_number(name, value, minimum=low)
+    require_whole_number("resolution", resolution, minimum=16, maximum=MAX_IMAGE_SIDE)
     smallest, largest = (float(v) for v in asset_size)
     if not 0.05 <= smallest <= largest <= 1.0:
         raise InputError("asset size must be MIN <= MAX within [0.05, 1] (a share of the image width), "

@@ -39,13 +39,12 @@ def require_finite(name: str, value) -> None:
         raise InputError(f"{name} must be a finite number, got {value!r}")
 
 
-def require_whole_number(name: str, value, minimum: int = 0) -> None:
-    """InputError unless `value` is a whole number of at least `minimum` (NumPy's too; not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise InputError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-
-
-def require_positive_integer(name: str, value) -> None:
-    """InputError unless `value` is a whole number of at least 1 (NumPy's too; not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise InputError(f"{name} must be a positive integer, got {value!r}")
+def require_whole_number(name: str, value, minimum: int = 0, maximum: int | None = None) -> None:
+    """InputError unless `value` is a whole number within [minimum, maximum] (NumPy's too; not a bool)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum
+            or (maximum is not None and value > maximum)):
+        if maximum is not None:
+            wanted = f"a whole number from {minimum} to {maximum}"
+        else:
+            wanted = "a positive whole number" if minimum == 1 else f"a whole number >= {minimum}"
+        raise InputError(f"{name} must be {wanted}, got {value!r}")

@@ -41,7 +41,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from PIL import Image
 
 from refany3d.conditions import pack_conditions, sample_latents, view_posterior
-from refany3d.errors import InputError
+from refany3d.errors import InputError, require_whole_number
 from refany3d.transformer import (
     CONDITION_POINTMAP_ADAPTERS,
     CONDITION_RGB_ADAPTERS,
@@ -261,8 +261,7 @@ class FastDenoiser:
         attention in the conditional pass too (models trained without the group mask)."""
         if mode not in MODES:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        if isinstance(cache_refresh_every, bool) or not isinstance(cache_refresh_every, int) or cache_refresh_every < 0:
-            raise InputError(f"cache_refresh_every must be a whole number >= 0, got {cache_refresh_every!r}")
+        require_whole_number("cache_refresh_every", cache_refresh_every)
         self.transformer, self.domain_embedder, self.mode = transformer, domain_embedder, mode
         self.cache_refresh_every, self.steps_done = cache_refresh_every, 0
         self.pooled, self.guidance, self.target_ids = pooled, guidance, target_ids

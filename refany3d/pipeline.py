@@ -7,11 +7,13 @@ with the joint multi-branch pass of `refany3d.transformer`.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 from contextlib import contextmanager
 from functools import partial
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,8 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from refany3d.cameras import ORBIT_RADIUS
 from refany3d.conditions import black_like, condition_tokens, latent_position_ids, pack_latents, unpack_latents
-from refany3d.errors import InputError, ModelLoadError, require_finite, require_positive_integer
+from refany3d.errors import InputError, ModelLoadError, require_finite, require_whole_number
 from refany3d.images import MAX_IMAGE_SIDE, ImageLike, to_rgb_image
 from refany3d.transformer import joint_forward, refany3d_branches, refany3d_group_mask
 
@@ -52,8 +55,6 @@ def recommended_settings(ref_model: str | Path) -> dict:
     settings = dict(RELEASE_SETTINGS)
     path = Path(ref_model).expanduser().parent / "settings.json"
     if Path(ref_model).expanduser().is_dir() and path.is_file():
-        import json
-
         try:
             stored = json.loads(path.read_text())
         except (OSError, ValueError) as err:
@@ -65,8 +66,6 @@ def recommended_settings(ref_model: str | Path) -> dict:
 def default_model(environ: Mapping[str, str] | None = None) -> tuple[str, str]:
     """(base, ref) to use when none is given: $REFANY3D_BASE_MODEL / $REFANY3D_REF_MODEL, else
     the embedded model when it is present, else the published FLUX.1-dev + RefAny3D weights."""
-    import os
-
     environ = os.environ if environ is None else environ
     embedded = (EMBEDDED_MODEL_DIR / "base").is_dir() and (EMBEDDED_MODEL_DIR / "ref").is_dir()
     base = str(EMBEDDED_MODEL_DIR / "base") if embedded else DEFAULT_BASE_MODEL
@@ -193,7 +192,10 @@ class RefAny3DPipeline:
     def __init__(self, flux, domain_embedder: torch.nn.Module, default_settings: Mapping[str, Any] | None = None):
         self.flux = flux
         # What a call leaves out: the settings the model was trained for (see recommended_settings).
-        self.default_settings = dict(default_settings or RELEASE_SETTINGS)
+        # Settings a partial `default_settings` leaves out are the release's; the ablation flags
+        # are on (the release's design).
+        self.default_settings = {**RELEASE_SETTINGS, **{flag: True for flag in ABLATION_SETTINGS},
+                                 **(default_settings or {})}
         self.domain_embedder = domain_embedder.to(device=flux.transformer.device, dtype=flux.transformer.dtype)
         self.offload_device: torch.device | None = None  # set: weights stay on the CPU between uses
 
@@ -324,7 +326,7 @@ class RefAny3DPipeline:
             raise InputError(f"prompt must be a string, got {type(prompt).__name__}")
         for name, value in guidance_scales.items():
             require_finite(name, value)
-        require_positive_integer("max_sequence_length", max_sequence_length)
+        require_whole_number("max_sequence_length", max_sequence_length, minimum=1)
         if len(rgb_views) == 0:
             raise InputError("at least one reference view is needed (got 0 RGB views)")
         if len(rgb_views) != len(pointmap_views):
@@ -333,22 +335,21 @@ class RefAny3DPipeline:
             )
         for name, value in (("height", height), ("width", width), ("condition_size", condition_size)):
             self._check_size(name, value)
-        require_positive_integer("num_inference_steps", steps)
+        require_whole_number("num_inference_steps", steps, minimum=1)
         if callback is not None and not callable(callback):
             raise InputError(f"callback must be a function callback(step, total), got {type(callback).__name__}")
         if output_type not in ("pil", "np"):
             raise InputError(f"output_type must be 'pil' or 'np', got {output_type!r}")
 
     def _own(self, name: str, value):
-        """`value`, or when it is None the model's own setting (`default_settings`; an ablation
-        flag the model does not record is True, the release's design)."""
-        return self.default_settings.get(name, True) if value is None else value
+        """`value`, or when it is None the model's own setting (`default_settings`)."""
+        return self.default_settings[name] if value is None else value
 
     def _check_size(self, name: str, value) -> None:
         """An image side the model can take: a positive multiple of its latent patch (16 for FLUX),
         at most MAX_IMAGE_SIDE (beyond it a call would only fail to allocate memory)."""
         multiple = self.flux.vae_scale_factor * 2
-        require_positive_integer(name, value)
+        require_whole_number(name, value, minimum=1)
         if value % multiple:
             raise InputError(f"{name} must be a multiple of {multiple}, got {value}")
         if value > MAX_IMAGE_SIDE:
@@ -529,7 +530,7 @@ class RefAny3DPipeline:
         mesh_or_path,
         prompt: str,
         n_views: int | None = None,
-        radius: float = 4.0,
+        radius: float = ORBIT_RADIUS,
         pitch: float = 0.0,
         y_rotation: float = 0.0,
         condition_size: int | None = None,

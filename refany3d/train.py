@@ -20,7 +20,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from refany3d.conditions import CONDITION_POSITION_DELTA, latent_position_ids, pack_latents
 from refany3d.data import SampleDataset, caption_vocabulary, collate
-from refany3d.errors import InputError
+from refany3d.errors import InputError, require_finite, require_whole_number
 from refany3d.tiny import TinyConfig, add_refany3d_adapters, build_base_pipeline, new_domain_embedder, save_refany3d_weights
 from refany3d.transformer import Branch, joint_forward, refany3d_branches, refany3d_group_mask
 
@@ -99,25 +99,26 @@ class TrainConfig:
             raise InputError(f"unknown training stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise InputError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
-        for name in ("vae_steps", "base_steps", "ref_steps"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("vae_steps", "base_steps", "ref_steps", "batch_size", "n_views", "gradient_accumulation",
+                     "checkpoint_every", "lora_rank", "lora_alpha"):
+            require_whole_number(name, getattr(self, name), minimum=1)
+        require_whole_number("num_workers", self.num_workers)
+        for name in ("vae_lr", "base_lr", "ref_lr", "text_dropout", "reference_dropout", "asset_loss_weight"):
+            require_finite(name, getattr(self, name))
         for name in ("vae_lr", "base_lr", "ref_lr"):
-            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+            if getattr(self, name) < 0:
                 raise InputError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if self.optimizer not in ("adamw", "prodigy"):
             raise InputError(f"optimizer must be 'adamw' or 'prodigy', got {self.optimizer!r}")
-        for name in ("batch_size", "n_views", "gradient_accumulation", "checkpoint_every", "lora_rank", "lora_alpha"):
-            if int(getattr(self, name)) < 1:
-                raise InputError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("text_dropout", "reference_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"{name} must be within [0, 1], got {getattr(self, name)}")
         for name in ("vae_minutes", "base_minutes", "ref_minutes"):
-            if getattr(self, name) is not None and not getattr(self, name) > 0:
-                raise InputError(f"{name} must be a positive number of minutes, got {getattr(self, name)}")
-        if int(self.num_workers) < 0:
-            raise InputError(f"num_workers must be at least 0, got {self.num_workers}")
+            minutes = getattr(self, name)
+            if minutes is not None:
+                require_finite(name, minutes)
+                if minutes <= 0:
+                    raise InputError(f"{name} must be a positive number of minutes, got {minutes}")
         if not self.asset_loss_weight > 0:
             raise InputError(f"asset_loss_weight must be positive, got {self.asset_loss_weight}")
         if not self.data:
@@ -125,11 +126,6 @@ class TrainConfig:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ import numpy as np
 import trimesh
 from PIL import Image
 
-from refany3d.cameras import Camera, orbit_camera, reference_azimuths
-from refany3d.errors import InputError, RenderError, require_finite
+from refany3d.cameras import ORBIT_RADIUS, Camera, orbit_camera, reference_azimuths
+from refany3d.errors import InputError, RenderError, require_finite, require_whole_number
 from refany3d.images import MAX_IMAGE_SIDE
 from refany3d.mesh import Normalization, as_mesh, normalization_of
 
@@ -99,7 +99,7 @@ class ReferenceViews:
     cameras: list[Camera]
     normalization: Normalization
     pitch: float = 0.0
-    radius: float = 4.0
+    radius: float = ORBIT_RADIUS
     y_rotation: float = 0.0
     source: str | None = field(default=None)
 
@@ -315,16 +315,13 @@ def render_views(
     mesh_or_path: trimesh.Trimesh | trimesh.Scene | str | os.PathLike,
     n_views: int = 8,
     resolution: int = 512,
-    radius: float = 4.0,
+    radius: float = ORBIT_RADIUS,
     pitch: float = 0.0,
     y_rotation: float = 0.0,
     renderer: Renderer | None = None,
 ) -> ReferenceViews:
     """The release's N reference views: orbit frames i*floor(60/N), RGB + point maps."""
-    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)):
-        raise InputError(f"resolution must be an integer, got {resolution!r}")
-    if not 8 <= resolution <= MAX_IMAGE_SIDE:
-        raise InputError(f"resolution must be between 8 and {MAX_IMAGE_SIDE}, got {resolution}")
+    require_whole_number("resolution", resolution, minimum=8, maximum=MAX_IMAGE_SIDE)
     radius = _finite("radius", radius)
     pitch = _finite("pitch", pitch)
     y_rotation = _finite("y_rotation", y_rotation)

@@ -16,7 +16,7 @@ import trimesh
 from PIL import Image
 
 from refany3d.alignment import (
-    FIT_SIZES, AlignmentReport, align, candidate_scores, choose_candidate, consistency_key, most_consistent, asset_templates, fit_asset_to_image, frustum_segments, mask_iou, overlay_image, segment_object,
+    FIT_SIZES, AlignmentReport, align, candidate_record, choose_candidate, consistency_key, most_consistent, asset_templates, fit_asset_to_image, frustum_segments, mask_iou, overlay_image, segment_object,
     to_frame,
 )
 from refany3d.cameras import Camera, focal_from_fov, look_at
@@ -259,7 +259,9 @@ def test_candidates_are_chosen_by_rigidity(asset, other_asset):
     best, reports = choose_candidate(asset, candidates)
     assert [r.measurable for r in reports] == [False, True, True, True]
     assert best == 3 and reports[3].inlier_ratio > max(reports[1].inlier_ratio, reports[2].inlier_ratio)
-    scores = candidate_scores([10, 11, 12, 13], reports)
+    record = candidate_record(10, best, reports)
+    assert record["chosen_seed"] == 13
+    scores = record["candidate_scores"]
     assert [s["seed"] for s in scores] == [10, 11, 12, 13] and scores[3]["inlier_ratio"] == reports[3].inlier_ratio
     assert set(scores[0]) == {"seed", "measurable", "inlier_ratio", "reprojection_error_px", "iou"}
 

@@ -75,6 +75,14 @@ def test_bad_configuration_is_refused_at_start(env, message):
         logic.AppConfig.from_env(env)
 
 
+def test_the_app_offers_the_pipelines_sampler_modes():
+    """The app keeps its own copy of the mode names so that it imports without torch; the copy
+    must not drift from the pipeline's."""
+    from refany3d.pipeline import SAMPLER_MODES
+
+    assert logic.SAMPLERS == SAMPLER_MODES
+
+
 def test_registry_puts_the_configured_model_first():
     published = logic.AppConfig().model_registry()
     assert list(published)[-1] == logic.PUBLISHED_MODEL

@@ -224,9 +224,9 @@ def test_bad_settings_raise_input_errors(tmp_path: Path) -> None:
         make_dataset(tmp_path / "x", count=1, asset_size=(0.5, 1.5))
     with pytest.raises(InputError, match="not a refany3d dataset"):
         SampleDataset(tmp_path, resolution=32)
-    with pytest.raises(InputError, match="seed must be at least 0, got -3"):
+    with pytest.raises(InputError, match="seed must be a whole number >= 0, got -3"):
         make_dataset(tmp_path / "y", count=1, seed=-3)
-    with pytest.raises(InputError, match="resolution must be at most 4096, got 100000"):
+    with pytest.raises(InputError, match="resolution must be a whole number from 16 to 4096, got 100000"):
         make_dataset(tmp_path / "y", count=1, resolution=100000)
     assert not (tmp_path / "y").exists()  # refused before anything was written
 
@@ -259,7 +259,7 @@ def test_make_data_cli(tmp_path: Path, capsys) -> None:
     assert main(["make-data", str(tmp_path / "d"), "--count", "2", "--views", "1", "--resolution", "32"]) == 0
     assert json.loads((tmp_path / "d" / "dataset.json").read_text())["count"] == 2
     assert main(["make-data", str(tmp_path / "e"), "--count", "0"]) == 2
-    assert "count must be at least 1" in capsys.readouterr().err
+    assert "count must be a positive whole number" in capsys.readouterr().err
     assert main(["make-data", str(tmp_path / "f"), "--count", "1", "--views", "1", "--resolution", "32",
                  "--asset-size", "0.5", "0.6"]) == 0
     assert json.loads((tmp_path / "f" / "dataset.json").read_text())["asset_size"] == [0.5, 0.6]
@@ -279,7 +279,7 @@ def test_worker_processes_write_the_same_files_as_one(tmp_path: Path, capsys) ->
         assert (one / name).read_bytes() == (two / name).read_bytes(), name
 
     assert main(["make-data", str(tmp_path / "bad"), "--count", "2", "--workers", "0"]) == 2
-    assert "workers must be at least 1, got 0" in capsys.readouterr().err
+    assert "workers must be a positive whole number, got 0" in capsys.readouterr().err
 
 
 def test_other_asset_indices_skip_scenes_of_the_same_asset() -> None:

@@ -115,7 +115,7 @@ def test_no_pointmap_branch_writes_an_image_alone_and_resumes(model_args, tmp_pa
     assert "mode='faithful' only" in capsys.readouterr().err
     jobs.write_text(json.dumps({**job, "num_inference_steps": 0}) + "\n")  # a jobs file's keys keep their names
     assert main(["generate", "--jobs", str(jobs), "--out", str(tmp_path / "zero"), *model_args]) == 2
-    assert "num_inference_steps must be a positive integer, got 0" in capsys.readouterr().err
+    assert "num_inference_steps must be a positive whole number, got 0" in capsys.readouterr().err
 
 
 def test_read_jobs_errors(tmp_path):
@@ -127,7 +127,7 @@ def test_read_jobs_errors(tmp_path):
     with pytest.raises(InputError, match="line 1: not valid JSON"):
         read_jobs(bad)
     bad.write_text('{"mesh": "a.glb", "prompt": "x", "candidates": 0}\n')
-    with pytest.raises(InputError, match="line 1: candidates must be a positive integer, got 0"):
+    with pytest.raises(InputError, match="line 1: candidates must be a positive whole number, got 0"):
         read_jobs(bad)
     bad.write_text('{"prompt": "x"}\n')
     with pytest.raises(InputError, match="'mesh' is required"):
@@ -135,7 +135,7 @@ def test_read_jobs_errors(tmp_path):
     for setting, message in (('"seed": "abc"', "seed must be a whole number from 0 to 9223372036854775807, got 'abc'"),
                              ('"seed": 9223372036854775807, "candidates": 2', "seed .* less 1 \\(one seed per candidate\\)"),
                              ('"guidance_scale": "3"', "guidance_scale must be a finite number, got '3'"),
-                             ('"n_views": 2.5', "n_views must be a positive integer, got 2.5"),
+                             ('"n_views": 2.5', "n_views must be a positive whole number, got 2.5"),
                              ('"group_mask": "no"', "group_mask must be true or false"),
                              ('"name": "../../escape"', "name must be a folder name without '/'")):
         bad.write_text('{"mesh": "a.glb", "prompt": "x", %s}\n' % setting)
@@ -161,8 +161,8 @@ GOOD = ["generate", str(ROOT / "examples" / "vase.glb"), "--prompt", "p", "--out
         ([*GOOD, "--device", "bogus"], "unknown device 'bogus'; use cpu, cuda or cuda:N"),
         ([*GOOD, "--guidance", "nan"], "--guidance must be a finite number, got nan"),  # named as typed
         ([*GOOD, "--image-guidance", "inf"], "--image-guidance must be a finite number, got inf"),
-        ([*GOOD, "--steps", "0"], "--steps must be a positive integer, got 0"),
-        ([*GOOD, "--max-sequence-length", "0"], "--max-sequence-length must be a positive integer, got 0"),
+        ([*GOOD, "--steps", "0"], "--steps must be a positive whole number, got 0"),
+        ([*GOOD, "--max-sequence-length", "0"], "--max-sequence-length must be a positive whole number, got 0"),
         ([*GOOD, "--seed", str(2**64 - 1)], "seed must be a whole number from 0 to 9223372036854775807"),
         ([*GOOD[:-1], "a_file/sub"], "Not a directory: a_file/sub"),
     ],

@@ -276,15 +276,15 @@ def test_attention_recorder_shares_follow_the_group_mask(pipe):
     [
         (dict(rgb=2, pm=1), "same length"),
         (dict(rgb=0, pm=0), "at least one reference view"),
-        (dict(height=0), "height must be a positive integer"),
-        (dict(width=-16), "width must be a positive integer"),
+        (dict(height=0), "height must be a positive whole number"),
+        (dict(width=-16), "width must be a positive whole number"),
         (dict(height=30), "multiple of"),
-        (dict(condition_size=0), "condition_size must be a positive integer"),
+        (dict(condition_size=0), "condition_size must be a positive whole number"),
         (dict(num_inference_steps=0), "num_inference_steps"),
         (dict(output_type="latent"), "output_type"),
         (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
         (dict(image_guidance_scale=float("inf")), "image_guidance_scale must be a finite number, got inf"),
-        (dict(max_sequence_length=0), "max_sequence_length must be a positive integer, got 0"),
+        (dict(max_sequence_length=0), "max_sequence_length must be a positive whole number, got 0"),
         (dict(height=2**20, width=2**20), "height must be at most 4096, got 1048576"),
         (dict(callback=5), "callback must be a function callback\\(step, total\\), got int"),
         (dict(image_guidance_scale=1e30), "sampling diverged to NaN or infinite values: lower the guidance"),
@@ -437,7 +437,7 @@ def test_candidates_need_generators_and_a_point_map(pipe):
         pipe.generate_from_mesh(mesh, "p", n_views=1, condition_size=32, pointmap_branch=False, mode="faithful",
                                 generator=[torch.Generator(), torch.Generator()])
     multiple = pipe.flux.vae_scale_factor * 2
-    for size, message in ((0, "condition_size must be a positive integer, got 0"),
+    for size, message in ((0, "condition_size must be a positive whole number, got 0"),
                           (multiple + 1, f"condition_size must be a multiple of {multiple}, got {multiple + 1}")):
         # named before views of that size are rendered
         with pytest.raises(InputError, match=message):

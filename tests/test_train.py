@@ -298,13 +298,22 @@ def test_bad_configs_raise_input_errors() -> None:
         TrainConfig(data=["d"], output_dir="o", stages=())
     with pytest.raises(InputError, match="mixed_precision must be 'no', 'bf16' or 'fp16', got 'fp64'"):
         TrainConfig(data=["d"], output_dir="o", mixed_precision="fp64")
-    with pytest.raises(InputError, match="ref_steps must be at least 1, got 0"):
+    with pytest.raises(InputError, match="ref_steps must be a positive whole number, got 0"):
         TrainConfig(data=["d"], output_dir="o", ref_steps=0)
-    with pytest.raises(InputError, match="base_lr must be a finite number >= 0, got nan"):
+    with pytest.raises(InputError, match="base_lr must be a finite number, got nan"):
         TrainConfig(data=["d"], output_dir="o", base_lr=float("nan"))
-    with pytest.raises(InputError, match="lora_rank must be at least 1, got 0"):
+    with pytest.raises(InputError, match="base_lr must be a finite number >= 0, got -0.1"):
+        TrainConfig(data=["d"], output_dir="o", base_lr=-0.1)
+    # sizes are whole numbers, and a value of the wrong type is named, not a bare ValueError
+    with pytest.raises(InputError, match="batch_size must be a positive whole number, got 1.5"):
+        TrainConfig(data=["d"], output_dir="o", batch_size=1.5)
+    with pytest.raises(InputError, match="n_views must be a positive whole number, got 'x'"):
+        TrainConfig(data=["d"], output_dir="o", n_views="x")
+    with pytest.raises(InputError, match="vae_minutes must be a finite number, got 'x'"):
+        TrainConfig(data=["d"], output_dir="o", vae_minutes="x")
+    with pytest.raises(InputError, match="lora_rank must be a positive whole number, got 0"):
         TrainConfig(data=["d"], output_dir="o", lora_rank=0)
-    with pytest.raises(InputError, match="num_workers must be at least 0, got -1"):
+    with pytest.raises(InputError, match="num_workers must be a whole number >= 0, got -1"):
         TrainConfig(data=["d"], output_dir="o", num_workers=-1)
 
 
@@ -374,7 +383,7 @@ def test_no_pointmap_branch_stage_trains_the_rgb_branches_only(trained: tuple[Pa
     assert result.pointmap is None and np.isfinite(result.image).all()
     # its settings.json says how it was trained, so a call that does not say samples it that way
     assert json.loads((tmp_path / "settings.json").read_text())["pointmap_branch"] is False
-    assert pipe.default_settings["pointmap_branch"] is False and "group_mask" not in pipe.default_settings
+    assert pipe.default_settings["pointmap_branch"] is False and pipe.default_settings["group_mask"] is True
     again = pipe("a red box on a blue floor", list(rgb), list(pm), num_inference_steps=2, output_type="np")
     assert again.pointmap is None and again.settings["mode"] == "faithful" and again.image.shape == (32, 32, 3)
 
