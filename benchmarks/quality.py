@@ -158,8 +158,7 @@ def main() -> None:
     add_ablation_flags(parser, "sample")  # without a point map, a model is scored by the image-only fit
     args = parser.parse_args()
     torch.set_num_threads(1)
-    base, ref = default_model()
-    pipe = RefAny3DPipeline.from_pretrained(args.base or base, args.ref or ref, device="cpu")
+    pipe = RefAny3DPipeline.from_pretrained(*default_model(base=args.base, ref=args.ref), device="cpu")
     own = pipe.default_settings
     for name, key in (("steps", "num_inference_steps"), ("resolution", "height"), ("condition_size", "condition_size"),
                       ("views", "n_views"), ("guidance", "guidance_scale"), ("image_guidance", "image_guidance_scale")):

@@ -85,8 +85,7 @@ def main() -> int:
     if not all(0.0 <= t <= 1.0 for t in [*args.times, args.attention_time]):
         ap.error("flow times (--times, --attention-time) must be within [0, 1]")
 
-    base, ref = default_model()
-    pipe = RefAny3DPipeline.from_pretrained(args.base or base, args.ref or ref, device="cpu")
+    pipe = RefAny3DPipeline.from_pretrained(*default_model(base=args.base, ref=args.ref), device="cpu")
     for name, key in (("resolution", "height"), ("condition_size", "condition_size"), ("views", "n_views")):
         if getattr(args, name) is None:
             setattr(args, name, pipe.default_settings[key])

@@ -38,13 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from refany3d.cli import positive_int, run_reporting_errors  # noqa: E402
 from refany3d.fast import fast_sampler  # noqa: E402
 from refany3d.pipeline import EMBEDDED_MODEL_DIR, RefAny3DPipeline  # noqa: E402
-from refany3d.tiny import (  # noqa: E402
-    TinyConfig,
-    add_refany3d_adapters,
-    build_base_pipeline,
-    build_tiny_model,
-    new_domain_embedder,
-)
+from refany3d.tiny import TinyConfig, build_base_pipeline, build_tiny_model  # noqa: E402
+from refany3d.weights import add_refany3d_adapters, new_domain_embedder  # noqa: E402
 
 # Sampler variants: a pipeline mode, optionally "/K" (cached: refresh the views' keys/values every
 # K steps) and "+compile" (torch.compile the fast blocks; timed after the warm-up round compiled).

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refany3d.cli import positive_int, run_reporting_errors  # noqa: E402
 from refany3d.pipeline import EMBEDDED_MODEL_DIR  # noqa: E402
-from refany3d.tiny import add_refany3d_adapters, new_domain_embedder  # noqa: E402
+from refany3d.weights import add_refany3d_adapters, new_domain_embedder  # noqa: E402
 from refany3d.train import PosteriorCache, RefAny3DInputs, RefAny3DObjective, train_only_lora  # noqa: E402
 
 

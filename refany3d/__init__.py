@@ -1,8 +1,8 @@
 """refany3d: 3D asset-referenced image generation (RefAny3D) as a library, a CLI and an app.
 
 The data path, one module per step: `mesh` (load an asset) -> `views` (render reference views)
--> `conditions` (turn views into model inputs) -> `pipeline` (sample image + point map)
--> `outputs` (point clouds, files) -> `alignment` (measure the result).
+-> `conditions` (turn views into model inputs) -> `pipeline` (sample image + point map, with the
+weights of `weights`) -> `outputs` (point clouds, files) -> `alignment` (measure the result).
 
 Attributes are imported lazily so that `import refany3d` stays light (no torch for rendering).
 """
@@ -12,26 +12,24 @@ import importlib
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
+# public name -> module that defines it, along the data path
 _EXPORTS = {
+    # errors: every failure a user can cause
     "RefAny3DError": "errors",
     "MeshError": "errors",
     "InputError": "errors",
     "ModelLoadError": "errors",
     "AlignmentError": "errors",
     "RenderError": "errors",
-    "RefAny3DPipeline": "pipeline",
-    "RefAny3DOutput": "pipeline",
-    "build_tiny_model": "tiny",
-    # issue 3: meshes, cameras, reference views
-    "Camera": "cameras",
-    "look_at": "cameras",
-    "orbit_camera": "cameras",
-    "reference_azimuths": "cameras",
+    # meshes, cameras, reference views, image inputs
     "load_mesh": "mesh",
     "as_mesh": "mesh",
     "Normalization": "mesh",
     "normalization_of": "mesh",
+    "Camera": "cameras",
+    "look_at": "cameras",
+    "orbit_camera": "cameras",
+    "reference_azimuths": "cameras",
     "Renderer": "views",
     "RenderedView": "views",
     "ReferenceViews": "views",
@@ -39,23 +37,28 @@ _EXPORTS = {
     "render_at": "views",
     "as_float_image": "images",
     "to_rgb_image": "images",
-    # issue 8: fast sampler
+    # the model: weights in the published layout, the sampler and its encoding caches
+    "resolve_ref_weights": "weights",
+    "save_refany3d_weights": "weights",
+    "RefAny3DPipeline": "pipeline",
+    "RefAny3DOutput": "pipeline",
     "FastSampler": "fast",
     "fast_sampler": "fast",
-    # issue 6: alignment analysis
+    "build_tiny_model": "tiny",
+    # outputs of a generation
+    "PointCloud": "outputs",
+    "pointcloud_from_pointmap": "outputs",
+    "pointcloud_figure": "outputs",
+    "write_ply": "outputs",
+    "write_settings_json": "outputs",
+    # measuring a generation
     "align": "alignment",
     "align_runs": "alignment",
     "AlignmentReport": "alignment",
     "estimate_pose": "alignment",
     "frustum_segments": "alignment",
     "overlay_image": "alignment",
-    # issue 5: outputs of a generation
-    "PointCloud": "outputs",
-    "pointcloud_from_pointmap": "outputs",
-    "pointcloud_figure": "outputs",
-    "write_ply": "outputs",
-    "write_settings_json": "outputs",
-    # issue 7: training data and trainer
+    # training data and the trainer
     "make_dataset": "data",
     "write_real_sample": "data",
     "SampleDataset": "data",

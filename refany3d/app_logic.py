@@ -135,7 +135,7 @@ class AppConfig:
         env = os.environ if environ is None else environ
         on_space = bool(env.get("SPACE_ID"))
         # Starting values follow what the default model was trained for (the embedded one: 64 px).
-        native = recommended_settings(default_model({k: v.strip() for k, v in env.items()})[1])
+        native = recommended_settings(default_model(env)[1])
         config = cls(
             base_model=env.get("REFANY3D_BASE_MODEL", "").strip() or None,
             ref_model=env.get("REFANY3D_REF_MODEL", "").strip() or None,
@@ -182,7 +182,7 @@ class AppConfig:
     def model_registry(self) -> dict[str, ModelSpec]:
         """Selectable models by name, the default first: the configured one (environment), the
         embedded one trained by this project (when shipped), the published FLUX.1-dev release."""
-        from refany3d.pipeline import DEFAULT_BASE_MODEL, DEFAULT_REF_MODEL, EMBEDDED_MODEL_DIR
+        from refany3d.pipeline import DEFAULT_BASE_MODEL, DEFAULT_REF_MODEL, EMBEDDED_MODEL_DIR, default_model
 
         registry: dict[str, ModelSpec] = {}
         published = ModelSpec(f"RefAny3D ({DEFAULT_REF_MODEL}) on {DEFAULT_BASE_MODEL}",
@@ -192,8 +192,7 @@ class AppConfig:
             embedded = ModelSpec("Embedded small model (trained by this project)",
                                  str(EMBEDDED_MODEL_DIR / "base"), str(EMBEDDED_MODEL_DIR / "ref"))
         if self.base_model or self.ref_model:
-            fallback = embedded or published
-            base, ref = self.base_model or fallback.base_model, self.ref_model or fallback.ref_model
+            base, ref = default_model({}, self.base_model, self.ref_model)  # one half comes with its partner
             registry[CONFIGURED_MODEL] = ModelSpec(f"Configured: {ref} on {base}", base, ref)
         if embedded is not None:
             registry[EMBEDDED_MODEL] = embedded
@@ -227,7 +226,7 @@ def weights_problem(spec: ModelSpec) -> str | None:
     Folders must hold the files; hub ids must be in the local Hugging Face cache (Spaces preload
     them). Missing hub weights may still download on first use.
     """
-    from refany3d.pipeline import REF_WEIGHT_FILES
+    from refany3d.weights import REF_WEIGHT_FILES, looks_like_a_path
 
     problems = []
     for what, location, files in (
@@ -239,7 +238,7 @@ def weights_problem(spec: ModelSpec) -> str | None:
             missing = [f for f in files if not (folder / f).is_file()]
             if missing:
                 problems.append(f"the {what} folder {location} lacks {', '.join(missing)}")
-        elif location.startswith((".", "/", "~")):
+        elif looks_like_a_path(location):
             problems.append(f"the {what} folder {location} does not exist")
         elif not all(_hub_file_cached(location, f) for f in files):
             problems.append(f"{location} ({what}) is not in the Hugging Face cache")

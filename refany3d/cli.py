@@ -169,8 +169,7 @@ def _run_generate(args) -> int:
         raise InputError("give either a MESH or --jobs, not both")
     if not args.jobs and not (args.mesh and args.prompt):
         raise InputError("give a MESH and --prompt (or --jobs FILE)")
-    base, ref = default_model()
-    base, ref = args.base_model or base, args.ref_model or ref
+    base, ref = default_model(base=args.base_model, ref=args.ref_model)
     given = {f.name: getattr(args, f.name) for f in fields(Job) if getattr(args, f.name, None) is not None}
     settings = {**recommended_settings(ref), **given}  # an ablation model's settings.json names its flags
     if settings.get("pointmap_branch") is False:

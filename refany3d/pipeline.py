@@ -26,10 +26,9 @@ from refany3d.conditions import black_like, condition_tokens, latent_position_id
 from refany3d.errors import InputError, ModelLoadError, require_finite, require_whole_number
 from refany3d.images import MAX_IMAGE_SIDE, ImageLike, to_rgb_image
 from refany3d.transformer import joint_forward, refany3d_branches, refany3d_group_mask
+from refany3d.weights import (DEFAULT_BASE_MODEL, DEFAULT_REF_MODEL, load_refany3d_weights, looks_like_a_path,
+                              partner_base, partner_ref, resolve_ref_weights)
 
-DEFAULT_BASE_MODEL = "black-forest-labs/FLUX.1-dev"
-DEFAULT_REF_MODEL = "JudgementH/RefAny3D"
-REF_WEIGHT_FILES = ("coord.safetensors", "default.safetensors", "domain_embedder.pth")
 
 StepCallback = Callable[[int, int], None]
 SAMPLER_MODES = ("faithful", "exact", "cached")
@@ -63,14 +62,25 @@ def recommended_settings(ref_model: str | Path) -> dict:
     return settings
 
 
-def default_model(environ: Mapping[str, str] | None = None) -> tuple[str, str]:
-    """(base, ref) to use when none is given: $REFANY3D_BASE_MODEL / $REFANY3D_REF_MODEL, else
-    the embedded model when it is present, else the published FLUX.1-dev + RefAny3D weights."""
+def default_model(environ: Mapping[str, str] | None = None, base: str | None = None,
+                  ref: str | None = None) -> tuple[str, str]:
+    """(base, ref) to sample with. The halves given come first (the arguments, then
+    $REFANY3D_BASE_MODEL / $REFANY3D_REF_MODEL); one given alone comes with its partner (weights
+    trained here with the base beside them, the published ones with FLUX.1-dev: see
+    `weights.partner_base`), since a base and weights made for another cannot load together.
+    With neither: the embedded model when present, else FLUX.1-dev + the published weights."""
     environ = os.environ if environ is None else environ
-    embedded = (EMBEDDED_MODEL_DIR / "base").is_dir() and (EMBEDDED_MODEL_DIR / "ref").is_dir()
-    base = str(EMBEDDED_MODEL_DIR / "base") if embedded else DEFAULT_BASE_MODEL
-    ref = str(EMBEDDED_MODEL_DIR / "ref") if embedded else DEFAULT_REF_MODEL
-    return environ.get("REFANY3D_BASE_MODEL") or base, environ.get("REFANY3D_REF_MODEL") or ref
+    base = base or environ.get("REFANY3D_BASE_MODEL", "").strip() or None
+    ref = ref or environ.get("REFANY3D_REF_MODEL", "").strip() or None
+    if base and ref:
+        return base, ref
+    if ref:
+        return partner_base(ref), ref
+    if base:
+        return base, partner_ref(base)
+    if (EMBEDDED_MODEL_DIR / "base").is_dir() and (EMBEDDED_MODEL_DIR / "ref").is_dir():
+        return str(EMBEDDED_MODEL_DIR / "base"), str(EMBEDDED_MODEL_DIR / "ref")
+    return DEFAULT_BASE_MODEL, DEFAULT_REF_MODEL
 
 
 @dataclass
@@ -81,79 +91,6 @@ class RefAny3DOutput:
     pointmap: Image.Image | np.ndarray | None  # None only for the no-point-map ablation
     settings: dict = field(default_factory=dict)
     candidates: list | None = None  # alignment reports of every candidate (generate_from_mesh with K generators)
-
-
-def resolve_ref_weights(ref_model: str | Path) -> dict[str, Path]:
-    """Local paths of the RefAny3D weight files, from a folder or a Hugging Face repo id."""
-    folder = Path(ref_model).expanduser()
-    if folder.is_dir():
-        missing = [name for name in REF_WEIGHT_FILES if not (folder / name).is_file()]
-        if missing:
-            raise ModelLoadError(
-                f"RefAny3D weights folder {str(folder)!r} lacks {', '.join(missing)}; it must hold "
-                f"{', '.join(REF_WEIGHT_FILES)} (the layout of {DEFAULT_REF_MODEL})."
-            )
-        return {name: folder / name for name in REF_WEIGHT_FILES}
-    if folder.exists():
-        raise ModelLoadError(f"RefAny3D weights {str(folder)!r} is a file; give the folder that holds "
-                             f"{', '.join(REF_WEIGHT_FILES)} (CLI: --ref-model DIR; train: --init-ref DIR)")
-    if _looks_like_a_path(str(ref_model)):
-        raise ModelLoadError(f"RefAny3D weights folder {str(ref_model)!r} not found "
-                             "(CLI: --ref-model DIR; train: --init-ref DIR), "
-                             f"and it is not a Hugging Face repo id such as {DEFAULT_REF_MODEL}")
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return {name: Path(hf_hub_download(str(ref_model), name)) for name in REF_WEIGHT_FILES}
-    except Exception as err:  # hub errors come in many types: network, auth, not found, offline
-        raise ModelLoadError(
-            f"could not get RefAny3D weights {', '.join(REF_WEIGHT_FILES)} from {str(ref_model)!r} "
-            f"(not a local folder, and the Hugging Face Hub said: {type(err).__name__}: {err}). "
-            "Download them and pass the folder as ref_model (CLI: --ref-model DIR; train: --init-ref DIR)."
-        ) from None
-
-
-def _looks_like_a_path(name: str) -> bool:
-    """A Hub repo id is 'owner/name'; anything absolute, relative-dotted or deeper is a path."""
-    return name.startswith(("/", ".", "~")) or name.count("/") != 1 or os.sep != "/" and os.sep in name
-
-
-def load_domain_embedder(path: Path, inner_dim: int) -> torch.nn.Sequential:
-    from refany3d.tiny import new_domain_embedder
-
-    embedder = new_domain_embedder(inner_dim)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        embedder.load_state_dict(state)
-    except Exception as err:
-        raise ModelLoadError(f"cannot load the domain embedder {str(path)!r}: {err}") from None
-    return embedder
-
-
-def load_refany3d_weights(flux, ref_files: Mapping[str, Path]) -> torch.nn.Sequential:
-    """Attach the RefAny3D LoRAs ("default", "coord") among `ref_files` (`resolve_ref_weights`) to
-    a FluxPipeline's transformer and return its domain embedder; used to sample and to train on."""
-    from diffusers.utils import logging as diffusers_logging
-
-    from refany3d.tiny import two_adapters_allowed
-
-    verbosity = diffusers_logging.get_verbosity()
-    diffusers_logging.set_verbosity_error()  # silence "no LoRA keys for the text encoder": by design
-    try:
-        with two_adapters_allowed():
-            for name in ("default", "coord"):
-                path = ref_files[f"{name}.safetensors"]
-                try:
-                    flux.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
-                except Exception as err:
-                    raise ModelLoadError(f"cannot load LoRA {str(path)!r} as adapter {name!r}: {err}") from None
-    finally:
-        diffusers_logging.set_verbosity(verbosity)
-    # The branches apply their adapters explicitly (transformer.lora_linear); with peft's own
-    # forward disabled, `pipe.flux` stays the plain base model for text-to-image use.
-    flux.disable_lora()
-    inner = flux.transformer.config.num_attention_heads * flux.transformer.config.attention_head_dim
-    return load_domain_embedder(ref_files["domain_embedder.pth"], inner)
 
 
 def default_device() -> torch.device:
@@ -224,7 +161,7 @@ class RefAny3DPipeline:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         ref_files = resolve_ref_weights(ref_model)  # a missing ref model fails before the (large) base loads
         base_folder = Path(base_model).expanduser()
-        if not base_folder.is_dir() and (base_folder.exists() or _looks_like_a_path(str(base_model))):
+        if not base_folder.is_dir() and (base_folder.exists() or looks_like_a_path(str(base_model))):
             raise ModelLoadError(f"FLUX base model folder {str(base_folder)!r} not found (CLI: --base-model DIR): give a "
                                  f"diffusers FluxPipeline folder or a Hugging Face repo id such as {DEFAULT_BASE_MODEL}")
         try:

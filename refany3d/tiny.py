@@ -8,22 +8,13 @@ as `JudgementH/RefAny3D` publishes them. The same loading code then serves them 
 from __future__ import annotations
 
 import re
-import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-# The release's LoRA targets (a peft regex over FluxTransformer2DModel module names): the image
-# input projection and, in every block, the image stream's modulation, attention and MLP output
-# projections. The text stream's own projections and the final proj_out carry no LoRA.
-LORA_TARGET_MODULES = (
-    r"x_embedder"
-    r"|transformer_blocks\.\d+\.(norm1\.linear|attn\.to_(q|k|v|out\.0)|ff\.net\.2)"
-    r"|single_transformer_blocks\.\d+\.(norm\.linear|attn\.to_(q|k|v)|proj_mlp|proj_out)"
-)
-ADAPTERS = ("default", "coord")
+from refany3d.weights import add_refany3d_adapters, new_domain_embedder, save_refany3d_weights
+
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[BOS]", "[EOS]"]
 BASE_VOCABULARY = (
     "a an the of on in with and at from to is photo picture scene object background white black "
@@ -176,61 +167,6 @@ def build_base_pipeline(config: TinyConfig | None = None, seed: int = 0):
         tokenizer_2=_word_tokenizer(config.vocabulary, with_bos=False, max_length=config.max_text_tokens),
         transformer=transformer,
     )
-
-
-@contextmanager
-def two_adapters_allowed():
-    """Silence peft's warning about a second adapter on one model: RefAny3D has two by design."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
-        yield
-
-
-def add_refany3d_adapters(transformer, rank: int = 4, alpha: int = 4, init_scale: float = 0.0) -> None:
-    """Attach the two RefAny3D LoRA adapters ("default", "coord") to a FluxTransformer2DModel.
-
-    `init_scale` > 0 gives lora_B random values, so an untrained adapter already changes outputs
-    (tests need that to see which branch used which adapter); 0 is the usual training init.
-    """
-    from peft import LoraConfig
-
-    with two_adapters_allowed():
-        for name in ADAPTERS:
-            transformer.add_adapter(
-                LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True, target_modules=LORA_TARGET_MODULES),
-                adapter_name=name,
-            )
-    if init_scale > 0:
-        with torch.no_grad():
-            for pname, param in transformer.named_parameters():
-                if "lora_B" in pname:
-                    param.normal_(0.0, init_scale)
-
-
-def new_domain_embedder(inner_dim: int) -> torch.nn.Sequential:
-    """Embedding(2,256) -> Linear -> SiLU -> Linear: the per-domain (RGB=0, point map=1) offset."""
-    return torch.nn.Sequential(
-        torch.nn.Embedding(2, 256),
-        torch.nn.Linear(256, inner_dim),
-        torch.nn.SiLU(),
-        torch.nn.Linear(inner_dim, inner_dim),
-    )
-
-
-def save_refany3d_weights(transformer, domain_embedder: torch.nn.Module, ref_dir: str | Path) -> Path:
-    """Write coord.safetensors, default.safetensors and domain_embedder.pth (the published layout)."""
-    from diffusers import FluxPipeline
-    from peft.utils import get_peft_model_state_dict
-
-    ref_dir = Path(ref_dir)
-    ref_dir.mkdir(parents=True, exist_ok=True)
-    for name in ADAPTERS:
-        layers = get_peft_model_state_dict(transformer, adapter_name=name)
-        FluxPipeline.save_lora_weights(
-            ref_dir, transformer_lora_layers=layers, weight_name=f"{name}.safetensors", safe_serialization=True
-        )
-    torch.save(domain_embedder.state_dict(), ref_dir / "domain_embedder.pth")
-    return ref_dir
 
 
 def build_tiny_model(out_dir: str | Path, seed: int = 0, config: TinyConfig | None = None) -> tuple[Path, Path]:

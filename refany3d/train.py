@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from refany3d.conditions import CONDITION_POSITION_DELTA, latent_position_ids, pack_latents
 from refany3d.data import SampleDataset, caption_vocabulary, collate
 from refany3d.errors import InputError, require_finite, require_whole_number
-from refany3d.tiny import TinyConfig, add_refany3d_adapters, build_base_pipeline, new_domain_embedder, save_refany3d_weights
+from refany3d.tiny import TinyConfig, build_base_pipeline
+from refany3d.weights import add_refany3d_adapters, new_domain_embedder, save_refany3d_weights
 from refany3d.transformer import Branch, joint_forward, refany3d_branches, refany3d_group_mask
 
 STAGES = ("vae", "base", "refany3d")
@@ -709,7 +710,7 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         for module in (flux.vae, flux.text_encoder, flux.text_encoder_2, flux.transformer):
             module.requires_grad_(False).eval()
         if config.init_ref:  # continue a finished stage 1, or fine-tune published weights
-            from refany3d.pipeline import load_refany3d_weights, resolve_ref_weights
+            from refany3d.weights import load_refany3d_weights, resolve_ref_weights
 
             embedder = load_refany3d_weights(flux, resolve_ref_weights(config.init_ref)).to(accelerator.device)
         else:
@@ -744,10 +745,18 @@ def sampling_settings(config: TrainConfig, text_length: int) -> dict[str, Any]:
         "height": config.resolution, "width": config.resolution,
         "condition_size": config.condition_size or config.resolution, "n_views": config.n_views,
         "max_sequence_length": text_length,
+        # stage 1 on a base other than OUT/base: the one these weights belong with (weights.partner_base)
+        **({"base_model": _location(config.base_model)} if config.base_model else {}),
         # an ablation samples only the way it was trained
         **({} if config.group_mask else {"group_mask": False}),
         **({} if config.pointmap_branch else {"pointmap_branch": False}),
     }
+
+
+def _location(model: str) -> str:
+    """A model folder as an absolute path (so OUT can move), a Hub id as it is."""
+    folder = Path(model).expanduser()
+    return str(folder.resolve()) if folder.is_dir() else model
 
 
 def _zero_last_layer(embedder: torch.nn.Sequential) -> None:

@@ -326,7 +326,8 @@ def test_compiled_training_step_matches_eager_in_one_graph(tmp_path: Path) -> No
     import torch._inductor.config
     from accelerate import Accelerator
 
-    from refany3d.tiny import TinyConfig, add_refany3d_adapters, build_base_pipeline, new_domain_embedder
+    from refany3d.tiny import TinyConfig, build_base_pipeline
+    from refany3d.weights import add_refany3d_adapters, new_domain_embedder
     from refany3d.train import RefAny3DObjective, train_only_lora
 
     transformer = build_base_pipeline(TinyConfig(), seed=0).transformer
@@ -366,7 +367,7 @@ def test_compiled_training_step_matches_eager_in_one_graph(tmp_path: Path) -> No
 def test_no_pointmap_branch_stage_trains_the_rgb_branches_only(trained: tuple[Path, dict], dataset: Path, tmp_path: Path) -> None:
     """Without the point-map branch no branch uses `coord`, so its LoRA stays at its zero start,
     while `default` (the RGB views') learns."""
-    from refany3d.pipeline import RefAny3DPipeline
+    from refany3d.pipeline import RefAny3DPipeline, default_model
 
     base = trained[0] / "base"
     config = preset_config("tiny", data=[str(dataset)], output_dir=str(tmp_path), condition_size=16,
@@ -383,6 +384,9 @@ def test_no_pointmap_branch_stage_trains_the_rgb_branches_only(trained: tuple[Pa
     assert result.pointmap is None and np.isfinite(result.image).all()
     # its settings.json says how it was trained, so a call that does not say samples it that way
     assert json.loads((tmp_path / "settings.json").read_text())["pointmap_branch"] is False
+    # and which base it was trained on, so its weights given alone come with that base
+    assert json.loads((tmp_path / "settings.json").read_text())["base_model"] == str(base.resolve())
+    assert default_model({}, ref=str(tmp_path / "ref")) == (str(base.resolve()), str(tmp_path / "ref"))
     assert pipe.default_settings["pointmap_branch"] is False and pipe.default_settings["group_mask"] is True
     again = pipe("a red box on a blue floor", list(rgb), list(pm), num_inference_steps=2, output_type="np")
     assert again.pointmap is None and again.settings["mode"] == "faithful" and again.image.shape == (32, 32, 3)
@@ -407,7 +411,7 @@ def test_stage_one_can_start_from_saved_weights(trained: tuple[Path, dict], data
 
 
 def _tiny_objective(n_views: int, pointmap_branch: bool = True):
-    from refany3d.tiny import add_refany3d_adapters, new_domain_embedder
+    from refany3d.weights import add_refany3d_adapters, new_domain_embedder
     from refany3d.train import RefAny3DObjective
 
     transformer = build_base_pipeline(TinyConfig(), seed=0).transformer
@@ -581,7 +585,8 @@ def test_refany3d_inputs_weigh_the_asset_tokens_only_when_asked(dataset: Path) -
 
 
 def test_gpu_preset_is_the_larger_model_under_30_mb() -> None:
-    from refany3d.tiny import add_refany3d_adapters, build_base_pipeline
+    from refany3d.tiny import build_base_pipeline
+    from refany3d.weights import add_refany3d_adapters
 
     config = preset_config("gpu", data=["d"], output_dir="o", num_workers=0)
     assert (config.batch_size, config.lora_rank, config.num_workers) == (128, 32, 0)
