@@ -108,7 +108,9 @@ class AppConfig:
 
     base_model: str | None = None  # set: a "configured" model comes first in the registry
     ref_model: str | None = None
+    published_first: bool = False  # the published model before the embedded one (a Space that preloads it)
     device: str | None = None
+    dtype: str | None = None  # bfloat16 / float16 / float32; None: bfloat16 on a GPU, float32 on the CPU
     sampler: str = "exact"
     cpu_offload: bool = False
     preload: bool = False
@@ -125,21 +127,29 @@ class AppConfig:
     concurrency: int = 1
     session_ttl_s: int = 6 * 3600
     gpu_duration_cap_s: int = 120
+    zero_gpu: bool = False  # on a ZeroGPU Space (SPACES_ZERO_GPU): a GPU call ends at its requested duration
     gpu_tflops: float = 300.0
     cache_examples: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> AppConfig:
-        from refany3d.pipeline import default_model, recommended_settings
+        from refany3d.pipeline import DEFAULT_BASE_MODEL, DEFAULT_REF_MODEL, default_model, recommended_settings
 
         env = os.environ if environ is None else environ
         on_space = bool(env.get("SPACE_ID"))
+        base_model = env.get("REFANY3D_BASE_MODEL", "").strip() or None
+        ref_model = env.get("REFANY3D_REF_MODEL", "").strip() or None
+        # A Space whose front matter preloads FLUX.1-dev and the published weights serves them.
+        published_first = (on_space and not (base_model or ref_model)
+                           and weights_problem(ModelSpec("", DEFAULT_BASE_MODEL, DEFAULT_REF_MODEL)) is None)
         # Starting values follow what the default model was trained for (the embedded one: 64 px).
-        native = recommended_settings(default_model(env)[1])
+        native = recommended_settings(DEFAULT_REF_MODEL if published_first else default_model(env)[1])
         config = cls(
-            base_model=env.get("REFANY3D_BASE_MODEL", "").strip() or None,
-            ref_model=env.get("REFANY3D_REF_MODEL", "").strip() or None,
+            base_model=base_model,
+            ref_model=ref_model,
+            published_first=published_first,
             device=env.get("REFANY3D_DEVICE", "").strip() or None,
+            dtype=env.get("REFANY3D_DTYPE", "").strip() or None,
             sampler=_env(env, "REFANY3D_SAMPLER", cls.sampler),
             cpu_offload=_env_flag(env, "REFANY3D_CPU_OFFLOAD", False),
             preload=_env_flag(env, "REFANY3D_PRELOAD", on_space),
@@ -156,6 +166,7 @@ class AppConfig:
             concurrency=_env_number(env, "REFANY3D_CONCURRENCY", cls.concurrency),
             session_ttl_s=_env_number(env, "REFANY3D_SESSION_TTL", cls.session_ttl_s),
             gpu_duration_cap_s=_env_number(env, "REFANY3D_GPU_DURATION_CAP", cls.gpu_duration_cap_s),
+            zero_gpu=_env_flag(env, "SPACES_ZERO_GPU", False),
             gpu_tflops=_env_number(env, "REFANY3D_GPU_TFLOPS", cls.gpu_tflops, float),
             cache_examples=_env_flag(env, "REFANY3D_CACHE_EXAMPLES", True),
         )
@@ -178,6 +189,12 @@ class AppConfig:
             raise InputError(f"default views {self.default_views} must be within [1, {self.max_views}]")
         if self.sampler not in SAMPLERS:
             raise InputError(f"sampler {self.sampler!r} must be one of {', '.join(SAMPLERS)}")
+        if self.device is not None or self.dtype is not None:
+            from refany3d.pipeline import parse_device, parse_dtype
+
+            parse_dtype(self.dtype)
+            if self.device is not None:
+                parse_device(self.device)  # a device this machine lacks is named now, not at the first run
 
     def model_registry(self) -> dict[str, ModelSpec]:
         """Selectable models by name, the default first: the configured one (environment), the
@@ -194,6 +211,8 @@ class AppConfig:
         if self.base_model or self.ref_model:
             base, ref = default_model({}, self.base_model, self.ref_model)  # one half comes with its partner
             registry[CONFIGURED_MODEL] = ModelSpec(f"Configured: {ref} on {base}", base, ref)
+        if self.published_first:
+            registry[PUBLISHED_MODEL] = published
         if embedded is not None:
             registry[EMBEDDED_MODEL] = embedded
         registry[PUBLISHED_MODEL] = published
@@ -278,9 +297,12 @@ class ModelStore:
             except ModelLoadError as err:  # the details are for the operator; the visitor gets what to do
                 print(f"refany3d app: model {name!r} could not be loaded: {err}")
                 others = [other.label for other_name, other in self.registry.items() if other_name != name]
-                message = (f"no model weights available for {spec.label} on this server: they are not here and "
-                           "could not be downloaded" + (f"; choose {others[0]}" if others else "")
-                           + " (the server log says what was looked for)")
+                if weights_problem(spec) is None:  # the files are here: they do not load (e.g. do not fit)
+                    what = f"the weights of {spec.label} are on this server but could not be loaded"
+                else:
+                    what = (f"no model weights available for {spec.label} on this server: they are not here and "
+                            "could not be downloaded")
+                message = what + (f"; choose {others[0]}" if others else "") + " (the server log says why)"
                 self._failures[name] = (time.monotonic(), message)
                 raise ModelLoadError(message) from None
             self._failures.pop(name, None)
@@ -298,7 +320,7 @@ def pipeline_loader(config: AppConfig) -> Callable[[ModelSpec], Any]:
         from refany3d.pipeline import RefAny3DPipeline
 
         return RefAny3DPipeline.from_pretrained(
-            spec.base_model, spec.ref_model, device=config.device, cpu_offload=config.cpu_offload
+            spec.base_model, spec.ref_model, device=config.device, dtype=config.dtype, cpu_offload=config.cpu_offload
         )
 
     return load
@@ -648,7 +670,11 @@ def get_service() -> AppService:
     global _service
     with _service_lock:
         if _service is None:
-            _service = AppService(AppConfig.from_env())
+            try:
+                config = AppConfig.from_env()
+            except RefAny3DError as err:  # the operator's settings: one line at start-up, not a traceback
+                raise SystemExit(f"refany3d app: {err} (see App configuration in README.md)") from None
+            _service = AppService(config)
         return _service
 
 
@@ -739,13 +765,17 @@ def gpu_duration(model: str, prompt: str, rgb_views: list, pointmap_views: list,
                  progress: Any = None, run: int | None = None) -> int:
     """ZeroGPU seconds to request for `sample_on_gpu` with these arguments: from this process's
     measured timings of the model and sampler, else from the FLOP estimate (capped, see README)."""
+    config = get_service().config
+    return int(min(config.gpu_duration_cap_s, max(15.0, expected_gpu_seconds(model, len(rgb_views), settings))))
+
+
+def expected_gpu_seconds(model: str, n_views: int, settings: dict) -> float:
+    """Seconds of GPU time a call with these settings should take: from this process's measured
+    timings of the model and sampler, else from the FLOP estimate."""
     service = get_service()
-    config = service.config
-    flops = _call_flops(len(rgb_views), settings)
+    flops = _call_flops(n_views, settings)
     seconds = service.gpu_timings.seconds((model, settings["sampler"]), flops)
-    if seconds is None:
-        seconds = _LOAD_AND_DECODE_S + flops / (config.gpu_tflops * 1e12)
-    return int(min(config.gpu_duration_cap_s, max(15.0, seconds)))
+    return seconds if seconds is not None else _LOAD_AND_DECODE_S + flops / (service.config.gpu_tflops * 1e12)
 
 
 def _call_flops(n_views: int, settings: dict) -> float:
@@ -859,6 +889,12 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
     views = render_views(mesh, settings.n_views, settings.condition_size, settings.radius, settings.pitch,
                          settings.y_rotation)
     record = {**settings.to_record(), "sampler": service.config.sampler}
+    if service.config.zero_gpu:  # ZeroGPU ends a call at its requested duration: refuse what cannot finish
+        expected = expected_gpu_seconds(settings.model, len(views.rgb), record)
+        if expected > service.config.gpu_duration_cap_s:
+            raise InputError(f"this run would take about {expected:.0f} s of GPU time, more than the "
+                             f"{service.config.gpu_duration_cap_s} s this Space allows: lower the steps, "
+                             "resolution, views or candidates")
     began = time.perf_counter()
     service.stops.check(run, "before sampling")
     candidates = sample_on_gpu(settings.model, settings.prompt, views.rgb, views.pointmap, record, progress, run)

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from refany3d.cameras import ORBIT_RADIUS
-from refany3d.errors import InputError, require_finite, require_whole_number
+from refany3d.errors import InputError, JobsFailed, RefAny3DError, require_finite, require_whole_number
 
 RUN_FILES = ("image.png", "pointmap.png", "settings.json")
 MAX_SEED = 2**63 - 1  # the largest seed torch.Generator.manual_seed takes as a signed 64-bit integer
@@ -120,9 +120,10 @@ def read_jobs(path: str | Path, defaults: dict | None = None) -> list[Job]:
     return jobs
 
 
-def run_is_complete(folder: Path, job: Job) -> bool:
+def run_is_complete(folder: Path, job: Job, model: dict[str, str] | None = None) -> bool:
     """The folder holds this job's run: its files, and settings.json records the job's settings
-    (a job edited since is run again; a random seed is whatever the run drew)."""
+    and `model` (the pipeline's source: a job edited since, or run with other weights, is run
+    again; a random seed is whatever the run drew)."""
     files = RUN_FILES if job.pointmap_branch else tuple(name for name in RUN_FILES if name != "pointmap.png")
     if not all((folder / name).is_file() for name in files):
         return False
@@ -131,6 +132,8 @@ def run_is_complete(folder: Path, job: Job) -> bool:
     except (OSError, ValueError):
         return False
     wanted = {k: v for k, v in asdict(job).items() if not (k == "seed" and v is None)}
+    if model:
+        wanted["model"] = model
     return all(recorded.get(k) == v for k, v in wanted.items())
 
 
@@ -151,6 +154,8 @@ def run_job(pipe, job: Job, folder: str | Path, generator_device: str = "cpu", c
     if out.pointmap is not None:
         out.pointmap.save(folder / "pointmap.png")
     settings = {**asdict(job), "seed": seed, "mesh": str(job.mesh)}
+    if pipe.source:  # so a rerun with other weights is not taken for done (run_is_complete)
+        settings["model"] = pipe.source
     if out.candidates is not None:
         settings.update(candidate_record(seed, out.settings["candidate"], out.candidates))
     # settings.json last: its presence marks the run complete (see run_is_complete).
@@ -164,18 +169,31 @@ def run_folder_name(index: int, job: Job) -> str:
 
 def run_jobs(pipe, jobs: list[Job], out_dir: str | Path, process_index: int = 0, num_processes: int = 1,
              generator_device: str = "cpu", log: Callable[[str], None] = print) -> list[Path]:
-    """Run this process's share of the jobs (every num_processes-th), skipping finished runs."""
+    """Run this process's share of the jobs (every num_processes-th), skipping finished runs.
+
+    A job that fails (an asset not visible at its radius, say) is logged and the others still
+    run; a JobsFailed at the end names the failed ones, which a rerun retries."""
     out_dir = Path(out_dir)
     names = [run_folder_name(i, job) for i, job in enumerate(jobs)]
     if len(set(names)) != len(names):
         raise InputError("job names must be unique (two jobs would write the same folder)")
-    done = []
+    done, failed = [], []
     for index in range(process_index, len(jobs), num_processes):
         folder = out_dir / names[index]
-        if run_is_complete(folder, jobs[index]):
+        if run_is_complete(folder, jobs[index], pipe.source):
             log(f"[{index + 1}/{len(jobs)}] {folder.name}: already done, skipped")
-        else:
+            done.append(folder)
+            continue
+        try:
             run_job(pipe, jobs[index], folder, generator_device)
-            log(f"[{index + 1}/{len(jobs)}] {folder.name}: written")
+        except RefAny3DError as err:
+            log(f"[{index + 1}/{len(jobs)}] {folder.name}: failed: {err}")
+            failed.append(f"{folder.name}: {err}")
+            continue
+        log(f"[{index + 1}/{len(jobs)}] {folder.name}: written")
         done.append(folder)
+    if failed:
+        raise JobsFailed(f"{len(failed)} of {len(done) + len(failed)} jobs failed, the first {failed[0]}"
+                         + (". The others are written: fix" if done else ". Fix") + " the failed jobs and rerun "
+                         "the same command (finished runs are skipped)")
     return done

@@ -138,6 +138,8 @@ def _add_generate(sub) -> None:
                    "else the embedded model, else JudgementH/RefAny3D)")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     p.add_argument("--cpu-offload", action="store_true", help="keep weights on the CPU between uses (small GPUs)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
+                   help="weights' precision (default: bfloat16 on a GPU, float32 on the CPU; FLUX overflows in float16)")
     p.set_defaults(run=_run_generate, flag_names=_flag_names(p))
 
 
@@ -184,8 +186,14 @@ def _run_generate(args) -> int:
         from accelerate import PartialState
 
         state = PartialState(cpu=args.device == "cpu")
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+        if launched != state.num_processes:  # each process would run every job, into the same folders
+            raise InputError(f"launched as {launched} processes, but they did not join one group (each sees "
+                             f"{state.num_processes}); on GPUs use `accelerate launch --multi_gpu`, on CPUs "
+                             "`torchrun --nproc_per_node N -m refany3d generate ... --device cpu`")
         device = args.device if args.device and state.num_processes == 1 else state.device
-        pipe = RefAny3DPipeline.from_pretrained(base, ref, device=device, cpu_offload=args.cpu_offload)
+        pipe = RefAny3DPipeline.from_pretrained(base, ref, device=device, dtype=args.dtype,
+                                                cpu_offload=args.cpu_offload)
         pipe.enable_compile(args.compile)
         if args.jobs:
             run_jobs(pipe, jobs, args.out, state.process_index, state.num_processes,

@@ -29,6 +29,10 @@ class RenderError(RefAny3DError, RuntimeError):
     """No usable offscreen OpenGL (EGL or OSMesa) to render with."""
 
 
+class JobsFailed(RefAny3DError):
+    """Some jobs of a batch failed (each logged with its reason); the others were written."""
+
+
 class GenerationStopped(RefAny3DError):
     """The person who asked for a generation stopped it (the app's Stop button, or the tab closed)."""
 

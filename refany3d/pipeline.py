@@ -97,6 +97,18 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """torch.bfloat16 / float16 / float32, also by name ("bfloat16", "torch.float16"); None stays None."""
+    if isinstance(dtype, str):
+        dtype = _DTYPES.get(dtype.removeprefix("torch."), dtype)
+    if dtype is not None and dtype not in _DTYPES.values():
+        raise InputError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}")
+    return dtype
+
+
 def parse_device(device: str | int | torch.device) -> torch.device:
     """A torch device that exists on this machine, or an InputError that says what does."""
     if isinstance(device, int) and not isinstance(device, bool):
@@ -135,6 +147,7 @@ class RefAny3DPipeline:
                                  **(default_settings or {})}
         self.domain_embedder = domain_embedder.to(device=flux.transformer.device, dtype=flux.transformer.dtype)
         self.offload_device: torch.device | None = None  # set: weights stay on the CPU between uses
+        self.source: dict[str, str] = {}  # from_pretrained's base and ref model: what batch runs record
 
     # ----------------------------------------------------------------------------------- loading
     @classmethod
@@ -143,21 +156,22 @@ class RefAny3DPipeline:
         base_model: str | Path = DEFAULT_BASE_MODEL,
         ref_model: str | Path = DEFAULT_REF_MODEL,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         cpu_offload: bool = False,
+        torch_dtype: torch.dtype | str | None = None,
     ) -> RefAny3DPipeline:
         """Load a diffusers FLUX base (hub id or folder) and RefAny3D weights (hub id or folder).
 
-        bf16 on GPU and float32 on CPU unless `dtype` is given. `cpu_offload` keeps weights in CPU
+        bf16 on GPU and float32 on CPU unless `dtype` (or diffusers' older name `torch_dtype`) is
+        given; FLUX overflows in float16, so prefer bfloat16. `cpu_offload` keeps weights in CPU
         memory and moves each model to the GPU only while it runs (for GPUs with little memory).
         """
         from diffusers import FluxPipeline
 
         device = parse_device(device) if device is not None else default_device()
-        if isinstance(dtype, str):  # "bfloat16", "float16", "float32"
-            dtype = getattr(torch, dtype, None) if dtype in ("bfloat16", "float16", "float32") else dtype
-        if dtype is not None and dtype not in (torch.bfloat16, torch.float16, torch.float32):
-            raise InputError(f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype!r}")
+        if dtype is not None and torch_dtype is not None and parse_dtype(dtype) != parse_dtype(torch_dtype):
+            raise InputError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one of them")
+        dtype = parse_dtype(dtype if dtype is not None else torch_dtype)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         ref_files = resolve_ref_weights(ref_model)  # a missing ref model fails before the (large) base loads
         base_folder = Path(base_model).expanduser()
@@ -175,16 +189,29 @@ class RefAny3DPipeline:
         embedder = load_refany3d_weights(flux, ref_files)
         flux.transformer.requires_grad_(False)
         pipe = cls(flux, embedder.to(dtype), recommended_settings(ref_model))
+        pipe.source = {"base_model": str(base_model), "ref_model": str(ref_model),
+                       "dtype": str(dtype).removeprefix("torch.")}
         if cpu_offload and device.type != "cpu":
             pipe.offload_device = device
         else:
             pipe.to(device)
         return pipe
 
-    def to(self, device: str | torch.device) -> RefAny3DPipeline:
-        device = parse_device(device)
-        self.flux.to(device)
-        self.domain_embedder.to(device)
+    def to(self, *args: str | torch.device | torch.dtype, device: str | torch.device | None = None,
+           dtype: torch.dtype | str | None = None) -> RefAny3DPipeline:
+        """Move to a device and/or cast to a dtype, as `pipe.to("cuda")`, `pipe.to(torch.bfloat16)`."""
+        for arg in args:
+            if isinstance(arg, torch.dtype):
+                dtype = arg
+            else:
+                device = arg
+        dtype = parse_dtype(dtype)
+        if device is not None:
+            device = parse_device(device)
+        self.flux.to(device=device, dtype=dtype)
+        self.domain_embedder.to(device=device, dtype=dtype)
+        if dtype is not None and self.source:
+            self.source["dtype"] = str(dtype).removeprefix("torch.")
         return self
 
     def enable_compile(self, enabled: bool = True) -> RefAny3DPipeline:
@@ -249,7 +276,8 @@ class RefAny3DPipeline:
         pixels = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
         if not torch.isfinite(pixels).all():  # else a black image, or NaNs, with no word of why
             raise InputError("sampling diverged to NaN or infinite values: lower the guidance"
-                             + ("" if vae.dtype == torch.float32 else ", or load the model in float32"))
+                             + {torch.float16: ", or load the model in bfloat16 (FLUX overflows in float16)",
+                                torch.bfloat16: ", or load the model in float32"}.get(vae.dtype, ""))
         return self.flux.image_processor.postprocess(pixels, output_type=output_type)[0]
 
     def _latent_size(self, height: int, width: int) -> tuple[int, int]:

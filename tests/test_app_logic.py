@@ -69,10 +69,41 @@ def test_config_reads_the_environment():
     ({"REFANY3D_DEFAULT_STEPS": "60"}, r"default steps 60 must be within \[1, 50\]"),
     ({"REFANY3D_DEFAULT_RESOLUTION": "32"}, "default resolution 32"),
     ({"REFANY3D_SAMPLER": "turbo"}, "sampler 'turbo' must be one of faithful, exact, cached"),
+    ({"REFANY3D_DTYPE": "float8"}, "dtype must be torch.bfloat16, torch.float16 or torch.float32, got 'float8'"),
+    ({"REFANY3D_DEVICE": "cuda:7"}, "device 'cuda:7' asked for, but this machine has"),
 ])
 def test_bad_configuration_is_refused_at_start(env, message):
     with pytest.raises(InputError, match=message):
         logic.AppConfig.from_env(env)
+
+
+def test_bad_configuration_stops_the_app_with_one_line():
+    import subprocess
+    import sys
+
+    env = {**os.environ, "REFANY3D_MAX_STEPS": "many"}
+    done = subprocess.run([sys.executable, "app.py"], cwd=Path(logic.__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == ("refany3d app: environment variable REFANY3D_MAX_STEPS='many' "
+                                                    "is not a valid int (see App configuration in README.md)")
+    assert "Traceback" not in done.stderr
+
+
+def test_a_space_that_preloads_the_published_model_serves_it(monkeypatch):
+    """The README's front matter preloads FLUX.1-dev and the published weights into the Hub cache;
+    a Space with them there serves them by default, at their own settings."""
+    monkeypatch.setattr(logic, "_hub_file_cached", lambda repo, name: True)
+    space = logic.AppConfig.from_env({"SPACE_ID": "someone/refany3d"})
+    assert next(iter(space.model_registry())) == logic.PUBLISHED_MODEL
+    assert space.default_resolution == 512 and space.default_views == 8
+    assert logic.EMBEDDED_MODEL in space.model_registry()  # still offered
+    # not on a Space, or with a model configured, nothing changes
+    assert next(iter(logic.AppConfig.from_env({}).model_registry())) != logic.PUBLISHED_MODEL
+    configured = logic.AppConfig.from_env({"SPACE_ID": "s/r", "REFANY3D_REF_MODEL": "JudgementH/RefAny3D"})
+    assert next(iter(configured.model_registry())) == logic.CONFIGURED_MODEL
+    monkeypatch.setattr(logic, "_hub_file_cached", lambda repo, name: False)  # a Space without the preload
+    assert next(iter(logic.AppConfig.from_env({"SPACE_ID": "s/r"}).model_registry())) == logic.EMBEDDED_MODEL
 
 
 def test_the_app_offers_the_pipelines_sampler_modes():
@@ -93,8 +124,12 @@ def test_registry_puts_the_configured_model_first():
     configured = logic.AppConfig(ref_model="/weights/ref").model_registry()
     first_name, first = next(iter(configured.items()))
     assert first_name == logic.CONFIGURED_MODEL and first.ref_model == "/weights/ref"
-    fallback = configured.get(logic.EMBEDDED_MODEL, configured[logic.PUBLISHED_MODEL])
-    assert first.base_model == fallback.base_model  # the unset half falls back like the CLI's
+    # the unset half is the given one's partner, as in the CLI: weights with no base beside them
+    # belong with FLUX.1-dev, a base trained here with the weights beside it
+    assert first.base_model == "black-forest-labs/FLUX.1-dev"
+    embedded_base = str(EMBEDDED_MODEL_DIR / "base")
+    assert logic.AppConfig(base_model=embedded_base).model_registry()[logic.CONFIGURED_MODEL].ref_model == \
+        str(EMBEDDED_MODEL_DIR / "ref")
 
 
 def test_weights_problem_names_what_is_missing(tmp_path):
@@ -253,6 +288,18 @@ def test_failed_load_is_remembered_then_retried():
     assert len(calls) == 2
     with pytest.raises(InputError, match="unknown model 'b'"):
         store.get("b")
+
+
+def test_weights_that_are_here_but_do_not_load_are_not_called_missing():
+    here = logic.ModelSpec("Here", str(EMBEDDED_MODEL_DIR / "base"), str(EMBEDDED_MODEL_DIR / "ref"))
+    assert logic.weights_problem(here) is None
+
+    def mismatched(spec):
+        raise ModelLoadError("LoRA default.safetensors does not fit this base model")
+
+    store = logic.ModelStore({"here": here}, mismatched)
+    with pytest.raises(ModelLoadError, match="the weights of Here are on this server but could not be loaded"):
+        store.get("here")
 
 
 def test_switching_models_keeps_one_in_memory():
@@ -590,3 +637,23 @@ def test_an_unmeasurable_generation_says_why_without_an_error(service, tmp_path)
     assert "**Not measurable:** only 0 foreground pixels" in text
     assert "| Inlier ratio | n/a |" in text
     assert not _traces(figure, "recovered camera") and kept.camera_segments is None
+
+
+def test_zero_gpu_refuses_a_run_that_cannot_finish_in_its_time(service, tmp_path):
+    """ZeroGPU ends a call at the duration it asked for; a run expected to take longer than the
+    cap is refused up front with what to lower, instead of dying mid-way."""
+    from refany3d.tiny import build_tiny_model
+
+    base, ref = build_tiny_model(tmp_path)
+    svc = service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu", gpu_tflops=0.001,
+                                  gpu_duration_cap_s=120, zero_gpu=True))
+    arguments = (str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 2, 3.5, 2.0, 64, logic.CONFIGURED_MODEL, 1, False)
+    with pytest.raises(gr.Error, match=r"this run would take about \d+ s of GPU time, more than the 120 s this "
+                                       "Space allows: lower the steps"):
+        logic.generate(*arguments, _Request("zero"), lambda *a, **k: None)
+    # measured: this GPU is fast enough, so the same run goes ahead
+    record = {**_settings(n_views=1, steps=2, resolution=64).to_record(), "sampler": "exact"}
+    svc.gpu_timings.record((logic.CONFIGURED_MODEL, "exact"), logic._call_flops(1, record), 1.0)
+    image = logic.generate(*arguments, _Request("zero"), lambda *a, **k: None)[0]
+    assert image is not None
+    assert logic.AppConfig.from_env({"SPACES_ZERO_GPU": "true"}).zero_gpu

@@ -214,3 +214,66 @@ def test_no_group_mask_flag_samples_with_full_attention(model_args, tmp_path):
     assert json.loads((tmp_path / "masked" / "settings.json").read_text())["settings"]["group_mask"] is True
     masked, full = (np.asarray(Image.open(tmp_path / d / "pointmap.png"), np.int16) for d in ("masked", "full"))
     assert np.abs(masked - full).max() > 0
+
+
+def test_a_failing_job_does_not_stop_the_others(model_args, tmp_path, capsys):
+    """A job that cannot run is logged with its reason; the batch goes on, and exits 2 naming it."""
+    mesh = str(EXAMPLES_DIR / "vase.glb")
+    small = {"n_views": 1, "height": 32, "width": 32, "condition_size": 32, "num_inference_steps": 1}
+    lines = [{"mesh": mesh, "prompt": "a vase", "seed": 1, "name": "near", **small},
+             {"mesh": mesh, "prompt": "a vase", "seed": 2, "name": "far", "radius": 500.0, **small},
+             {"mesh": mesh, "prompt": "a vase", "seed": 3, "name": "after", **small}]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = tmp_path / "batch"
+    assert main(["generate", "--jobs", str(jobs), "--out", str(out), *model_args]) == 2
+    captured = capsys.readouterr()
+    assert "[2/3] far: failed: the asset is not visible in any reference view" in captured.out
+    assert "1 of 3 jobs failed, the first far: the asset is not visible" in captured.err
+    assert "The others are written" in captured.err
+    assert (out / "near" / "settings.json").is_file() and (out / "after" / "settings.json").is_file()
+    assert not (out / "far" / "settings.json").exists()
+
+
+def test_a_batch_rerun_with_other_weights_runs_again(model_args, tmp_path, tmp_path_factory, capsys):
+    """settings.json records the model, so a batch is not taken for done with other weights."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"mesh": str(EXAMPLES_DIR / "vase.glb"), "prompt": "a vase", "seed": 1, "n_views": 1,
+                                "height": 32, "width": 32, "condition_size": 32, "num_inference_steps": 1}) + "\n")
+    out = tmp_path / "batch"
+    assert main(["generate", "--jobs", str(jobs), "--out", str(out), *model_args]) == 0
+    model = json.loads((out / "job_00000" / "settings.json").read_text())["settings"]["model"]
+    assert model == {"base_model": model_args[1], "ref_model": model_args[3], "dtype": "float32"}
+    assert main(["generate", "--jobs", str(jobs), "--out", str(out), *model_args]) == 0
+    assert "already done, skipped" in capsys.readouterr().out
+    other_base, other_ref = build_tiny_model(tmp_path_factory.mktemp("other"), seed=2)
+    assert main(["generate", "--jobs", str(jobs), "--out", str(out), "--base-model", str(other_base),
+                 "--ref-model", str(other_ref), "--device", "cpu"]) == 0
+    assert "job_00000: written" in capsys.readouterr().out
+    assert json.loads((out / "job_00000" / "settings.json").read_text())["settings"]["model"]["ref_model"] == \
+        str(other_ref)
+
+
+def test_processes_share_the_jobs_and_names_must_differ(model_args, tmp_path):
+    from refany3d.batch import run_jobs
+    from refany3d.pipeline import RefAny3DPipeline
+
+    pipe = RefAny3DPipeline.from_pretrained(model_args[1], model_args[3], device="cpu")
+    small = dict(n_views=1, height=32, width=32, condition_size=32, num_inference_steps=1)
+    jobs = [Job(mesh=str(EXAMPLES_DIR / "vase.glb"), prompt="a vase", seed=i, **small) for i in range(5)]
+    written = run_jobs(pipe, jobs, tmp_path, process_index=1, num_processes=2, log=lambda line: None)
+    assert [p.name for p in written] == ["job_00001", "job_00003"]  # every second job, from the second
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job_00001", "job_00003"]
+    twins = [Job(mesh=jobs[0].mesh, prompt="a", name="same", **small), Job(mesh=jobs[0].mesh, prompt="b", name="same")]
+    with pytest.raises(InputError, match="job names must be unique"):
+        run_jobs(pipe, twins, tmp_path / "twins")
+    assert not (tmp_path / "twins").exists()
+
+
+def test_a_launch_that_did_not_form_one_group_is_refused(model_args, tmp_path, monkeypatch, capsys):
+    """Two processes that each see only themselves would both run every job into the same folders."""
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"mesh": str(EXAMPLES_DIR / "vase.glb"), "prompt": "a vase"}) + "\n")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["generate", "--jobs", str(jobs), "--out", str(tmp_path / "out"), *model_args]) == 2
+    assert "launched as 2 processes, but they did not join one group (each sees 1)" in capsys.readouterr().err
