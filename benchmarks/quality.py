@@ -59,19 +59,19 @@ def _direction_error(report, true_camera: Camera) -> float | None:
         return None
     a, b = report.camera.position, true_camera.position
     cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
-    return math.degrees(math.acos(max(-1.0, min(1.0, cos))))
+    return math.degrees(math.acos(max(-1.0, min(1.0, cos)))) if math.isfinite(cos) else None
 
 
 def score_sample(mesh_path: Path, image, pointmap, true_camera: Camera, viewpoint: str,
-                 templates: tuple) -> tuple[dict, AlignmentReport | None]:
+                 templates: tuple, align_seed: int = 0) -> tuple[dict, AlignmentReport | None]:
     """alignment numbers plus the viewpoint agreement of one (image, point map) pair (None without a
     point map), and the image-only fit of the asset's `templates` against another asset's; and the
-    alignment report (None without a point map)."""
+    alignment report (None without a point map). `align_seed` seeds the alignment's RANSAC."""
     own, other = (fit_asset_to_image(t, image).psnr for t in templates)
     row = {**dict.fromkeys(METRICS), "fit_psnr": own, "fit_margin": own - other}
     if pointmap is None:
         return row, None
-    report = align(mesh_path, pointmap, image, estimate_focal=True)
+    report = align(mesh_path, pointmap, image, estimate_focal=True, seed=align_seed)
     row.update({name: getattr(report, name) for name in ("measurable", "inlier_ratio", "reprojection_error_px",
                                                           "iou", "image_iou", "colour_psnr")})
     orbit = report.orbit
@@ -80,9 +80,19 @@ def score_sample(mesh_path: Path, image, pointmap, true_camera: Camera, viewpoin
     return row, report
 
 
-def _median(values: list) -> float | None:
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    return statistics.median(vals) if vals else None
+LOWER_IS_BETTER = ("reprojection_error_px", "direction_error_deg")
+
+
+def _median(values: list, lower_is_better: bool) -> float | None:
+    """The median over every sample, a missing value (no camera recovered, no object segmented)
+    counting as the worst: a median over the scored samples alone would hide the failures. None
+    when the median itself is a failure."""
+    if all(v is None for v in values):
+        return None
+    worst = math.inf if lower_is_better else -math.inf
+    vals = [worst if v is None or not math.isfinite(float(v)) else float(v) for v in values]
+    middle = statistics.median(vals)
+    return None if math.isinf(middle) else middle
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -93,7 +103,8 @@ def summarize(rows: list[dict]) -> dict:
             known = [v for v in values if v is not None]
             out[name] = sum(map(bool, known)) / len(rows) if known else None
         else:
-            out[name] = _median(values)
+            out[name] = _median(values, name in LOWER_IS_BETTER)
+        out[f"{name}_scored"] = sum(v is not None for v in values)
     return out
 
 
@@ -157,6 +168,9 @@ def main() -> None:
                         "candidate k seeded seed + i + 1000 k, so candidate 0 is the main row's); one row per K")
     add_ablation_flags(parser, "sample")  # without a point map, a model is scored by the image-only fit
     args = parser.parse_args()
+    for name in ("fewer_views", "cached", "candidates"):  # a repeated K would count its samples twice
+        if getattr(args, name) is not None:
+            setattr(args, name, sorted(set(getattr(args, name))))
     torch.set_num_threads(1)
     pipe = RefAny3DPipeline.from_pretrained(*default_model(base=args.base, ref=args.ref), device="cpu")
     own = pipe.default_settings
@@ -215,9 +229,9 @@ def main() -> None:
         camera = Camera.from_dict(meta["camera"])
         viewpoint = meta["viewpoint"]
 
-        def record(row_name: str, image, pointmap) -> AlignmentReport | None:
-            row, report = score_sample(mesh_path, image, pointmap, camera, viewpoint, tuple(pair))
-            rows[row_name].append(row)
+        def record(row_name: str, image, pointmap, seed: int = args.seed + i, align_seed: int = 0) -> AlignmentReport | None:
+            row, report = score_sample(mesh_path, image, pointmap, camera, viewpoint, tuple(pair), align_seed)
+            rows[row_name].append({**row, "sample": folder.name, "seed": seed})  # for paired differences
             return report
         target = np.asarray(Image.open(folder / "image.png").convert("RGB"))
         target_pm = np.asarray(Image.open(folder / "pointmap.png").convert("RGB"))
@@ -240,15 +254,22 @@ def main() -> None:
         shown = [np.asarray(Image.fromarray(x).resize((res, res), Image.NEAREST)) for x in (target, target_pm)]
         Image.fromarray(np.concatenate([*shown, image, *([] if pointmap is None else [pointmap])], axis=1)).save(out / f"{i:03d}.png")
         main_report = record(f"{model} ({args.views} views)", image, pointmap)
-        candidates = [(rows[f"{model} ({args.views} views)"][-1], main_report)]
+        # (seed, image, point map, report) of each candidate; candidate 0 is the main row's sample
+        candidates = [(args.seed + i, image, pointmap, main_report)]
         for k in range(1, max(args.candidates, default=1)):
-            extra = pipe(meta["caption"], list(rgb), list(pm), generator=torch.Generator().manual_seed(args.seed + i + 1000 * k), **kw)
-            candidates.append(score_sample(mesh_path, *_as_uint8(extra), camera, viewpoint, tuple(pair)))
-        if args.candidates:
-            rows[_pooled_row(model, args.views, len(candidates))] += [row for row, _ in candidates]
+            seed = args.seed + i + 1000 * k
+            extra = _as_uint8(pipe(meta["caption"], list(rgb), list(pm), generator=torch.Generator().manual_seed(seed), **kw))
+            candidates.append((seed, *extra, None))
+        if args.candidates:  # every candidate scored on its own, candidate 0 first
+            pooled = _pooled_row(model, args.views, len(candidates))
+            rows[pooled].append(dict(rows[f"{model} ({args.views} views)"][-1]))
+            candidates = [candidates[0]] + [(seed, image_k, pm_k, record(pooled, image_k, pm_k, seed))
+                                            for seed, image_k, pm_k, _ in candidates[1:]]
         for k in args.candidates:
-            best = most_consistent([report for _, report in candidates[:k]])
-            rows[_candidates_row(model, args.views, k)].append(candidates[best][0])
+            seed, image_k, pm_k, _ = candidates[most_consistent([c[3] for c in candidates[:k]])]
+            # scored again with another RANSAC seed: the choice used seed 0's verdicts, which near the
+            # threshold flip with the seed, and would flatter the chosen sample
+            record(_candidates_row(model, args.views, k), image_k, pm_k, seed, align_seed=1)
         for k in args.fewer_views:
             idx = [round(j * args.views / k) for j in range(k)]  # evenly spaced, as far as k allows
             few = pipe(meta["caption"], [rgb[j] for j in idx], [pm[j] for j in idx],
@@ -266,16 +287,23 @@ def main() -> None:
               "| viewpoint error (deg) | viewpoint match | image-only fit PSNR (dB) | fit margin over another asset (dB) |")
     lines = [header, "|" + "---|" * 12]
 
-    def fmt(v, spec):
-        return "n/a" if v is None else format(v, spec)
+    def fmt(s: dict, name: str, spec: str) -> str:
+        if s[f"{name}_scored"] == 0:
+            return "n/a"
+        if s[name] is None:  # more than half the samples have no value: the median is a failure
+            return "failed"
+        return format(s[name], spec)
 
     for name, s in table.items():
-        lines.append(f"| {name} | {s['n']} | {fmt(s['measurable'], '.0%')} | {fmt(s['inlier_ratio'], '.2f')} | "
-                     f"{fmt(s['reprojection_error_px'], '.2f')} | {fmt(s['iou'], '.2f')} | {fmt(s['image_iou'], '.2f')} | "
-                     f"{fmt(s['colour_psnr'], '.1f')} | {fmt(s['direction_error_deg'], '.0f')} | "
-                     f"{fmt(s['viewpoint_match'], '.0%')} | {fmt(s['fit_psnr'], '.1f')} | {fmt(s['fit_margin'], '+.1f')} |")
+        lines.append(f"| {name} | {s['n']} | {fmt(s, 'measurable', '.0%')} | {fmt(s, 'inlier_ratio', '.2f')} | "
+                     f"{fmt(s, 'reprojection_error_px', '.2f')} | {fmt(s, 'iou', '.2f')} | {fmt(s, 'image_iou', '.2f')} | "
+                     f"{fmt(s, 'colour_psnr', '.1f')} | {fmt(s, 'direction_error_deg', '.0f')} | "
+                     f"{fmt(s, 'viewpoint_match', '.0%')} | {fmt(s, 'fit_psnr', '.1f')} | {fmt(s, 'fit_margin', '+.1f')} |")
     lines.append("")
-    lines.append(f"Medians over samples (rates for measurable / viewpoint match). {res}x{res}, {args.steps} steps; "
+    lines.append("Medians over all samples, a sample with no value (no camera recovered, no object segmented) "
+                 "counting as the worst; rates for measurable / viewpoint match; the most self-consistent of K is "
+                 "scored again with another RANSAC seed than the one it was chosen with. "
+                 f"{res}x{res}, {args.steps} steps; "
                  f"generation {statistics.median(seconds):.1f} s per image (median, {kw['mode']} sampler, 1 CPU thread).")
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -242,6 +242,18 @@ _PLAIN_BORDER_SHARE = 0.7  # ... that this share of the border stays within for 
 _OBJECT_COLOUR_DISTANCE = 0.12  # a pixel this far from a plain background's colour is object
 _MAX_BACKGROUND_COLOURED = 0.3  # share of the point-map foreground that may look like background
 _GRABCUT_SIDE = 256
+_SPECK_SHARE = 0.02  # point-map blobs under this share of its foreground (or 5 px) do not place the box
+
+
+def _without_specks(hint: np.ndarray) -> np.ndarray:
+    """The point map's foreground without stray specks: a decoded point map has off-white pixels
+    here and there (often a corner), which would stretch the object's bounding box to the frame."""
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(hint.astype(np.uint8), connectivity=8)
+    smallest = max(5, _SPECK_SHARE * hint.sum())
+    keep = [label for label in range(1, count) if stats[label, cv2.CC_STAT_AREA] >= smallest]
+    if not keep:  # only specks: keep them all, so the box is as before
+        return hint
+    return np.isin(labels, keep)
 
 
 def segment_object(image: np.ndarray, hint: np.ndarray, seed: int = 0) -> tuple[np.ndarray | None, str]:
@@ -250,8 +262,8 @@ def segment_object(image: np.ndarray, hint: np.ndarray, seed: int = 0) -> tuple[
     A plain background (most of the image border is one colour) is separated by colour distance,
     unless much of the object has that colour too (then there is no answer, and it says so).
     Otherwise
-    GrabCut runs with only a rectangle: the bounding box of `hint` (the point map's foreground)
-    grown by 10%; inside it, colour statistics alone decide the shape, so the IoU with `hint` still
+    GrabCut runs with only a rectangle: the bounding box of `hint` (the point map's foreground,
+    stray specks left out) grown by 10%; inside it, colour statistics alone decide the shape, so the IoU with `hint` still
     measures whether the image shows the object where the point map says. GrabCut's k-means starts
     from OpenCV's global RNG, so it is seeded with `seed` first: the same image gives the same mask
     whatever ran before.
@@ -276,7 +288,7 @@ def segment_object(image: np.ndarray, hint: np.ndarray, seed: int = 0) -> tuple[
         if not mask.any():
             return None, "plain background but no object found in the image"
         return mask, "plain background (border-connected regions of the border colour)"
-    rows, cols = np.nonzero(hint)
+    rows, cols = np.nonzero(_without_specks(hint))
     if len(rows) == 0:
         return None, "no point-map foreground to place the object"
     grow_r, grow_c = 0.1 * (rows.max() - rows.min() + 1), 0.1 * (cols.max() - cols.min() + 1)

@@ -592,3 +592,24 @@ def test_grabcut_segmentation_does_not_depend_on_what_ran_before(tmp_path):
         assert "GrabCut" in how
         masks.append(mask)
     assert all(np.array_equal(m, masks[0]) for m in masks[1:])
+
+
+def test_stray_point_map_pixels_do_not_stretch_the_segmentation_box():
+    """A decoded point map has off-white specks here and there (often a corner pixel); the box
+    GrabCut searches must come from the object, or it spans the frame and the image IoU is lost."""
+    rng = np.random.default_rng(0)
+    image = np.clip(0.55 + 0.05 * rng.standard_normal((RES, RES, 3)), 0, 1)  # a textured scene
+    image[_disc(20)] = (0.8, 0.1, 0.1)
+    hint = _disc(20)
+    clean, _ = segment_object(image, hint)
+    for specks in ([(0, 0)], [(0, 0), (RES - 1, RES - 1)], [(1, RES - 2), (RES - 2, 1), (0, 64)]):
+        stray = hint.copy()
+        for r, c in specks:
+            stray[r, c] = True
+        mask, how = segment_object(image, stray)
+        assert mask is not None, how
+        assert mask_iou(mask, hint) > 0.9 and mask_iou(mask, clean) > 0.95
+    # an object of specks alone (nothing bigger) still gets its box
+    dots = np.zeros((RES, RES), bool)
+    dots[60:62, 60:62] = dots[70:72, 70:72] = True
+    assert segment_object(image, dots)[1] != "no point-map foreground to place the object"

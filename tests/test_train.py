@@ -651,3 +651,22 @@ def test_quality_and_reference_use_benchmarks_run_on_a_trained_model(trained: tu
     probe = _benchmark("reference_use.py", *model, "--no-pointmap-branch")
     rows = [line for line in probe.splitlines() if line.startswith("| 0.8 |")]
     assert rows and " / " not in rows[0]  # one target: RGB losses only
+
+
+def test_quality_medians_count_a_failed_sample_as_the_worst():
+    """A sample with no camera recovered has no IoU; leaving it out of the median would hide the
+    failures, so it counts as the worst value, and a median that lands on one reads as failed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py")
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+    row = lambda **values: {**dict.fromkeys(quality.METRICS), **values}  # noqa: E731
+    scored = row(measurable=True, iou=0.9, reprojection_error_px=1.0)
+    failed = row(measurable=False)
+    summary = quality.summarize([scored, row(measurable=True, iou=0.5, reprojection_error_px=3.0), failed])
+    assert summary["iou"] == 0.5 and summary["reprojection_error_px"] == 3.0  # not 0.7 and 2.0
+    assert summary["iou_scored"] == 2 and summary["measurable"] == pytest.approx(2 / 3)
+    mostly_failed = quality.summarize([scored, failed, failed])
+    assert mostly_failed["iou"] is None and mostly_failed["iou_scored"] == 1
+    assert quality.summarize([failed])["image_iou"] is None
