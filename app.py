@@ -70,11 +70,11 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
             with gr.Accordion("Reference views", open=True):
                 with gr.Row():
                     n_views = gr.Slider(1, config.max_views, value=defaults.n_views, step=1, label="Views")
-                    radius = gr.Slider(2.0, 10.0, value=defaults.radius, step=0.1, label="Camera radius",
+                    radius = gr.Slider(*logic.RADIUS_RANGE, value=defaults.radius, step=0.1, label="Camera radius",
                                        info="in asset sizes: the asset spans [-1, 1]")
                 with gr.Row():
-                    pitch = gr.Slider(-89, 89, value=defaults.pitch, step=1, label="Pitch (°)")
-                    y_rotation = gr.Slider(-180, 180, value=defaults.y_rotation, step=1, label="Y rotation (°)")
+                    pitch = gr.Slider(*logic.PITCH_RANGE, value=defaults.pitch, step=1, label="Pitch (°)")
+                    y_rotation = gr.Slider(*logic.Y_ROTATION_RANGE, value=defaults.y_rotation, step=1, label="Y rotation (°)")
                 views_gallery = gr.Gallery(
                     label="What the model sees: RGB and point-map views",
                     columns=4, height=260, object_fit="contain", format="png", elem_id="views-gallery",
@@ -85,10 +85,10 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
             with gr.Accordion("Advanced", open=False):
                 steps = gr.Slider(1, config.max_steps, value=defaults.steps, step=1, label="Steps", elem_id="steps",
                                   info="denoising steps: more is slower, rarely better past 28")
-                guidance_scale = gr.Slider(0.0, 20.0, value=defaults.guidance_scale, step=0.1, label="Guidance",
+                guidance_scale = gr.Slider(*logic.GUIDANCE_RANGE, value=defaults.guidance_scale, step=0.1, label="Guidance",
                                            info="how closely to follow the prompt (FLUX.1-dev's distilled guidance)")
                 image_guidance_scale = gr.Slider(
-                    0.0, 20.0, value=defaults.image_guidance_scale, step=0.1, label="Image guidance",
+                    *logic.GUIDANCE_RANGE, value=defaults.image_guidance_scale, step=0.1, label="Image guidance",
                     info="how strongly to follow the reference views (1: off; 2 in the release)",
                 )
                 # The API accepts up to the operator's cap (each model's own limit is checked by the

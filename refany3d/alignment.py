@@ -32,7 +32,6 @@ from refany3d.images import as_float_image
 from refany3d.outputs import BACKGROUND_TOLERANCE, foreground_mask
 
 # OpenGL camera axes (x right, y up, -z forward) <-> OpenCV axes (x right, y down, +z forward).
-_GL_TO_CV = np.diag([1.0, -1.0, -1.0])
 
 MIN_FOREGROUND_PIXELS = 64
 MIN_INLIER_RATIO = 0.3  # below: the point map is not one view of this asset
@@ -69,23 +68,6 @@ class PoseEstimate:
     reprojection_error_px: float  # median over all correspondences
     inlier_threshold_px: float
     n_correspondences: int
-
-
-def camera_from_opencv(rotation: np.ndarray, translation: np.ndarray, K: np.ndarray,
-                       width: int, height: int) -> Camera:
-    """Camera (OpenGL pose) from OpenCV world->camera R, t and intrinsics K.
-
-    The clipping planes are chosen to enclose the normalized asset (radius <= sqrt(3)).
-    """
-    rot_c2w = np.asarray(rotation, dtype=np.float64).T
-    centre = -rot_c2w @ np.asarray(translation, dtype=np.float64)
-    pose = np.eye(4)
-    pose[:3, :3] = rot_c2w @ _GL_TO_CV
-    pose[:3, 3] = centre
-    depth = float(np.linalg.norm(centre))
-    znear = max(1e-3, 0.5 * (depth - math.sqrt(3.0))) if depth > 1.8 else 1e-3
-    return Camera(pose=pose, fx=K[0, 0], fy=K[1, 1], cx=K[0, 2], cy=K[1, 2], width=width,
-                  height=height, znear=znear, zfar=depth + 4.0)
 
 
 def _reprojection_errors(points: np.ndarray, pixels: np.ndarray, rvec: np.ndarray,
@@ -225,7 +207,7 @@ def estimate_pose(
     return PoseEstimate(
         rotation=rotation,
         translation=translation,
-        camera=camera_from_opencv(rotation, translation, K, width, height),
+        camera=Camera.from_opencv(rotation, translation, K, width, height),
         inlier_ratio=float(np.mean(err < threshold)),
         reprojection_error_px=float(np.median(err)),
         inlier_threshold_px=float(threshold),
@@ -325,7 +307,11 @@ def masked_psnr(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float | None:
     """PSNR (dB) of two [0,1] images inside `mask`; None for an empty mask, capped at 100 dB."""
     if not mask.any():
         return None
-    mse = float(np.mean((a[mask] - b[mask]) ** 2))
+    return psnr_from_mse(float(np.mean((a[mask] - b[mask]) ** 2)))
+
+
+def psnr_from_mse(mse: float) -> float:
+    """PSNR (dB) of [0,1] images with this mean squared error, capped at 100 dB (identical images)."""
     return 100.0 if mse <= 1e-10 else min(100.0, 10.0 * math.log10(1.0 / mse))
 
 
@@ -785,9 +771,8 @@ def fit_asset_to_image(templates: AssetTemplates, image: Any, sizes=FIT_SIZES) -
     mask[y:y + placed.shape[0], x0:x0 + placed.shape[1]] = placed
     if scale < 1.0:
         mask = np.asarray(Image.fromarray(mask).resize((full_width, full_height), Image.NEAREST))
-    psnr = 100.0 if mse <= 1e-10 else min(100.0, 10.0 * math.log10(1.0 / max(mse, 1e-10)))
     azimuth, pitch = templates.directions[d]
-    return ImageFit(psnr, azimuth, pitch, size, gain, mask)
+    return ImageFit(psnr_from_mse(mse), azimuth, pitch, size, gain, mask)
 
 
 # --------------------------------------------------------------------------------------------

@@ -52,6 +52,11 @@ EXAMPLES_SESSION = "examples"  # the folder cached example outputs are written t
 DEFAULT_GUIDANCE = 3.5
 DEFAULT_IMAGE_GUIDANCE = 2.0
 MIN_RESOLUTION = 64
+# The inputs' ranges: the page's sliders and the validators (the API's bounds) use the same ones.
+RADIUS_RANGE = (2.0, 10.0)  # camera distance, in asset sizes (the asset spans [-1, 1])
+PITCH_RANGE = (-89.0, 89.0)  # degrees; +-90 would look straight down the orbit's axis
+Y_ROTATION_RANGE = (-180.0, 180.0)  # degrees
+GUIDANCE_RANGE = (0.0, 20.0)
 MAX_UPSCALE = 4  # the largest output a model is offered, as a multiple of the size it was trained at
 APP_CSS = """
 #title { margin-bottom: 0; }
@@ -468,13 +473,20 @@ def view_problems(n_views: Any, radius: Any, pitch: Any, y_rotation: Any, config
     problems: dict[str, str] = {}
     if not _is_integer(n_views) or not 1 <= n_views <= config.max_views:
         problems["n_views"] = f"number of views must be a whole number from 1 to {config.max_views}"
-    if not _is_finite(radius) or not 2.0 <= radius <= 10.0:
-        problems["radius"] = "camera radius must be between 2 and 10"
-    if not _is_finite(pitch) or not -89.0 <= pitch <= 89.0:
-        problems["pitch"] = "pitch must be between -89 and 89 degrees"
-    if not _is_finite(y_rotation) or not -180.0 <= y_rotation <= 180.0:  # the slider's range
-        problems["y_rotation"] = "y rotation must be between -180 and 180 degrees"
+    for name, value, bounds, what in (("radius", radius, RADIUS_RANGE, "camera radius"),
+                                      ("pitch", pitch, PITCH_RANGE, "pitch"),
+                                      ("y_rotation", y_rotation, Y_ROTATION_RANGE, "y rotation")):
+        problem = _range_problem(what, value, bounds, "" if name == "radius" else " degrees")
+        if problem:
+            problems[name] = problem
     return problems
+
+
+def _range_problem(what: str, value: Any, bounds: tuple[float, float], unit: str = "") -> str | None:
+    low, high = bounds
+    if _is_finite(value) and low <= value <= high:
+        return None
+    return f"{what} must be between {low:g} and {high:g}{unit}"
 
 
 def settings_problems(s: GenerationSettings, config: AppConfig, registry: Mapping[str, ModelSpec]) -> dict[str, str]:
@@ -491,10 +503,10 @@ def settings_problems(s: GenerationSettings, config: AppConfig, registry: Mappin
         problems["seed"] = f"with {s.candidates} candidates the seed can be at most {MAX_SEED - s.candidates + 1}"
     if not _is_integer(s.steps) or not 1 <= s.steps <= config.max_steps:
         problems["steps"] = f"steps must be a whole number from 1 to {config.max_steps}"
-    if not _is_finite(s.guidance_scale) or not 0.0 <= s.guidance_scale <= 20.0:
-        problems["guidance_scale"] = "guidance must be between 0 and 20"
-    if not _is_finite(s.image_guidance_scale) or not 0.0 <= s.image_guidance_scale <= 20.0:
-        problems["image_guidance_scale"] = "image guidance must be between 0 and 20"
+    for name, what in (("guidance_scale", "guidance"), ("image_guidance_scale", "image guidance")):
+        problem = _range_problem(what, getattr(s, name), GUIDANCE_RANGE)
+        if problem:
+            problems[name] = problem
     if s.model not in registry:
         problems["model"] = f"unknown model {s.model!r}; choose one of {', '.join(registry)}"
     largest = resolution_limit(config, registry[s.model]) if s.model in registry else config.max_resolution
@@ -1073,8 +1085,9 @@ def _align_files(mesh_path: str | None, image_path: str | None, pointmap_path: s
         raise MeshError(problem)
     if not pointmap_path:
         raise InputError("give the predicted point map (PNG) to align")
-    if not _is_finite(y_rotation) or not -180.0 <= y_rotation <= 180.0:
-        raise InputError("y rotation must be between -180 and 180 degrees")
+    problem = _range_problem("y rotation", y_rotation, Y_ROTATION_RANGE, " degrees")
+    if problem:
+        raise InputError(problem)
     return align(service.load_mesh(mesh_path), pointmap_path, image_path or None, y_rotation=float(y_rotation))
 
 

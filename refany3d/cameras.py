@@ -115,6 +115,21 @@ class Camera:
         }
 
     @classmethod
+    def from_opencv(cls, rotation: np.ndarray, translation: np.ndarray, K: np.ndarray, width: int,
+                    height: int) -> "Camera":
+        """The camera of OpenCV's world->camera R, t (x_cv = R X + t) and intrinsics K, with
+        clipping planes that enclose the normalized asset (radius <= sqrt(3)) around the origin."""
+        rot_c2w = np.asarray(rotation, dtype=np.float64).T
+        centre = -rot_c2w @ np.asarray(translation, dtype=np.float64).reshape(3)
+        pose = np.eye(4)
+        pose[:3, :3] = rot_c2w @ _GL_TO_CV
+        pose[:3, 3] = centre
+        depth = float(np.linalg.norm(centre))
+        znear = max(1e-3, 0.5 * (depth - math.sqrt(3.0))) if depth > 1.8 else 1e-3
+        return cls(pose=pose, fx=K[0, 0], fy=K[1, 1], cx=K[0, 2], cy=K[1, 2], width=width, height=height,
+                   znear=znear, zfar=depth + 4.0)
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Camera":
         """Inverse of `to_dict` (derived keys K, R, t are ignored)."""
         try:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
-from refany3d.cameras import ORBIT_RADIUS
+from refany3d.cameras import DEFAULT_FOV_Y_DEG, ORBIT_RADIUS
 from refany3d.errors import RefAny3DError
 
 
@@ -255,8 +255,12 @@ def _add_eval(sub) -> None:
     p.add_argument("pointmap", nargs="?", help="the predicted point map (PNG)")
     p.add_argument("--image", help="the generated image (PNG), for image IoU and colour agreement")
     p.add_argument("--y-rotation", type=float, help="y rotation the views were made with (deg; default 0)")
-    p.add_argument("--fov", type=float, default=45.0, help="vertical field of view (deg) of the image")
+    p.add_argument("--fov", type=float, default=DEFAULT_FOV_Y_DEG,
+                   help=f"vertical field of view (deg) of the image (default {DEFAULT_FOV_Y_DEG:g})")
     p.add_argument("--estimate-focal", action="store_true", help="estimate the focal length instead")
+    p.add_argument("--inlier-threshold", type=float, metavar="PX",
+                   help="RANSAC inlier threshold in pixels (default: scaled with the image size)")
+    p.add_argument("--seed", type=int, default=0, help="RANSAC seed (default 0)")
     p.add_argument("--json", metavar="OUT", help="write the report as JSON to OUT ('-' for stdout)")
     p.add_argument("--overlay", metavar="PNG", help="write the re-rendered asset over the image")
     p.add_argument("--batch", metavar="DIR", help="evaluate every run folder in DIR (image.png, "
@@ -273,7 +277,8 @@ def _run_eval(args) -> int:
     from refany3d import alignment
     from refany3d.errors import InputError
 
-    options = {"fov_y_deg": args.fov, "estimate_focal": args.estimate_focal}
+    options = {"fov_y_deg": args.fov, "estimate_focal": args.estimate_focal,
+               "inlier_threshold_px": args.inlier_threshold, "seed": args.seed}
     if args.batch:
         if args.pointmap:
             raise InputError("with --batch give at most a MESH, not a point map")
@@ -389,20 +394,18 @@ def _add_train(sub) -> None:
 
 
 def _run_train(args) -> int:
+    from dataclasses import fields
     from pathlib import Path
 
     import torch
 
-    from refany3d.train import preset_config, train
+    from refany3d.train import TrainConfig, preset_config, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {k: v for k, v in vars(args).items() if v is not None and k in (
-        "resolution", "condition_size", "n_views", "batch_size", "vae_steps", "base_steps", "ref_steps", "ref_lr",
-        "vae_lr", "base_lr", "lora_rank",
-        "lora_alpha", "optimizer", "mixed_precision", "checkpoint_every", "seed", "gradient_accumulation",
-        "group_mask", "pointmap_branch", "asset_loss_weight", "base_model", "init_ref", "compile", "num_workers",
-        "vae_minutes", "base_minutes", "ref_minutes")}
+    # every TrainConfig setting a flag gave (each flag's dest is the setting's name)
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig)
+                 if f.name not in ("data", "stages") and getattr(args, f.name, None) is not None}
     config = preset_config(args.preset, data=args.data, output_dir=args.out,
                            stages=tuple(s.strip() for s in args.stages.split(",") if s.strip()), **overrides)
     summary = train(config)

@@ -612,13 +612,7 @@ def camera_from_object_pose(K: np.ndarray, rotation: np.ndarray, translation: np
     t_norm = s * (R @ np.asarray(normalization.center, dtype=np.float64) + t)
     if t_norm[2] <= 0:
         raise InputError("the object is behind the camera (translation z must be positive)")
-    gl_to_cv = np.diag([1.0, -1.0, -1.0])
-    pose = np.eye(4)
-    pose[:3, :3] = (gl_to_cv @ R).T
-    pose[:3, 3] = -R.T @ t_norm
-    depth = float(np.linalg.norm(t_norm))
-    return Camera(pose=pose, fx=K[0, 0], fy=K[1, 1], cx=K[0, 2], cy=K[1, 2], width=width, height=height,
-                  znear=max(1e-3, depth - 2.0) * 0.5, zfar=depth + 4.0)
+    return Camera.from_opencv(R, t_norm, K, width, height)
 
 
 def _square_around(mask: np.ndarray) -> tuple[int, int, int]:

@@ -52,6 +52,7 @@ from refany3d.transformer import (
     Branch,
     branch_embeddings,
     lora_linear,
+    split_heads,
 )
 
 MODES = ("exact", "cached")
@@ -65,6 +66,9 @@ KIND_ADAPTERS: tuple[tuple[str, ...], ...] = (
     CONDITION_POINTMAP_ADAPTERS,
     CONDITION_RGB_ADAPTERS,
 )
+N_KINDS = len(KIND_ADAPTERS)
+# Kind -> (its timestep is the step's (True) or the views' 0, its domain) for the kind embeddings.
+_KIND_TIMES = ((True, None), (True, RGB_DOMAIN), (True, POINTMAP_DOMAIN), (False, POINTMAP_DOMAIN), (False, RGB_DOMAIN))
 # lora_linear adds a branch's adapters in its tuple's order; keep that order for shared rows.
 ADAPTER_ORDER = tuple(dict.fromkeys(name for kind in sorted(KIND_ADAPTERS, key=len, reverse=True) for name in kind))
 
@@ -90,7 +94,7 @@ def adapter_ranges(segments: Sequence[Segment]) -> RowRanges:
 
 
 # The kind-embedding matrix has one row per kind; its modulation rows use the kind's adapters.
-_KIND_RANGES = adapter_ranges([(kind, kind + 1, kind) for kind in range(5)])
+_KIND_RANGES = adapter_ranges([(kind, kind + 1, kind) for kind in range(N_KINDS)])
 
 
 def segment_linear(layer: torch.nn.Module, x: torch.Tensor, ranges: RowRanges) -> torch.Tensor:
@@ -188,7 +192,7 @@ class JointLayout:
         text, image = _stream_segments(joint, text=True), _stream_segments(joint, text=False)
         derived = dict(passes=passes, joint_segments=tuple(joint), text_segments=text, image_segments=image,
                        joint_ranges=adapter_ranges(joint), image_ranges=adapter_ranges(image),
-                       pass_offsets=tuple(joint[5 * i][0] for i in range(len(passes))))
+                       pass_offsets=tuple(joint[N_KINDS * i + TEXT][0] for i in range(len(passes))))
         for name, value in derived.items():
             object.__setattr__(self, name, value)  # frozen: set once, here
 
@@ -213,10 +217,6 @@ class JointLayout:
             text.append(joint[offset : offset + lengths[0]])
             image.append(joint[offset + lengths[0] : offset + sum(lengths)])
         return torch.cat(text), torch.cat(image)
-
-
-# Kind index -> (timestep is the step's (True) or the views' 0, domain) for the kind embeddings.
-_KIND_TIMES = ((True, None), (True, RGB_DOMAIN), (True, POINTMAP_DOMAIN), (False, POINTMAP_DOMAIN), (False, RGB_DOMAIN))
 
 
 class ViewKeyCache:
@@ -336,7 +336,7 @@ class FastDenoiser:
                     transformer.norm_out(joint[None, start:stop], embs[kind : kind + 1]),
                     dict.fromkeys(KIND_ADAPTERS[kind]),
                 )
-                for start, stop, kind in layout.joint_segments[5 * i + 1 : 5 * i + 3]
+                for start, stop, kind in layout.joint_segments[N_KINDS * i + RGB_TARGET : N_KINDS * i + POINTMAP_TARGET + 1]
             ]
             for i in range(len(layout.passes))
         ]
@@ -393,10 +393,6 @@ def _grouped_attention(
     return out
 
 
-def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
-    return x.unflatten(-1, (-1, head_dim))
-
-
 def _double_block(block, text, image, layout: JointLayout, embs, rotary, cache):
     """A FLUX double-stream block over all rows: text with the *_context / add_* modules."""
     attn, d = block.attn, block.attn.head_dim
@@ -409,12 +405,12 @@ def _double_block(block, text, image, layout: JointLayout, embs, rotary, cache):
     ht = _modulate(block.norm1_context.norm(text), t_shift, t_scale, layout.text_segments)
     ranges = layout.image_ranges
     q = layout.to_joint(
-        attn.norm_added_q(_heads(attn.add_q_proj(ht), d)), attn.norm_q(_heads(segment_linear(attn.to_q, h, ranges), d))
+        attn.norm_added_q(split_heads(attn.add_q_proj(ht), d)), attn.norm_q(split_heads(segment_linear(attn.to_q, h, ranges), d))
     )
     k = layout.to_joint(
-        attn.norm_added_k(_heads(attn.add_k_proj(ht), d)), attn.norm_k(_heads(segment_linear(attn.to_k, h, ranges), d))
+        attn.norm_added_k(split_heads(attn.add_k_proj(ht), d)), attn.norm_k(split_heads(segment_linear(attn.to_k, h, ranges), d))
     )
-    v = layout.to_joint(_heads(attn.add_v_proj(ht), d), _heads(segment_linear(attn.to_v, h, ranges), d))
+    v = layout.to_joint(split_heads(attn.add_v_proj(ht), d), split_heads(segment_linear(attn.to_v, h, ranges), d))
     attended = _grouped_attention(_rope(q, rotary), _rope(k, rotary), v, layout, cache).flatten(1, 2)
     a_text, a_image = layout.from_joint(attended)
 
@@ -435,9 +431,9 @@ def _single_block(block, x, layout: JointLayout, embs, rotary, cache):
     shift, scale, gate = segment_linear(block.norm.linear, block.norm.silu(embs), _KIND_RANGES).chunk(3, dim=1)
     h = _modulate(block.norm.norm(x), shift, scale, layout.joint_segments)
     mlp = block.act_mlp(segment_linear(block.proj_mlp, h, ranges))
-    q = attn.norm_q(_heads(segment_linear(attn.to_q, h, ranges), d))
-    k = attn.norm_k(_heads(segment_linear(attn.to_k, h, ranges), d))
-    v = _heads(segment_linear(attn.to_v, h, ranges), d)
+    q = attn.norm_q(split_heads(segment_linear(attn.to_q, h, ranges), d))
+    k = attn.norm_k(split_heads(segment_linear(attn.to_k, h, ranges), d))
+    v = split_heads(segment_linear(attn.to_v, h, ranges), d)
     attended = _grouped_attention(_rope(q, rotary), _rope(k, rotary), v, layout, cache).flatten(1, 2)
     _gated_add(x, segment_linear(block.proj_out, torch.cat([attended, mlp], dim=1), ranges), gate, layout.joint_segments)
     return x

@@ -260,7 +260,7 @@ def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
 
-def _heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     return x.unflatten(-1, (-1, head_dim))
 
 
@@ -281,11 +281,11 @@ def _double_block(block, text, image, embs: torch.Tensor, text_rows: RowLayout, 
     ht = text_rows.modulate(text, block.norm1_context.norm, t_shift, t_scale)
     h = image_rows.modulate(image, block.norm1.norm, shift, scale)
     adapters = image_rows.row_adapters
-    q = torch.cat([attn.norm_added_q(_heads(attn.add_q_proj(ht), d)),
-                   attn.norm_q(_heads(lora_linear(attn.to_q, h, adapters), d))], dim=1)
-    k = torch.cat([attn.norm_added_k(_heads(attn.add_k_proj(ht), d)),
-                   attn.norm_k(_heads(lora_linear(attn.to_k, h, adapters), d))], dim=1)
-    v = torch.cat([_heads(attn.add_v_proj(ht), d), _heads(lora_linear(attn.to_v, h, adapters), d)], dim=1)
+    q = torch.cat([attn.norm_added_q(split_heads(attn.add_q_proj(ht), d)),
+                   attn.norm_q(split_heads(lora_linear(attn.to_q, h, adapters), d))], dim=1)
+    k = torch.cat([attn.norm_added_k(split_heads(attn.add_k_proj(ht), d)),
+                   attn.norm_k(split_heads(lora_linear(attn.to_k, h, adapters), d))], dim=1)
+    v = torch.cat([split_heads(attn.add_v_proj(ht), d), split_heads(lora_linear(attn.to_v, h, adapters), d)], dim=1)
     attended = _attention(q, k, v, rotary, mask)
     a_text, a_image = attended[:, : text.shape[1]], attended[:, text.shape[1] :]
 
@@ -306,9 +306,9 @@ def _single_block(block, x, embs: torch.Tensor, rows: RowLayout, rotary, mask):
     shift, scale, gate = rows.modulation(block.norm, embs, 3)
     h = rows.modulate(x, block.norm.norm, shift, scale)
     mlp = block.act_mlp(lora_linear(block.proj_mlp, h, adapters))
-    q = attn.norm_q(_heads(lora_linear(attn.to_q, h, adapters), d))
-    k = attn.norm_k(_heads(lora_linear(attn.to_k, h, adapters), d))
-    v = _heads(lora_linear(attn.to_v, h, adapters), d)
+    q = attn.norm_q(split_heads(lora_linear(attn.to_q, h, adapters), d))
+    k = attn.norm_k(split_heads(lora_linear(attn.to_k, h, adapters), d))
+    v = split_heads(lora_linear(attn.to_v, h, adapters), d)
     attended = _attention(q, k, v, rotary, mask)
     return x + rows.gated(gate, lora_linear(block.proj_out, torch.cat([attended, mlp], dim=2), adapters))
 

@@ -511,6 +511,12 @@ def test_cli_eval_single_and_batch(asset, tmp_path, capsys):
     data = json.loads(out.read_text())
     assert data["measurable"] and data["iou"] > 0.95 and data["colour_agreement"] > 30
     assert _rotation_error_deg(np.array(data["rotation"]), camera.world_to_camera_cv()[0]) < 1.0
+    # the API's RANSAC settings as flags: a threshold far under the render's error keeps fewer inliers
+    strict = tmp_path / "strict.json"
+    assert main(["eval", str(mesh_path), str(run_a / "pointmap.png"), "--inlier-threshold", "0.02", "--seed", "3",
+                 "--json", str(strict)]) == 0
+    assert json.loads(strict.read_text())["inlier_ratio"] < data["inlier_ratio"]
+    capsys.readouterr()
 
     assert main(["eval", "--batch", str(tmp_path / "runs")]) == 0
     printed = capsys.readouterr().out
