@@ -396,16 +396,17 @@ class GenerationSettings:
     model: str
     candidates: int = 1  # seeds seed..seed+K-1 are sampled; the most rigid point map is kept
 
-    @property
-    def condition_size(self) -> int:
-        """Reference-view size: the output size scaled as the default model was trained (a multiple of 16)."""
-        scaled = 16 * max(1, round(self.resolution * get_service().config.condition_ratio / 16))
+    def condition_size(self, condition_ratio: float) -> int:
+        """Reference-view size: the output size times the reference-view / output ratio the default
+        model was trained with (`AppConfig.condition_ratio`), a multiple of 16."""
+        scaled = 16 * max(1, round(self.resolution * condition_ratio / 16))
         return min(scaled, MAX_CONDITION_SIZE)
 
-    def to_record(self) -> dict[str, Any]:
+    def to_record(self, condition_ratio: float) -> dict[str, Any]:
+        """What the sampler and settings.json get: every setting, the reference-view size included."""
         record = asdict(self)
         record.pop("randomize_seed")
-        record["condition_size"] = self.condition_size
+        record["condition_size"] = self.condition_size(condition_ratio)
         return record
 
 
@@ -898,9 +899,9 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
     progress(0.0, desc="Loading the mesh")
     mesh = service.load_mesh(mesh_path)
     progress(0.0, desc="Rendering reference views")
-    views = render_views(mesh, settings.n_views, settings.condition_size, settings.radius, settings.pitch,
-                         settings.y_rotation)
-    record = {**settings.to_record(), "sampler": service.config.sampler}
+    views = render_views(mesh, settings.n_views, settings.condition_size(service.config.condition_ratio),
+                         settings.radius, settings.pitch, settings.y_rotation)
+    record = {**settings.to_record(service.config.condition_ratio), "sampler": service.config.sampler}
     if service.config.zero_gpu:  # ZeroGPU ends a call at its requested duration: refuse what cannot finish
         expected = expected_gpu_seconds(settings.model, len(views.rgb), record)
         if expected > service.config.gpu_duration_cap_s:

@@ -397,24 +397,23 @@ def test_gpu_call_arguments_survive_pickling():
     from refany3d.views import render_views
 
     views = render_views(str(VASE), 2, 32)
-    record = _settings().to_record()
+    record = _settings().to_record(1.0)
     payload = ("m", "prompt", views.rgb, views.pointmap, record, gr.Progress())
     restored = pickle.loads(pickle.dumps(payload))
     assert restored[2][0].size == (32, 32) and restored[4] == record
     assert np.array_equal(np.asarray(restored[3][1]), np.asarray(views.pointmap[1]))
 
 
-def test_condition_size_follows_the_default_models_training_ratio(monkeypatch):
+def test_condition_size_follows_the_default_models_training_ratio():
     """The embedded model was trained with views at half the output size; FLUX.1-dev at the same."""
     embedded = logic.AppConfig.from_env({})
     published = logic.AppConfig.from_env({"REFANY3D_REF_MODEL": "JudgementH/RefAny3D"})
     assert published.condition_ratio == 1.0 and published.default_resolution == 512
-    for config, resolution, expected in ((published, 512, 512), (published, 1024, 512), (published, 64, 64)):
-        monkeypatch.setattr(logic.get_service(), "config", config)
-        assert dataclasses.replace(_settings(), resolution=resolution).condition_size == expected
+    for resolution, expected in ((512, 512), (1024, 512), (64, 64)):  # at most the release's 512
+        assert dataclasses.replace(_settings(), resolution=resolution).condition_size(published.condition_ratio) == expected
     assert embedded.condition_ratio == 0.5 and embedded.default_resolution == 64  # assets/embedded/settings.json
-    monkeypatch.setattr(logic.get_service(), "config", embedded)
-    assert dataclasses.replace(_settings(), resolution=64).condition_size == 32
+    assert dataclasses.replace(_settings(), resolution=64).condition_size(embedded.condition_ratio) == 32
+    assert dataclasses.replace(_settings(), resolution=64).to_record(embedded.condition_ratio)["condition_size"] == 32
 
 
 def test_sampling_reports_every_step_to_the_progress_bar(service, tmp_path):
@@ -424,7 +423,7 @@ def test_sampling_reports_every_step_to_the_progress_bar(service, tmp_path):
     base, ref = build_tiny_model(tmp_path)
     service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu"))
     views = render_views(str(VASE), 1, 64)
-    record = {**_settings(steps=3, resolution=64, seed=5).to_record(), "sampler": "exact"}
+    record = {**_settings(steps=3, resolution=64, seed=5).to_record(1.0), "sampler": "exact"}
     calls = []
     [(image, pointmap)] = logic.sample_on_gpu(logic.CONFIGURED_MODEL, "a vase", views.rgb, views.pointmap, record,
                                               lambda value, **kwargs: calls.append(value))
@@ -450,7 +449,7 @@ def test_a_generation_calibrates_the_gpu_duration(service, tmp_path):
     # An absurdly slow FLOP estimate: before any measurement the request is the cap.
     svc = service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu", gpu_tflops=0.001,
                                   gpu_duration_cap_s=120))
-    record = {**_settings(n_views=1, steps=2, resolution=64).to_record(), "sampler": "exact"}
+    record = {**_settings(n_views=1, steps=2, resolution=64).to_record(1.0), "sampler": "exact"}
     assert logic.gpu_duration(logic.CONFIGURED_MODEL, "p", [None], [None], record) == 120
     logic.generate(str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 2, 3.5, 2.0, 64,
                    logic.CONFIGURED_MODEL, 1, False, _Request("calibrate"), lambda *a, **k: None)
@@ -652,7 +651,7 @@ def test_zero_gpu_refuses_a_run_that_cannot_finish_in_its_time(service, tmp_path
                                        "Space allows: lower the steps"):
         logic.generate(*arguments, _Request("zero"), lambda *a, **k: None)
     # measured: this GPU is fast enough, so the same run goes ahead
-    record = {**_settings(n_views=1, steps=2, resolution=64).to_record(), "sampler": "exact"}
+    record = {**_settings(n_views=1, steps=2, resolution=64).to_record(1.0), "sampler": "exact"}
     svc.gpu_timings.record((logic.CONFIGURED_MODEL, "exact"), logic._call_flops(1, record), 1.0)
     image = logic.generate(*arguments, _Request("zero"), lambda *a, **k: None)[0]
     assert image is not None
