@@ -185,4 +185,4 @@ if config.preload:
     service.preload()
 
 if __name__ == "__main__":
-    demo.launch(**config.launch_options())
+    demo.launch(**logic.launch_options(config))

@@ -16,6 +16,7 @@ import torch
 import trimesh
 from PIL import Image
 
+from refany3d import app_config
 from refany3d import app_logic as logic
 from refany3d.errors import InputError, MeshError, ModelLoadError
 from refany3d.pipeline import EMBEDDED_MODEL_DIR
@@ -37,7 +38,7 @@ def service(monkeypatch):
 
 
 def _settings(**changes) -> logic.GenerationSettings:
-    settings = logic.default_settings("a vase on a table", logic.AppConfig(), logic.PUBLISHED_MODEL)
+    settings = logic.default_settings("a vase on a table", logic.AppConfig(), app_config.PUBLISHED_MODEL)
     for name, value in changes.items():
         setattr(settings, name, value)
     return settings
@@ -58,7 +59,7 @@ def test_config_reads_the_environment():
     assert config.max_upload_mb == 7 and config.cpu_offload and config.gpu_tflops == 150.5
     assert config.sampler == "faithful"
     assert config.preload  # on a Space the model loads at start-up unless told otherwise
-    assert config.launch_options()["max_file_size"] == "7mb"
+    assert logic.launch_options(config)["max_file_size"] == "7mb"
     assert not logic.AppConfig.from_env({}).preload
 
 
@@ -93,17 +94,17 @@ def test_bad_configuration_stops_the_app_with_one_line():
 def test_a_space_that_preloads_the_published_model_serves_it(monkeypatch):
     """The README's front matter preloads FLUX.1-dev and the published weights into the Hub cache;
     a Space with them there serves them by default, at their own settings."""
-    monkeypatch.setattr(logic, "_hub_file_cached", lambda repo, name: True)
+    monkeypatch.setattr(app_config, "_hub_file_cached", lambda repo, name: True)
     space = logic.AppConfig.from_env({"SPACE_ID": "someone/refany3d"})
-    assert next(iter(space.model_registry())) == logic.PUBLISHED_MODEL
+    assert next(iter(space.model_registry())) == app_config.PUBLISHED_MODEL
     assert space.default_resolution == 512 and space.default_views == 8
-    assert logic.EMBEDDED_MODEL in space.model_registry()  # still offered
+    assert app_config.EMBEDDED_MODEL in space.model_registry()  # still offered
     # not on a Space, or with a model configured, nothing changes
-    assert next(iter(logic.AppConfig.from_env({}).model_registry())) != logic.PUBLISHED_MODEL
+    assert next(iter(logic.AppConfig.from_env({}).model_registry())) != app_config.PUBLISHED_MODEL
     configured = logic.AppConfig.from_env({"SPACE_ID": "s/r", "REFANY3D_REF_MODEL": "JudgementH/RefAny3D"})
-    assert next(iter(configured.model_registry())) == logic.CONFIGURED_MODEL
-    monkeypatch.setattr(logic, "_hub_file_cached", lambda repo, name: False)  # a Space without the preload
-    assert next(iter(logic.AppConfig.from_env({"SPACE_ID": "s/r"}).model_registry())) == logic.EMBEDDED_MODEL
+    assert next(iter(configured.model_registry())) == app_config.CONFIGURED_MODEL
+    monkeypatch.setattr(app_config, "_hub_file_cached", lambda repo, name: False)  # a Space without the preload
+    assert next(iter(logic.AppConfig.from_env({"SPACE_ID": "s/r"}).model_registry())) == app_config.EMBEDDED_MODEL
 
 
 def test_the_app_offers_the_pipelines_sampler_modes():
@@ -111,24 +112,24 @@ def test_the_app_offers_the_pipelines_sampler_modes():
     must not drift from the pipeline's."""
     from refany3d.pipeline import SAMPLER_MODES
 
-    assert logic.SAMPLERS == SAMPLER_MODES
+    assert app_config.SAMPLERS == SAMPLER_MODES
 
 
 def test_registry_puts_the_configured_model_first():
     published = logic.AppConfig().model_registry()
-    assert list(published)[-1] == logic.PUBLISHED_MODEL
-    assert published[logic.PUBLISHED_MODEL].base_model == "black-forest-labs/FLUX.1-dev"
-    assert published[logic.PUBLISHED_MODEL].ref_model == "JudgementH/RefAny3D"
-    assert (logic.EMBEDDED_MODEL in published) == (EMBEDDED_MODEL_DIR / "ref").is_dir()
+    assert list(published)[-1] == app_config.PUBLISHED_MODEL
+    assert published[app_config.PUBLISHED_MODEL].base_model == "black-forest-labs/FLUX.1-dev"
+    assert published[app_config.PUBLISHED_MODEL].ref_model == "JudgementH/RefAny3D"
+    assert (app_config.EMBEDDED_MODEL in published) == (EMBEDDED_MODEL_DIR / "ref").is_dir()
 
     configured = logic.AppConfig(ref_model="/weights/ref").model_registry()
     first_name, first = next(iter(configured.items()))
-    assert first_name == logic.CONFIGURED_MODEL and first.ref_model == "/weights/ref"
+    assert first_name == app_config.CONFIGURED_MODEL and first.ref_model == "/weights/ref"
     # the unset half is the given one's partner, as in the CLI: weights with no base beside them
     # belong with FLUX.1-dev, a base trained here with the weights beside it
     assert first.base_model == "black-forest-labs/FLUX.1-dev"
     embedded_base = str(EMBEDDED_MODEL_DIR / "base")
-    assert logic.AppConfig(base_model=embedded_base).model_registry()[logic.CONFIGURED_MODEL].ref_model == \
+    assert logic.AppConfig(base_model=embedded_base).model_registry()[app_config.CONFIGURED_MODEL].ref_model == \
         str(EMBEDDED_MODEL_DIR / "ref")
 
 
@@ -177,12 +178,12 @@ def test_each_bad_setting_is_named(field, value, message):
 def test_a_small_model_is_offered_up_to_four_times_its_training_size():
     config = logic.AppConfig()
     registry = config.model_registry()
-    assert logic.resolution_limit(config, registry[logic.PUBLISHED_MODEL]) == 1024  # 512 px: the operator's cap
-    assert logic.resolution_limit(config, registry[logic.EMBEDDED_MODEL]) == 256  # trained at 64 px
-    problems = logic.settings_problems(_settings(model=logic.EMBEDDED_MODEL, resolution=272), config, registry)
+    assert logic.resolution_limit(config, registry[app_config.PUBLISHED_MODEL]) == 1024  # 512 px: the operator's cap
+    assert logic.resolution_limit(config, registry[app_config.EMBEDDED_MODEL]) == 256  # trained at 64 px
+    problems = logic.settings_problems(_settings(model=app_config.EMBEDDED_MODEL, resolution=272), config, registry)
     assert problems == {"resolution": "resolution must be a whole number from 64 to 256 for this model, "
                                       "which was trained at 64 px"}
-    assert logic.settings_problems(_settings(model=logic.EMBEDDED_MODEL, resolution=256), config, registry) == {}
+    assert logic.settings_problems(_settings(model=app_config.EMBEDDED_MODEL, resolution=256), config, registry) == {}
 
 
 def test_a_randomized_seed_ignores_the_seed_box():
@@ -211,7 +212,7 @@ def test_mesh_problems(tmp_path):
 
 def test_validator_gives_one_verdict_per_input(service):
     service(logic.AppConfig())
-    args = [None, "", 3, 4.0, 0.0, 0.0, 5, False, 0, 3.5, 2.0, 512, logic.PUBLISHED_MODEL, 9, False]
+    args = [None, "", 3, 4.0, 0.0, 0.0, 5, False, 0, 3.5, 2.0, 512, app_config.PUBLISHED_MODEL, 9, False]
     verdicts = logic.validate_generation(*args)
     assert len(verdicts) == len(args) == 2 + len(logic.SETTING_FIELDS)
     failed = {i: v["message"] for i, v in enumerate(verdicts) if not v["is_valid"]}
@@ -224,7 +225,7 @@ def test_validator_refuses_a_mesh_that_cannot_be_read_before_the_run_is_queued(s
     service(logic.AppConfig())
     cloud = tmp_path / "cloud.obj"
     cloud.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\n")  # points only: the right type and size, no surface
-    args = [str(cloud), "a cloud", 3, 4.0, 0.0, 0.0, 5, False, 4, 3.5, 2.0, 64, logic.EMBEDDED_MODEL, 1, False]
+    args = [str(cloud), "a cloud", 3, 4.0, 0.0, 0.0, 5, False, 4, 3.5, 2.0, 64, app_config.EMBEDDED_MODEL, 1, False]
     mesh_verdict = logic.validate_generation(*args)[0]
     assert not mesh_verdict["is_valid"] and "cloud.obj has no faces" in mesh_verdict["message"]
     assert logic.validate_generation(str(VASE), *args[1:])[0]["is_valid"]
@@ -316,7 +317,7 @@ def test_generation_without_weights_is_a_clear_error(service, tmp_path, monkeypa
     assert not logic.cache_examples(installed)
     with pytest.raises(gr.Error, match="no model weights available for .* on this server") as error:
         logic.generate(str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 1, 3.5, 2.0, 64,
-                       logic.CONFIGURED_MODEL, 1, False, _Request("session1"), lambda *a, **k: None)
+                       app_config.CONFIGURED_MODEL, 1, False, _Request("session1"), lambda *a, **k: None)
     # one short line for the visitor, with what to do; what was looked for goes to the server log
     assert "; choose Embedded" in error.value.message and "CLI:" not in error.value.message
     assert "RefAny3D weights folder" in capsys.readouterr().out
@@ -425,17 +426,17 @@ def test_sampling_reports_every_step_to_the_progress_bar(service, tmp_path):
     views = render_views(str(VASE), 1, 64)
     record = {**_settings(steps=3, resolution=64, seed=5).to_record(1.0), "sampler": "exact"}
     calls = []
-    [(image, pointmap)] = logic.sample_on_gpu(logic.CONFIGURED_MODEL, "a vase", views.rgb, views.pointmap, record,
+    [(image, pointmap)] = logic.sample_on_gpu(app_config.CONFIGURED_MODEL, "a vase", views.rgb, views.pointmap, record,
                                               lambda value, **kwargs: calls.append(value))
     assert calls == [0.0, (1, 3), (2, 3), (3, 3)]
     assert image.size == pointmap.size == (64, 64)
 
     # Candidates: one bar over all of them, and candidate k is exactly seed + k sampled alone.
     calls.clear()
-    pairs = logic.sample_on_gpu(logic.CONFIGURED_MODEL, "a vase", views.rgb, views.pointmap,
+    pairs = logic.sample_on_gpu(app_config.CONFIGURED_MODEL, "a vase", views.rgb, views.pointmap,
                                 {**record, "candidates": 2}, lambda value, **kwargs: calls.append(value))
     assert calls == [0.0, (1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)]
-    [(alone, _)] = logic.sample_on_gpu(logic.CONFIGURED_MODEL, "a vase", views.rgb, views.pointmap,
+    [(alone, _)] = logic.sample_on_gpu(app_config.CONFIGURED_MODEL, "a vase", views.rgb, views.pointmap,
                                        {**record, "seed": 6})
     np.testing.assert_array_equal(np.asarray(pairs[0][0]), np.asarray(image))
     np.testing.assert_array_equal(np.asarray(pairs[1][0]), np.asarray(alone))
@@ -450,12 +451,12 @@ def test_a_generation_calibrates_the_gpu_duration(service, tmp_path):
     svc = service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu", gpu_tflops=0.001,
                                   gpu_duration_cap_s=120))
     record = {**_settings(n_views=1, steps=2, resolution=64).to_record(1.0), "sampler": "exact"}
-    assert logic.gpu_duration(logic.CONFIGURED_MODEL, "p", [None], [None], record) == 120
+    assert logic.gpu_duration(app_config.CONFIGURED_MODEL, "p", [None], [None], record) == 120
     logic.generate(str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 2, 3.5, 2.0, 64,
-                   logic.CONFIGURED_MODEL, 1, False, _Request("calibrate"), lambda *a, **k: None)
-    assert len(svc.gpu_timings._rates[(logic.CONFIGURED_MODEL, "exact")]) == 1
+                   app_config.CONFIGURED_MODEL, 1, False, _Request("calibrate"), lambda *a, **k: None)
+    assert len(svc.gpu_timings._rates[(app_config.CONFIGURED_MODEL, "exact")]) == 1
     # The tiny model took well under a second: the measured rate gives the 15 s floor.
-    assert logic.gpu_duration(logic.CONFIGURED_MODEL, "p", [None], [None], record) == 15
+    assert logic.gpu_duration(app_config.CONFIGURED_MODEL, "p", [None], [None], record) == 15
 
 
 def test_a_generation_with_candidates_keeps_the_most_rigid_and_says_which(service, tmp_path):
@@ -464,7 +465,7 @@ def test_a_generation_with_candidates_keeps_the_most_rigid_and_says_which(servic
 
     base, ref = build_tiny_model(tmp_path)
     service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu"))
-    args = (str(VASE), "a vase", 1, 4.0, 0.0, 30.0, 11, False, 2, 3.5, 2.0, 64, logic.CONFIGURED_MODEL)
+    args = (str(VASE), "a vase", 1, 4.0, 0.0, 30.0, 11, False, 2, 3.5, 2.0, 64, app_config.CONFIGURED_MODEL)
     image, pointmap, _, _, files, seed, status, result = logic.generate(
         *args, 3, False, _Request("candidates"), lambda *a, **k: None)
     record = json.loads(Path(result.settings_json).read_text())["settings"]
@@ -488,7 +489,7 @@ def test_stop_ends_the_running_generation_after_its_current_step_and_only_that_o
 
     base, ref = build_tiny_model(tmp_path)
     svc = service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu"))
-    args = (str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 3, False, 4, 3.5, 2.0, 64, logic.CONFIGURED_MODEL, 1, False)
+    args = (str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 3, False, 4, 3.5, 2.0, 64, app_config.CONFIGURED_MODEL, 1, False)
     steps = []
 
     def press_stop_at_step_two(value, **kwargs):  # what the Stop button does, from the progress bar
@@ -527,9 +528,9 @@ def test_a_stop_reaches_every_run_of_the_session_under_way_and_no_later_one():
 
 def test_the_resolution_slider_follows_the_chosen_model(service):
     service(logic.AppConfig())
-    slider = logic.resolution_slider(logic.EMBEDDED_MODEL, 512)
+    slider = logic.resolution_slider(app_config.EMBEDDED_MODEL, 512)
     assert (slider.maximum, slider.value) == (256, 256)
-    slider = logic.resolution_slider(logic.PUBLISHED_MODEL, 512)
+    slider = logic.resolution_slider(app_config.PUBLISHED_MODEL, 512)
     assert (slider.maximum, slider.value) == (1024, 512)
     assert logic.forget_result() == (None, False, False)
 
@@ -646,13 +647,13 @@ def test_zero_gpu_refuses_a_run_that_cannot_finish_in_its_time(service, tmp_path
     base, ref = build_tiny_model(tmp_path)
     svc = service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu", gpu_tflops=0.001,
                                   gpu_duration_cap_s=120, zero_gpu=True))
-    arguments = (str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 2, 3.5, 2.0, 64, logic.CONFIGURED_MODEL, 1, False)
+    arguments = (str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 2, 3.5, 2.0, 64, app_config.CONFIGURED_MODEL, 1, False)
     with pytest.raises(gr.Error, match=r"this run would take about \d+ s of GPU time, more than the 120 s this "
                                        "Space allows: lower the steps"):
         logic.generate(*arguments, _Request("zero"), lambda *a, **k: None)
     # measured: this GPU is fast enough, so the same run goes ahead
     record = {**_settings(n_views=1, steps=2, resolution=64).to_record(1.0), "sampler": "exact"}
-    svc.gpu_timings.record((logic.CONFIGURED_MODEL, "exact"), logic._call_flops(1, record), 1.0)
+    svc.gpu_timings.record((app_config.CONFIGURED_MODEL, "exact"), logic._call_flops(1, record), 1.0)
     image = logic.generate(*arguments, _Request("zero"), lambda *a, **k: None)[0]
     assert image is not None
     assert logic.AppConfig.from_env({"SPACES_ZERO_GPU": "true"}).zero_gpu
