@@ -90,8 +90,11 @@ class Job:
             raise InputError(f"{where}: {err}") from None
 
     def sampler_kwargs(self) -> dict:
-        view_settings = {"mesh", "prompt", "seed", "candidates", "name"}
-        return {k: v for k, v in asdict(self).items() if k not in view_settings}
+        """The settings `generate_from_mesh` takes as keywords; the rest (the mesh and prompt, which
+        it takes first, the seed and candidates, which become its generators, and the run's folder
+        name) `run_job` handles."""
+        handled_by_run_job = {"mesh", "prompt", "seed", "candidates", "name"}
+        return {k: v for k, v in asdict(self).items() if k not in handled_by_run_job}
 
 
 def read_jobs(path: str | Path, defaults: dict | None = None) -> list[Job]:

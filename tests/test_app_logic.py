@@ -532,12 +532,6 @@ def test_the_resolution_slider_follows_the_chosen_model(service):
     assert (slider.maximum, slider.value) == (256, 256)
     slider = logic.resolution_slider(app_config.PUBLISHED_MODEL, 512)
     assert (slider.maximum, slider.value) == (1024, 512)
-    assert logic.forget_result() == (None, False, False)
-
-
-def test_spaces_gpu_is_a_no_op_off_spaces():
-    assert logic.sample_on_gpu.__name__ == "sample_on_gpu"
-    assert not hasattr(logic.sample_on_gpu, "zerogpu")  # what spaces.GPU marks on ZeroGPU
 
 
 def test_handler_errors_become_gradio_errors():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 import subprocess
 import sys
 from pathlib import Path
@@ -143,7 +144,21 @@ def test_read_jobs_errors(tmp_path):
             read_jobs(bad)
     bad.write_text('{"mesh": "sub/a.glb", "prompt": "x"}\n')
     assert read_jobs(bad)[0].mesh == str((tmp_path / "sub" / "a.glb").resolve())
-    assert Job(mesh="m", prompt="p").sampler_kwargs()["n_views"] == 8
+
+
+def test_every_job_setting_reaches_the_sampler():
+    """A Job's sampler settings are keywords generate_from_mesh (or the call it forwards to) takes,
+    so no setting of a jobs file is dropped or refused on the way."""
+    import inspect
+
+    from refany3d.pipeline import RefAny3DPipeline
+
+    taken = {*inspect.signature(RefAny3DPipeline.generate_from_mesh).parameters,
+             *inspect.signature(RefAny3DPipeline.__call__).parameters}
+    kwargs = Job(mesh="m", prompt="p").sampler_kwargs()
+    assert set(kwargs) <= taken
+    assert not {"mesh", "prompt", "seed", "candidates", "name"} & set(kwargs)
+    assert set(kwargs) | {"mesh", "prompt", "seed", "candidates", "name"} == {f.name for f in fields(Job)}
 
 
 GOOD = ["generate", str(ROOT / "examples" / "vase.glb"), "--prompt", "p", "--out", "x"]

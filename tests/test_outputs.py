@@ -118,6 +118,9 @@ def test_ply_round_trips_through_trimesh(tmp_path):
 def test_empty_point_cloud_writes_a_valid_ply(tmp_path):
     path = write_ply(PointCloud(np.zeros((0, 3)), np.zeros((0, 3))), tmp_path / "empty.ply")
     assert b"element vertex 0\n" in path.read_bytes()
+    # a reader takes it: no geometry, and nothing after the header
+    assert trimesh.load(path).is_empty
+    assert path.read_bytes().endswith(b"end_header\n")
 
 
 def test_settings_json_records_settings_and_mesh_identity(tmp_path):
