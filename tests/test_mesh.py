@@ -283,3 +283,13 @@ def test_shared_meshes_load_or_fail_clearly(name):
     if name == "cubevc.glb":  # its own vertex colours, as trimesh reads them
         raw = next(iter(trimesh.load_scene(SHARED / name).geometry.values())).visual.vertex_colors
         assert {tuple(c) for c in mesh.visual.vertex_colors[:, :3]} == {tuple(c) for c in raw[:, :3]}
+
+
+def test_a_prepared_mesh_is_returned_as_it_is():
+    """Views, alignment and the pipeline each pass what they get through prepare_mesh; a mesh that
+    went through it once is not merged or copied again."""
+    from refany3d.mesh import as_mesh, prepare_mesh
+
+    box = trimesh.creation.box()
+    prepared = prepare_mesh(box)
+    assert prepared is not box and prepare_mesh(prepared) is prepared and as_mesh(prepared) is prepared

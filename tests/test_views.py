@@ -378,3 +378,17 @@ def test_closing_one_renderer_leaves_the_others_working():
         other.render(load_mesh(path), before.cameras[0])
     after = render_views(path, n_views=1, resolution=32)
     np.testing.assert_array_equal(np.asarray(before.rgb[0]), np.asarray(after.rgb[0]))
+
+
+def test_no_opengl_is_a_render_error_naming_what_to_install(monkeypatch):
+    """Without a usable GL context the renderer says what to install, not a GL traceback."""
+    import pyrender
+
+    from refany3d.errors import RenderError
+
+    def no_context(*args, **kwargs):
+        raise RuntimeError("no display")
+
+    monkeypatch.setattr(pyrender, "OffscreenRenderer", no_context)
+    with pytest.raises(RenderError, match=r"cannot create an offscreen OpenGL context .*no display.*libegl1"):
+        Renderer().render(trimesh.creation.box(), orbit_camera(0.0, 0.0, 4.0, 32))
