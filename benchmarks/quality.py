@@ -8,7 +8,7 @@ foreground, IoU of that foreground with the object segmented in the image, and c
 image against the re-rendered asset. The caption names a viewpoint ("seen from the left"); the
 angle between the recovered camera direction and the sample's true camera direction, and whether
 the recovered camera falls in the named sector, measure whether the caption was followed.
-Without a point map: `refany3d.alignment.fit_asset_to_image` fits the asset's renders to the image
+Without a point map: `refany3d.image_fit.fit_asset_to_image` fits the asset's renders to the image
 alone; its PSNR, and its margin over the fit of another held-out asset's renders, say whether the
 image shows this asset at all (the only measure of the no-point-map ablation, whose model has no
 point map to align).
@@ -41,8 +41,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from refany3d.alignment import (AlignmentReport, AssetTemplates, align, asset_templates,  # noqa: E402
-                                fit_asset_to_image, most_consistent)
+from refany3d.alignment import AlignmentReport, align, most_consistent  # noqa: E402
+from refany3d.image_fit import AssetTemplates, asset_templates, fit_asset_to_image  # noqa: E402
 from refany3d.cameras import Camera  # noqa: E402
 from refany3d.cli import add_ablation_flags, positive_int, run_reporting_errors  # noqa: E402
 from refany3d.data import (dataset_manifest, list_samples, load_asset_views, other_asset_indices,  # noqa: E402

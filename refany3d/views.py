@@ -325,10 +325,11 @@ def render_views(
     radius = _finite("radius", radius)
     pitch = _finite("pitch", pitch)
     y_rotation = _finite("y_rotation", y_rotation)
+    closest = math.sqrt(3.0) + Camera.znear  # the normalized asset's corners, plus the near plane
+    if radius <= closest:
+        raise InputError(f"radius must exceed {closest:.2f} so the camera is outside the object")
     azimuths = reference_azimuths(n_views)
     cameras = [orbit_camera(a, pitch, radius, resolution) for a in azimuths]
-    if radius <= math.sqrt(3.0) + cameras[0].znear:
-        raise InputError(f"radius must exceed {math.sqrt(3) + 0.1:.2f} so the camera is outside the object")
     mesh = as_mesh(mesh_or_path)
     renderer = renderer or thread_renderer()
     views = [renderer.render(mesh, cam, y_rotation) for cam in cameras]

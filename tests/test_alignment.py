@@ -16,9 +16,10 @@ import trimesh
 from PIL import Image
 
 from refany3d.alignment import (
-    FIT_SIZES, AlignmentReport, align, candidate_record, choose_candidate, consistency_key, most_consistent, asset_templates, fit_asset_to_image, frustum_segments, mask_iou, overlay_image, segment_object,
-    to_frame,
+    AlignmentReport, align, candidate_record, choose_candidate, consistency_key, frustum_segments, mask_iou,
+    most_consistent, overlay_image, segment_object, to_frame,
 )
+from refany3d.image_fit import FIT_SIZES, asset_templates, fit_asset_to_image
 from refany3d.cameras import Camera, focal_from_fov, look_at
 from refany3d.cli import main
 from refany3d.errors import InputError
