@@ -45,8 +45,8 @@ from refany3d.alignment import AlignmentReport, align, most_consistent  # noqa: 
 from refany3d.image_fit import AssetTemplates, asset_templates, fit_asset_to_image  # noqa: E402
 from refany3d.cameras import Camera  # noqa: E402
 from refany3d.cli import add_ablation_flags, positive_int, run_reporting_errors  # noqa: E402
-from refany3d.data import (dataset_manifest, list_samples, load_asset_views, other_asset_indices,  # noqa: E402
-                           viewpoint_phrase)
+from refany3d.data import dataset_manifest, list_samples, load_asset_views, other_asset_indices  # noqa: E402
+from refany3d.procedural import viewpoint_phrase  # noqa: E402
 from refany3d.pipeline import RefAny3DPipeline, default_model  # noqa: E402
 
 METRICS = ("measurable", "inlier_ratio", "reprojection_error_px", "iou", "image_iou", "colour_psnr",

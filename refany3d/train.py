@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from refany3d.conditions import CONDITION_POSITION_DELTA, latent_position_ids, pack_latents
-from refany3d.data import SampleDataset, caption_vocabulary, collate
+from refany3d.data import SampleDataset, collate
+from refany3d.procedural import caption_vocabulary
 from refany3d.errors import InputError, require_finite, require_whole_number
 from refany3d.tiny import TinyConfig, build_base_pipeline
 from refany3d.weights import add_refany3d_adapters, new_domain_embedder, save_refany3d_weights

@@ -11,18 +11,15 @@ from PIL import Image
 
 from refany3d.cameras import Camera
 from refany3d.data import (
-    COLOURS,
     SampleDataset,
     camera_from_object_pose,
     collate,
     list_samples,
     make_dataset,
     other_asset_indices,
-    random_asset,
-    random_target_camera,
-    viewpoint_phrase,
     write_real_sample,
 )
+from refany3d.procedural import COLOURS, random_asset, random_target_camera, viewpoint_phrase
 from refany3d.errors import InputError
 from refany3d.mesh import Normalization
 
