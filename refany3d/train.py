@@ -32,7 +32,8 @@ from refany3d.data import SampleDataset, collate
 from refany3d.procedural import caption_vocabulary
 from refany3d.errors import InputError, require_finite, require_whole_number
 from refany3d.tiny import TinyConfig, build_base_pipeline
-from refany3d.weights import add_refany3d_adapters, new_domain_embedder, save_refany3d_weights
+from refany3d.weights import (add_refany3d_adapters, load_refany3d_weights, new_domain_embedder, resolve_ref_weights,
+                              save_refany3d_weights)
 from refany3d.transformer import Branch, joint_forward, refany3d_branches, refany3d_group_mask
 
 STAGES = ("vae", "base", "refany3d")
@@ -655,7 +656,6 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers import FluxPipeline
 
     out = Path(config.output_dir)
     accelerator = Accelerator(mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.gradient_accumulation)
@@ -675,7 +675,27 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
         out.mkdir(parents=True, exist_ok=True)
         earlier.write_text(json.dumps(settings, indent=1))
 
-    # Each stage-0 stage saves OUT/base when it finishes, so a rerun skips it and goes on from there.
+    _train_base_stages(config, accelerator, summary, log)
+    if "refany3d" in config.stages and not config.base_model and not (base_dir / "model_index.json").exists():
+        raise InputError(f"stage refany3d needs a base: {base_dir} does not exist. Train stage 0 first "
+                         "(--stages vae,base,refany3d) or give one with --base-model")
+    if "refany3d" in config.stages and not (ref_dir / "domain_embedder.pth").exists():
+        _train_refany3d_stage(config, accelerator, summary, log)
+    if accelerator.is_main_process:
+        for stage in config.stages:
+            _checkpoint_path(out, stage).unlink(missing_ok=True)
+        summary_path.write_text(json.dumps(summary, indent=1))
+        plot_loss_curves({s: v["losses"] for s, v in summary["stages"].items()}, out / "loss_curve.png")
+    return summary
+
+
+def _train_base_stages(config: TrainConfig, accelerator, summary: dict[str, Any], log: Callable[[str], None]) -> None:
+    """Stage 0 (vae, then base) on a small FLUX-architecture model built here. Each saves OUT/base
+    when it finishes, so a rerun skips it and goes on from there."""
+    from diffusers import FluxPipeline
+
+    out = Path(config.output_dir)
+    base_dir, summary_path = out / "base", out / "training_summary.json"
     finished = summary["stages"]
     stage0 = [s for s in ("vae", "base") if s in config.stages and s not in finished]
     if (base_dir / "model_index.json").exists() and not {"vae", "base"} & set(finished):
@@ -701,38 +721,35 @@ def train(config: TrainConfig, log: Callable[[str], None] = print) -> dict[str, 
                     _checkpoint_path(out, stage).unlink(missing_ok=True)
                 accelerator.wait_for_everyone()
 
-    if "refany3d" in config.stages and not config.base_model and not (base_dir / "model_index.json").exists():
-        raise InputError(f"stage refany3d needs a base: {base_dir} does not exist. Train stage 0 first "
-                         "(--stages vae,base,refany3d) or give one with --base-model")
-    if "refany3d" in config.stages and not (ref_dir / "domain_embedder.pth").exists():
-        source = config.base_model or base_dir
-        dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-        flux = FluxPipeline.from_pretrained(str(source), dtype=dtype).to(accelerator.device)
-        for module in (flux.vae, flux.text_encoder, flux.text_encoder_2, flux.transformer):
-            module.requires_grad_(False).eval()
-        if config.init_ref:  # continue a finished stage 1, or fine-tune published weights
-            from refany3d.weights import load_refany3d_weights, resolve_ref_weights
 
-            embedder = load_refany3d_weights(flux, resolve_ref_weights(config.init_ref)).to(accelerator.device)
-        else:
-            add_refany3d_adapters(flux.transformer, config.lora_rank, config.lora_alpha)
-            inner = flux.transformer.config.num_attention_heads * flux.transformer.config.attention_head_dim
-            torch.manual_seed(config.seed + 6)
-            embedder = new_domain_embedder(inner).to(accelerator.device)
-            _zero_last_layer(embedder)
-        result = train_refany3d(config, accelerator, flux, embedder)
-        summary["stages"]["refany3d"] = _stage_summary(result)
-        log(f"refany3d: {len(result.losses)} steps, final loss {_tail_mean(result.losses):.4f}, {result.seconds:.0f} s")
-        if accelerator.is_main_process:
-            save_refany3d_weights(accelerator.unwrap_model(flux.transformer), embedder.float().cpu(), ref_dir)
-            (out / "settings.json").write_text(json.dumps(sampling_settings(config, _text_length(flux)), indent=1) + "\n")
-            summary_path.write_text(json.dumps(summary, indent=1))
+def _train_refany3d_stage(config: TrainConfig, accelerator, summary: dict[str, Any],
+                          log: Callable[[str], None]) -> None:
+    """Stage 1, as it would run on FLUX.1-dev: the two LoRAs and the domain embedder on a frozen
+    base (OUT/base or config.base_model), from scratch or from config.init_ref; writes OUT/ref
+    and OUT/settings.json."""
+    from diffusers import FluxPipeline
+
+    out = Path(config.output_dir)
+    source = config.base_model or out / "base"
+    dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
+    flux = FluxPipeline.from_pretrained(str(source), dtype=dtype).to(accelerator.device)
+    for module in (flux.vae, flux.text_encoder, flux.text_encoder_2, flux.transformer):
+        module.requires_grad_(False).eval()
+    if config.init_ref:  # continue a finished stage 1, or fine-tune published weights
+        embedder = load_refany3d_weights(flux, resolve_ref_weights(config.init_ref)).to(accelerator.device)
+    else:
+        add_refany3d_adapters(flux.transformer, config.lora_rank, config.lora_alpha)
+        inner = flux.transformer.config.num_attention_heads * flux.transformer.config.attention_head_dim
+        torch.manual_seed(config.seed + 6)
+        embedder = new_domain_embedder(inner).to(accelerator.device)
+        _zero_last_layer(embedder)
+    result = train_refany3d(config, accelerator, flux, embedder)
+    summary["stages"]["refany3d"] = _stage_summary(result)
+    log(f"refany3d: {len(result.losses)} steps, final loss {_tail_mean(result.losses):.4f}, {result.seconds:.0f} s")
     if accelerator.is_main_process:
-        for stage in config.stages:
-            _checkpoint_path(out, stage).unlink(missing_ok=True)
-        summary_path.write_text(json.dumps(summary, indent=1))
-        plot_loss_curves({s: v["losses"] for s, v in summary["stages"].items()}, out / "loss_curve.png")
-    return summary
+        save_refany3d_weights(accelerator.unwrap_model(flux.transformer), embedder.float().cpu(), out / "ref")
+        (out / "settings.json").write_text(json.dumps(sampling_settings(config, _text_length(flux)), indent=1) + "\n")
+        (out / "training_summary.json").write_text(json.dumps(summary, indent=1))
 
 
 def sampling_settings(config: TrainConfig, text_length: int) -> dict[str, Any]:
