@@ -478,13 +478,13 @@ class FastSampler:
         self.view_cache.clear()
 
     def encode_prompt(self, prompt: str, max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (prompt, max_sequence_length, str(self.pipe.device))
+        key = (prompt, max_sequence_length, str(self.pipe.device), str(self.pipe.dtype))  # pipe.to() changes both
         return self.prompt_cache.get_or_compute(key, lambda: self.pipe.encode_prompt(prompt, max_sequence_length))
 
     def posterior(self, image: Image.Image, size: int):
         """The VAE's posterior of one view (the deterministic, expensive part of encoding), cached."""
         flux = self.pipe.flux
-        key = _image_key(image, size) + (str(flux.vae.device),)
+        key = _image_key(image, size) + (str(flux.vae.device), str(flux.vae.dtype))
         return self.view_cache.get_or_compute(
             key, lambda: view_posterior(flux.vae, flux.image_processor, image, size)
         )

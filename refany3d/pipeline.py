@@ -310,6 +310,17 @@ class RefAny3DPipeline:
         """`value`, or when it is None the model's own setting (`default_settings`)."""
         return self.default_settings[name] if value is None else value
 
+    def _refuse_diffusers_offload(self) -> None:
+        """diffusers' enable_model_cpu_offload / enable_sequential_cpu_offload hook a model's
+        forward(), which the joint pass never calls (see _models_on_device): with them, sampling
+        would run on the wrong device or on meta tensors."""
+        flux = self.flux
+        hooked = [name for name in ("transformer", "vae", "text_encoder", "text_encoder_2")
+                  if getattr(getattr(flux, name, None), "_hf_hook", None) is not None]
+        if hooked:
+            raise InputError(f"diffusers' CPU offload hooks are on {', '.join(hooked)}; they do not apply to "
+                             "RefAny3D's joint pass: load with cpu_offload=True instead (CLI --cpu-offload)")
+
     def _check_size(self, name: str, value) -> None:
         """An image side the model can take: a positive multiple of its latent patch (16 for FLUX),
         at most MAX_IMAGE_SIDE (beyond it a call would only fail to allocate memory)."""
@@ -393,6 +404,7 @@ class RefAny3DPipeline:
         encoded as usual, so a seed draws the same numbers, but not shown to the model, and the
         output has no point map.
         """
+        self._refuse_diffusers_offload()
         height = self._own("height", height)
         width = self._own("width", width)
         condition_size = self._own("condition_size", condition_size)
