@@ -14,7 +14,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def _free_port() -> int:
@@ -23,11 +23,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def tiny_app_env(workdir: Path, **overrides: str) -> dict[str, str]:
-    """Environment for an app on a freshly built tiny model, small defaults, private caches."""
-    from refany3d.tiny import build_tiny_model
-
-    base, ref = build_tiny_model(workdir / "tiny")
+def tiny_app_env(workdir: Path, model: tuple[Path, Path], **overrides: str) -> dict[str, str]:
+    """Environment for an app on the tiny `model` (base, ref; conftest's `tiny_model()`), small
+    defaults, private caches in `workdir`."""
+    base, ref = model
     env = {
         "REFANY3D_BASE_MODEL": str(base),
         "REFANY3D_REF_MODEL": str(ref),

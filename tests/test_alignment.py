@@ -28,7 +28,6 @@ from refany3d.outputs import write_settings_json
 from refany3d.views import pointmap_image, render_at
 
 RES = 128
-SHARED_MESHES = Path(__file__).parents[1] / ".." / "shared" / "meshes"
 
 
 def _coloured(mesh: trimesh.Trimesh, rgb) -> trimesh.Trimesh:
@@ -185,11 +184,10 @@ def test_the_project_examples(name):
     assert report.iou > 0.95 and report.colour_psnr > 30.0
 
 
-@pytest.mark.skipif(not (SHARED_MESHES / "Duck.glb").is_file(), reason="shared meshes absent")
-def test_textured_third_party_mesh(asset):
+def test_textured_third_party_mesh(shared_meshes, asset):
     from refany3d.mesh import load_mesh
 
-    duck = load_mesh(SHARED_MESHES / "Duck.glb")
+    duck = load_mesh(shared_meshes / "Duck.glb")
     camera = _camera(215, 20, 3.2, roll=12)
     view = render_at(duck, camera)
     report = align(duck, pointmap_image(view.pointmap_xyz), view.rgb)

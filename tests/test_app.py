@@ -11,20 +11,18 @@ import pytest
 import trimesh
 from PIL import Image
 
-from app_server import REPO, running_app, tiny_app_env
+from app_server import running_app, tiny_app_env
+from conftest import REPO, VASE
 
 gradio_client = pytest.importorskip("gradio_client")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError, ValidationError  # noqa: E402
 
-VASE = REPO / "examples" / "vase.glb"
-SHARED_MESHES = Path(__file__).parents[1] / ".." / "shared" / "meshes"
-
 
 @pytest.fixture(scope="module")
-def client(tmp_path_factory):
+def client(tmp_path_factory, tiny_model):
     workdir = tmp_path_factory.mktemp("app_api")
-    with running_app(tiny_app_env(workdir), workdir / "server.log") as url:
+    with running_app(tiny_app_env(workdir, tiny_model()), workdir / "server.log") as url:
         yield Client(url, verbose=False)
 
 
@@ -160,10 +158,9 @@ def test_bad_inputs_give_clear_errors_and_the_app_keeps_serving(client, tmp_path
     assert Path(_generate(client, VASE)[0]).is_file()
 
 
-@pytest.mark.skipif(not SHARED_MESHES.is_dir(), reason="../shared/meshes is absent")
-def test_point_cloud_only_file_is_refused(client):
+def test_point_cloud_only_file_is_refused(shared_meshes, client):
     with pytest.raises(ValidationError, match="no faces"):
-        _generate(client, SHARED_MESHES / "points_emptyface.ply")
+        _generate(client, shared_meshes / "points_emptyface.ply")
 
 
 def _rendered_pair(folder: Path, mesh: Path, camera, y_rotation: float) -> tuple[Path, Path]:

@@ -21,8 +21,7 @@ from refany3d import app_logic as logic
 from refany3d.errors import InputError, MeshError, ModelLoadError
 from refany3d.pipeline import EMBEDDED_MODEL_DIR
 
-REPO = Path(__file__).resolve().parents[1]
-VASE = REPO / "examples" / "vase.glb"
+from conftest import VASE
 
 
 @pytest.fixture
@@ -417,11 +416,10 @@ def test_condition_size_follows_the_default_models_training_ratio():
     assert dataclasses.replace(_settings(), resolution=64).to_record(embedded.condition_ratio)["condition_size"] == 32
 
 
-def test_sampling_reports_every_step_to_the_progress_bar(service, tmp_path):
-    from refany3d.tiny import build_tiny_model
+def test_sampling_reports_every_step_to_the_progress_bar(service, tiny_model):
     from refany3d.views import render_views
 
-    base, ref = build_tiny_model(tmp_path)
+    base, ref = tiny_model()
     service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu"))
     views = render_views(str(VASE), 1, 64)
     record = {**_settings(steps=3, resolution=64, seed=5).to_record(1.0), "sampler": "exact"}
@@ -443,10 +441,8 @@ def test_sampling_reports_every_step_to_the_progress_bar(service, tmp_path):
     assert not np.array_equal(np.asarray(pairs[0][0]), np.asarray(pairs[1][0]))
 
 
-def test_a_generation_calibrates_the_gpu_duration(service, tmp_path):
-    from refany3d.tiny import build_tiny_model
-
-    base, ref = build_tiny_model(tmp_path)
+def test_a_generation_calibrates_the_gpu_duration(service, tiny_model):
+    base, ref = tiny_model()
     # An absurdly slow FLOP estimate: before any measurement the request is the cap.
     svc = service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu", gpu_tflops=0.001,
                                   gpu_duration_cap_s=120))
@@ -459,11 +455,10 @@ def test_a_generation_calibrates_the_gpu_duration(service, tmp_path):
     assert logic.gpu_duration(app_config.CONFIGURED_MODEL, "p", [None], [None], record) == 15
 
 
-def test_a_generation_with_candidates_keeps_the_most_rigid_and_says_which(service, tmp_path):
+def test_a_generation_with_candidates_keeps_the_most_rigid_and_says_which(service, tiny_model):
     from refany3d.alignment import align, most_consistent
-    from refany3d.tiny import build_tiny_model
 
-    base, ref = build_tiny_model(tmp_path)
+    base, ref = tiny_model()
     service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu"))
     args = (str(VASE), "a vase", 1, 4.0, 0.0, 30.0, 11, False, 2, 3.5, 2.0, 64, app_config.CONFIGURED_MODEL)
     image, pointmap, _, _, files, seed, status, result = logic.generate(
@@ -484,10 +479,8 @@ def test_a_generation_with_candidates_keeps_the_most_rigid_and_says_which(servic
     assert details == reports[seed - 11].to_dict() and f"seed {seed}" in text
 
 
-def test_stop_ends_the_running_generation_after_its_current_step_and_only_that_one(service, tmp_path):
-    from refany3d.tiny import build_tiny_model
-
-    base, ref = build_tiny_model(tmp_path)
+def test_stop_ends_the_running_generation_after_its_current_step_and_only_that_one(service, tiny_model):
+    base, ref = tiny_model()
     svc = service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu"))
     args = (str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 3, False, 4, 3.5, 2.0, 64, app_config.CONFIGURED_MODEL, 1, False)
     steps = []
@@ -633,12 +626,10 @@ def test_an_unmeasurable_generation_says_why_without_an_error(service, tmp_path)
     assert not _traces(figure, "recovered camera") and kept.camera_segments is None
 
 
-def test_zero_gpu_refuses_a_run_that_cannot_finish_in_its_time(service, tmp_path):
+def test_zero_gpu_refuses_a_run_that_cannot_finish_in_its_time(service, tiny_model):
     """ZeroGPU ends a call at the duration it asked for; a run expected to take longer than the
     cap is refused up front with what to lower, instead of dying mid-way."""
-    from refany3d.tiny import build_tiny_model
-
-    base, ref = build_tiny_model(tmp_path)
+    base, ref = tiny_model()
     svc = service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu", gpu_tflops=0.001,
                                   gpu_duration_cap_s=120, zero_gpu=True))
     arguments = (str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 2, 3.5, 2.0, 64, app_config.CONFIGURED_MODEL, 1, False)

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from app_server import REPO, running_app, tiny_app_env
+from app_server import running_app, tiny_app_env
+from conftest import REPO, VASE
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(
@@ -28,9 +29,9 @@ ARTIFACTS = REPO / "tests" / "_artifacts"
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app_url(tmp_path_factory, tiny_model):
     workdir = tmp_path_factory.mktemp("app_browser")
-    with running_app(tiny_app_env(workdir), workdir / "server.log") as url:
+    with running_app(tiny_app_env(workdir, tiny_model()), workdir / "server.log") as url:
         yield url
 
 
@@ -111,7 +112,7 @@ def test_example_preview_generate_and_plot(page):
 
 
 def test_candidates_from_the_advanced_settings_show_the_kept_seed(page):
-    page.set_input_files("#mesh-upload input[type=file]", str(REPO / "examples" / "vase.glb"))
+    page.set_input_files("#mesh-upload input[type=file]", str(VASE))
     _gallery_images(page, 4)
     page.get_by_text("Advanced").click()
     _set_sliders(page, {"#candidates": "2"})
@@ -131,7 +132,7 @@ def _set_sliders(page, values: dict[str, str]) -> None:
 
 
 def test_stop_ends_a_running_generation_and_the_next_one_runs(page):
-    page.set_input_files("#mesh-upload input[type=file]", str(REPO / "examples" / "vase.glb"))
+    page.set_input_files("#mesh-upload input[type=file]", str(VASE))
     _gallery_images(page, 4)
     page.get_by_text("Advanced").click()
     _set_sliders(page, {"#steps": "50", "#resolution": "256"})  # long enough to stop halfway

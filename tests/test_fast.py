@@ -3,7 +3,6 @@ cached mode stays close; on tiny random models the tests build."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,27 +12,21 @@ from PIL import Image
 from refany3d import InputError, RefAny3DPipeline
 from refany3d.conditions import latent_position_ids
 from refany3d.fast import KIND_ADAPTERS, FastDenoiser, JointLayout, adapter_ranges, fast_sampler
-from refany3d.tiny import build_tiny_model
 from refany3d.transformer import joint_forward, refany3d_branches, refany3d_group_mask
 
-PARITY = Path(__file__).resolve().parents[1] / ".." / "shared" / "parity" / "fixture"
+from conftest import random_views
+
 PROMPT = "a red chair on the wooden floor"
 
 
 @pytest.fixture(scope="module")
-def pipe(tmp_path_factory):
-    base, ref = build_tiny_model(tmp_path_factory.mktemp("tiny_fast"), seed=5)
+def pipe(tiny_model):
+    base, ref = tiny_model(5)
     return RefAny3DPipeline.from_pretrained(str(base), str(ref), device="cpu", dtype=torch.float32)
 
 
-def views(n: int, seed: int = 0, size: int = 32) -> tuple[list[Image.Image], list[Image.Image]]:
-    rng = np.random.default_rng(seed)
-    make = lambda: Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))  # noqa: E731
-    return [make() for _ in range(n)], [make() for _ in range(n)]
-
-
 def run(pipe, mode: str, n_views: int = 2, seed: int = 0, view_seed: int = 0, **kw):
-    rgb, pm = views(n_views, view_seed, kw.get("condition_size", 32))
+    rgb, pm = random_views(n_views, size=kw.get("condition_size", 32), seed=view_seed)
     kw = {**dict(height=32, width=32, condition_size=32, num_inference_steps=2, output_type="np"), **kw}
     return pipe(PROMPT, rgb, pm, generator=torch.Generator().manual_seed(seed), mode=mode, **kw)
 
@@ -192,15 +185,15 @@ def test_fast_forward_matches_joint_forward_with_random_lora(pipe, n_views):
                 p.copy_(value)
 
 
-@pytest.mark.skipif(not PARITY.is_dir(), reason="../shared/parity is absent")
-def test_exact_mode_matches_release_outputs():
-    pipe = RefAny3DPipeline.from_pretrained(str(PARITY / "base"), str(PARITY / "ref"), device="cpu", dtype=torch.float32)
-    case = json.loads((PARITY / "cases.json").read_text())[0]
+def test_exact_mode_matches_release_outputs(shared_parity):
+    fixture = shared_parity / "fixture"
+    pipe = RefAny3DPipeline.from_pretrained(str(fixture / "base"), str(fixture / "ref"), device="cpu", dtype=torch.float32)
+    case = json.loads((fixture / "cases.json").read_text())[0]
     torch.manual_seed(case["torch_manual_seed_before"])
     out = pipe(
         case["prompt"],
-        [Image.open(PARITY / name) for name in case["rgb_views"]],
-        [Image.open(PARITY / name) for name in case["pointmap_views"]],
+        [Image.open(fixture / name) for name in case["rgb_views"]],
+        [Image.open(fixture / name) for name in case["pointmap_views"]],
         height=case["height"],
         width=case["width"],
         condition_size=case["condition_size"],
@@ -212,7 +205,7 @@ def test_exact_mode_matches_release_outputs():
         output_type="np",
         mode="exact",
     )
-    expected = np.load(PARITY / case["expected"])
+    expected = np.load(fixture / case["expected"])
     assert max_abs(out.image, expected["image"]) <= 1e-4
     assert max_abs(out.pointmap, expected["pointmap"]) <= 1e-4
 

@@ -5,7 +5,6 @@ import json
 from dataclasses import fields
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,15 +14,15 @@ from refany3d.batch import Job, read_jobs
 from refany3d.cli import main
 from refany3d.errors import InputError
 from refany3d.examples import EXAMPLES_DIR
-from refany3d.tiny import build_tiny_model
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import REPO, VASE
+
 SMALL = ["--views", "2", "--height", "32", "--width", "32", "--condition-size", "32", "--steps", "2"]
 
 
 @pytest.fixture(scope="module")
-def model_args(tmp_path_factory):
-    base, ref = build_tiny_model(tmp_path_factory.mktemp("tiny"), seed=1)
+def model_args(tiny_model):
+    base, ref = tiny_model(1)
     return ["--base-model", str(base), "--ref-model", str(ref), "--device", "cpu"]
 
 
@@ -161,7 +160,7 @@ def test_every_job_setting_reaches_the_sampler():
     assert set(kwargs) | {"mesh", "prompt", "seed", "candidates", "name"} == {f.name for f in fields(Job)}
 
 
-GOOD = ["generate", str(ROOT / "examples" / "vase.glb"), "--prompt", "p", "--out", "x"]
+GOOD = ["generate", str(VASE), "--prompt", "p", "--out", "x"]
 
 
 @pytest.mark.parametrize(
@@ -185,7 +184,7 @@ GOOD = ["generate", str(ROOT / "examples" / "vase.glb"), "--prompt", "p", "--out
 def test_bad_generate_input_is_one_line_and_exit_2(argv, message, tmp_path):
     (tmp_path / "a_file").write_text("not a folder")
     result = subprocess.run([sys.executable, "-m", "refany3d", *argv], cwd=tmp_path, capture_output=True, text=True,
-                            env={"PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+                            env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 2, result.stderr
     error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and message in error_lines[0]
@@ -250,7 +249,7 @@ def test_a_failing_job_does_not_stop_the_others(model_args, tmp_path, capsys):
     assert not (out / "far" / "settings.json").exists()
 
 
-def test_a_batch_rerun_with_other_weights_runs_again(model_args, tmp_path, tmp_path_factory, capsys):
+def test_a_batch_rerun_with_other_weights_runs_again(model_args, tmp_path, tiny_model, capsys):
     """settings.json records the model, so a batch is not taken for done with other weights."""
     jobs = tmp_path / "jobs.jsonl"
     jobs.write_text(json.dumps({"mesh": str(EXAMPLES_DIR / "vase.glb"), "prompt": "a vase", "seed": 1, "n_views": 1,
@@ -261,7 +260,7 @@ def test_a_batch_rerun_with_other_weights_runs_again(model_args, tmp_path, tmp_p
     assert model == {"base_model": model_args[1], "ref_model": model_args[3], "dtype": "float32"}
     assert main(["generate", "--jobs", str(jobs), "--out", str(out), *model_args]) == 0
     assert "already done, skipped" in capsys.readouterr().out
-    other_base, other_ref = build_tiny_model(tmp_path_factory.mktemp("other"), seed=2)
+    other_base, other_ref = tiny_model(2)
     assert main(["generate", "--jobs", str(jobs), "--out", str(out), "--base-model", str(other_base),
                  "--ref-model", str(other_ref), "--device", "cpu"]) == 0
     assert "job_00000: written" in capsys.readouterr().out

@@ -16,7 +16,6 @@ from PIL import Image
 from refany3d.errors import MeshError
 from refany3d.mesh import Normalization, load_mesh, normalization_of
 
-SHARED = Path(__file__).parents[1] / ".." / "shared" / "meshes"
 
 CUBE_OBJ = """v 0 0 0\nv 2 0 0\nv 2 1 0\nv 0 1 0\nv 0 0 3\nv 2 0 3\nv 2 1 3\nv 0 1 3
 f 1 3 2\nf 1 4 3\nf 5 6 7\nf 5 7 8\nf 1 2 6\nf 1 6 5\nf 4 8 7\nf 4 7 3\nf 1 5 8\nf 1 8 4\nf 2 3 7\nf 2 7 6
@@ -263,15 +262,14 @@ SHARED_EXPECTED = {  # name -> (kind of appearance, or the MeshError message)
 }
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/meshes not present")
 @pytest.mark.parametrize("name", sorted(SHARED_EXPECTED))
-def test_shared_meshes_load_or_fail_clearly(name):
+def test_shared_meshes_load_or_fail_clearly(shared_meshes, name):
     expected = SHARED_EXPECTED[name]
     if expected not in ("texture", "color"):
         with pytest.raises(MeshError, match=expected):
-            load_mesh(SHARED / name)
+            load_mesh(shared_meshes / name)
         return
-    mesh = load_mesh(SHARED / name)
+    mesh = load_mesh(shared_meshes / name)
     assert len(mesh.faces) > 0 and np.isfinite(mesh.vertices).all()
     assert mesh.faces.max() < len(mesh.vertices)
     textured = isinstance(mesh.visual, trimesh.visual.TextureVisuals)
@@ -281,7 +279,7 @@ def test_shared_meshes_load_or_fail_clearly(name):
     if name in ("suzanne.ply", "teapot.stl", "textured_tetrahedron.obj"):
         assert (mesh.visual.vertex_colors[:, :3] == 128).all()  # no appearance -> gray
     if name == "cubevc.glb":  # its own vertex colours, as trimesh reads them
-        raw = next(iter(trimesh.load_scene(SHARED / name).geometry.values())).visual.vertex_colors
+        raw = next(iter(trimesh.load_scene(shared_meshes / name).geometry.values())).visual.vertex_colors
         assert {tuple(c) for c in mesh.visual.vertex_colors[:, :3]} == {tuple(c) for c in raw[:, :3]}
 
 

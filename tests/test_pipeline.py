@@ -14,7 +14,6 @@ from PIL import Image
 
 from refany3d import InputError, ModelLoadError, RefAny3DPipeline
 from refany3d.conditions import latent_position_ids, pack_latents, unpack_latents
-from refany3d.tiny import build_tiny_model
 from refany3d.transformer import (
     AttentionRecorder,
     Branch,
@@ -25,13 +24,12 @@ from refany3d.transformer import (
     refany3d_group_mask,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-PARITY = ROOT.parent / "shared" / "parity"
+from conftest import REPO, random_views
 
 
 @pytest.fixture(scope="module")
-def tiny_dirs(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny"), seed=3)
+def tiny_dirs(tiny_model):
+    return tiny_model(3)
 
 
 @pytest.fixture(scope="module")
@@ -39,31 +37,23 @@ def pipe(tiny_dirs):
     return RefAny3DPipeline.from_pretrained(*map(str, tiny_dirs), device="cpu")
 
 
-def views(n: int, size: int = 32, seed: int = 0) -> tuple[list[Image.Image], list[Image.Image]]:
-    rng = np.random.default_rng(seed)
-    make = lambda: Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))  # noqa: E731
-    return [make() for _ in range(n)], [make() for _ in range(n)]
-
-
 def sample(pipe, n_views=2, seed=0, **kw):
-    rgb, pm = views(n_views)
+    rgb, pm = random_views(n_views)
     kw = {**dict(height=32, width=32, condition_size=32, num_inference_steps=2, output_type="np"), **kw}
     return pipe("a red chair on the floor", rgb, pm, generator=torch.Generator().manual_seed(seed), **kw)
 
 
-@pytest.mark.skipif(not PARITY.is_dir(), reason="../shared/parity is absent")
-def test_release_parity_script_passes():
+def test_release_parity_script_passes(shared_parity):
     result = subprocess.run(
-        [sys.executable, str(PARITY / "check_parity.py")], cwd=ROOT, capture_output=True, text=True, timeout=600
+        [sys.executable, str(shared_parity / "check_parity.py")], cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "outputs within 1e-04" in result.stdout
 
 
-@pytest.mark.skipif(not PARITY.is_dir(), reason="../shared/parity is absent")
-def test_first_step_predictions_match_release_intermediates():
+def test_first_step_predictions_match_release_intermediates(shared_parity):
     """Each piece of the step-0 prediction (branches, mask, adapters, domain, ids) against the release."""
-    fx = PARITY / "fixture"
+    fx = shared_parity / "fixture"
     debug = np.load(fx / "debug" / "case0.npz")
     case = json.loads((fx / "cases.json").read_text())[0]
     pipe = RefAny3DPipeline.from_pretrained(str(fx / "base"), str(fx / "ref"), device="cpu", dtype=torch.float32)
@@ -140,7 +130,7 @@ def test_any_number_of_views(pipe, n_views):
 
 def test_views_and_guidance_change_the_result(pipe):
     base = sample(pipe)
-    rgb, pm = views(2, seed=1)
+    rgb, pm = random_views(2, seed=1)
     other_views = pipe("a red chair on the floor", rgb, pm, height=32, width=32, condition_size=32,
                        num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(0))
     assert np.abs(base.image - other_views.image).max() > 1e-4
@@ -153,8 +143,8 @@ def test_no_pointmap_branch_ablation_samples_the_image_from_the_rgb_views_alone(
     assert ablation.pointmap is None and ablation.image.shape == (32, 32, 3)
     assert ablation.settings["pointmap_branch"] is False and "pointmap_branch" not in full.settings
     assert np.abs(full.image - ablation.image).max() > 1e-4  # the point-map branches took part in the full pass
-    rgb, _ = views(2)
-    _, other_pointmaps = views(2, seed=9)
+    rgb, _ = random_views(2)
+    _, other_pointmaps = random_views(2, seed=9)
     unseen = pipe("a red chair on the floor", rgb, other_pointmaps, height=32, width=32, condition_size=32,
                   num_inference_steps=2, output_type="np", generator=torch.Generator().manual_seed(4), pointmap_branch=False)
     np.testing.assert_array_equal(unseen.image, ablation.image)
@@ -291,7 +281,7 @@ def test_attention_recorder_shares_follow_the_group_mask(pipe):
     ],
 )
 def test_bad_inputs_raise_clear_errors(pipe, kwargs, message):
-    rgb, pm = views(2)
+    rgb, pm = random_views(2)
     rgb = rgb[: kwargs.pop("rgb", 2)]
     pm = pm[: kwargs.pop("pm", 2)]
     call = dict(height=32, width=32, condition_size=32, num_inference_steps=1)
@@ -303,7 +293,7 @@ def test_bad_inputs_raise_clear_errors(pipe, kwargs, message):
 def test_unreadable_view_image(pipe, tmp_path):
     bad = tmp_path / "view.png"
     bad.write_bytes(b"not a png")
-    rgb, pm = views(1)
+    rgb, pm = random_views(1)
     with pytest.raises(InputError, match="cannot read RGB view 0"):
         pipe("a chair", [bad], pm, height=32, width=32, condition_size=32, num_inference_steps=1)
     with pytest.raises(InputError, match="HxWx3"):

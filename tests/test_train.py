@@ -14,6 +14,8 @@ from refany3d.errors import InputError
 from refany3d.tiny import TinyConfig, build_base_pipeline
 from refany3d.train import CaptionEncoder, RefAny3DObjective, TrainConfig, preset_config, run_stage, sample_flow, train
 
+from conftest import REPO
+
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
@@ -329,24 +331,11 @@ def test_compiled_training_step_matches_eager_in_one_graph(tmp_path: Path) -> No
     import torch._inductor.config
     from accelerate import Accelerator
 
-    from refany3d.tiny import TinyConfig, build_base_pipeline
-    from refany3d.weights import add_refany3d_adapters, new_domain_embedder
-    from refany3d.train import RefAny3DObjective, train_only_lora
+    from refany3d.train import train_only_lora
 
-    transformer = build_base_pipeline(TinyConfig(), seed=0).transformer
-    add_refany3d_adapters(transformer, 4, 4, init_scale=0.1)
-    train_only_lora(transformer)
-    inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
-    gen = torch.Generator().manual_seed(1)
-    c, b, n = transformer.config.in_channels // 4, 2, 2
-    batch = {
-        "rgb_latents": torch.randn(b, c, 8, 8, generator=gen), "pm_latents": torch.randn(b, c, 8, 8, generator=gen),
-        "rgb_views": torch.randn(b, n, c, 4, 4, generator=gen), "pm_views": torch.randn(b, n, c, 4, 4, generator=gen),
-        "text": torch.randn(b, 8, transformer.config.joint_attention_dim, generator=gen),
-        "pooled": torch.randn(b, transformer.config.pooled_projection_dim, generator=gen), "guidance": torch.ones(b),
-    }
-    torch.manual_seed(0)
-    objective = RefAny3DObjective(transformer, new_domain_embedder(inner), n)
+    objective = _tiny_objective(2, embedder_seed=0)
+    train_only_lora(objective.transformer)
+    batch = _random_stage_one_batch(objective.transformer.config, 2, torch.Generator().manual_seed(1), text_tokens=8)
 
     results = {}
     torch._dynamo.reset()
@@ -413,23 +402,27 @@ def test_stage_one_can_start_from_saved_weights(trained: tuple[Path, dict], data
         assert all(torch.equal(embedder[k], start[k]) for k in start) == (lr == 0.0)
 
 
-def _tiny_objective(n_views: int, pointmap_branch: bool = True):
+def _tiny_objective(n_views: int, pointmap_branch: bool = True, *, embedder_seed: int | None = None):
+    """Stage 1's objective on the tiny base (seed 0) with LoRA adapters; the domain embedder is drawn
+    after torch.manual_seed(embedder_seed) when that is given, else from the RNG as the base left it."""
     from refany3d.weights import add_refany3d_adapters, new_domain_embedder
     from refany3d.train import RefAny3DObjective
 
     transformer = build_base_pipeline(TinyConfig(), seed=0).transformer
     add_refany3d_adapters(transformer, 4, 4, init_scale=0.1)
     inner = transformer.config.num_attention_heads * transformer.config.attention_head_dim
+    if embedder_seed is not None:
+        torch.manual_seed(embedder_seed)
     return RefAny3DObjective(transformer, new_domain_embedder(inner), n_views, pointmap_branch=pointmap_branch)
 
 
-def _random_stage_one_batch(cfg, b: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random inputs of the stage-1 objective: 8x8 latents, 2 views of 4x4, 6 text tokens."""
+def _random_stage_one_batch(cfg, b: int, gen: torch.Generator, *, text_tokens: int = 6) -> dict[str, torch.Tensor]:
+    """Random inputs of the stage-1 objective: 8x8 latents, 2 views of 4x4, `text_tokens` text tokens."""
     c = cfg.in_channels // 4
     return {
         "rgb_latents": torch.randn(b, c, 8, 8, generator=gen), "pm_latents": torch.randn(b, c, 8, 8, generator=gen),
         "rgb_views": torch.randn(b, 2, c, 4, 4, generator=gen), "pm_views": torch.randn(b, 2, c, 4, 4, generator=gen),
-        "text": torch.randn(b, 6, cfg.joint_attention_dim, generator=gen),
+        "text": torch.randn(b, text_tokens, cfg.joint_attention_dim, generator=gen),
         "pooled": torch.randn(b, cfg.pooled_projection_dim, generator=gen), "guidance": torch.ones(b),
     }
 
@@ -606,9 +599,8 @@ def _run_benchmark(script: str, *args: str):
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
-    return subprocess.run([sys.executable, str(root / "benchmarks" / script), *args], capture_output=True, text=True,
-                          timeout=600, cwd=root)
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
 
 
 def _benchmark(script: str, *args: str) -> str:
@@ -661,7 +653,7 @@ def test_quality_medians_count_a_failed_sample_as_the_worst():
     failures, so it counts as the worst value, and a median that lands on one reads as failed."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("quality", Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py")
+    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
     quality = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(quality)
     row = lambda **values: {**dict.fromkeys(quality.METRICS), **values}  # noqa: E731

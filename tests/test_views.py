@@ -17,7 +17,6 @@ from refany3d.errors import InputError
 from refany3d.mesh import load_mesh, normalization_of
 from refany3d.views import Renderer, render_at, render_views
 
-SHARED = Path(__file__).parents[1] / ".." / "shared" / "meshes"
 
 SIDE_COLORS = {  # (axis, sign) -> RGB
     (0, 1): (255, 0, 0), (0, -1): (0, 255, 255),
@@ -353,10 +352,9 @@ def test_cli_render_writes_views(box_glb, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: bad.glb")
 
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/meshes not present")
 @pytest.mark.parametrize("name", ["Duck.glb", "CesiumMilkTruck.glb", "capsule.obj"])
-def test_shared_meshes_render_upright_and_textured(name):
-    views = render_views(SHARED / name, n_views=2, resolution=96)
+def test_shared_meshes_render_upright_and_textured(shared_meshes, name):
+    views = render_views(shared_meshes / name, n_views=2, resolution=96)
     for rgb, mask, xyz in zip(views.rgb, views.masks, views.pointmap_xyz):
         pixels = np.asarray(rgb)[mask]
         assert 0.03 < mask.mean() < 0.9

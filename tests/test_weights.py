@@ -28,12 +28,12 @@ def test_every_public_name_resolves():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
+def models(tmp_path_factory, tiny_model) -> dict[str, tuple[Path, Path]]:
     """Three tiny models as `train` lays them out (OUT/base beside OUT/ref): the usual one, one with
     a second double block, one twice as wide."""
     root = tmp_path_factory.mktemp("weights")
     return {
-        "usual": build_tiny_model(root / "usual"),
+        "usual": tiny_model(),
         "deeper": build_tiny_model(root / "deeper", config=TinyConfig(num_layers=2)),
         "wider": build_tiny_model(root / "wider", config=TinyConfig(attention_head_dim=32,
                                                                     axes_dims_rope=(8, 12, 12))),
