@@ -36,7 +36,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refany3d.cli import positive_int, run_reporting_errors  # noqa: E402
-from refany3d.fast import fast_sampler  # noqa: E402
+from refany3d.fast import cached_encoders  # noqa: E402
 from refany3d.pipeline import EMBEDDED_MODEL_DIR, RefAny3DPipeline  # noqa: E402
 from refany3d.tiny import TinyConfig, build_base_pipeline, build_tiny_model  # noqa: E402
 from refany3d.weights import add_refany3d_adapters, new_domain_embedder  # noqa: E402
@@ -211,7 +211,7 @@ def counted_flops(pipe, mode: str, views, config: Config) -> tuple[float, float]
 
     totals = []
     for steps in (1, 2):
-        fast_sampler(pipe).clear_caches()  # both calls encode the prompt and views
+        cached_encoders(pipe).clear_caches()  # both calls encode the prompt and views
         with FlopCounterMode(display=False) as counter:  # counted uncompiled: the same arithmetic
             call(pipe, mode, views, config, steps, compile=False)
         totals.append(counter.get_total_flops())
@@ -241,7 +241,7 @@ def bench(pipe: RefAny3DPipeline, config: Config, repeats: int, modes: tuple[str
     views = config.views or random_views(config.n_views, config.condition_size or config.size)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     flops = {mode: counted_flops(pipe, mode, views, config) for mode in modes}
-    fast_sampler(pipe).clear_caches()
+    cached_encoders(pipe).clear_caches()
     outputs, times, memory = {}, {m: [] for m in modes}, {m: 0.0 for m in modes}
     for mode in modes:  # warm-up round (first-call costs; fills the fast sampler's caches)
         outputs[mode] = call(pipe, mode, views, config)

@@ -42,8 +42,8 @@ _EXPORTS = {
     "save_refany3d_weights": "weights",
     "RefAny3DPipeline": "pipeline",
     "RefAny3DOutput": "pipeline",
-    "FastSampler": "fast",
-    "fast_sampler": "fast",
+    "CachedEncoders": "fast",
+    "cached_encoders": "fast",
     "build_tiny_model": "tiny",
     # outputs of a generation
     "PointCloud": "outputs",

@@ -24,7 +24,7 @@ the two targets. It is approximate because with the group mask the views attend 
 which change every step; `cache_refresh_every=k` recomputes the views' keys/values with a full
 step every k steps, trading speed for accuracy. `benchmarks/sampler.py` measures the drift (PSNR).
 
-Prompt and view encodings are cached (LRU, keyed by content) across calls of one FastSampler.
+Prompt and view encodings are cached (LRU, keyed by content) across calls, in the pipeline's CachedEncoders.
 """
 from __future__ import annotations
 
@@ -460,7 +460,7 @@ def _image_key(image: Image.Image, size: int) -> tuple:
     return (hashlib.sha1(image.tobytes()).hexdigest(), image.size, image.mode, size)
 
 
-class FastSampler:
+class CachedEncoders:
     """The encoders of the fast modes: like the pipeline's, but prompt encodings and the views'
     VAE posteriors are reused across calls (LRU, keyed by prompt text / image content); posterior
     samples are still drawn from each call's generator. `compile=True` runs the transformer
@@ -498,9 +498,9 @@ class FastSampler:
         return pack_conditions(torch.cat([sample_latents(vae, self.posterior(img, size), generator) for img in images]))
 
 
-def fast_sampler(pipe) -> FastSampler:
-    """The pipeline's FastSampler, created on first use so its caches live as long as the pipeline."""
-    sampler = getattr(pipe, "_fast_sampler", None)
-    if sampler is None:
-        sampler = pipe._fast_sampler = FastSampler(pipe)
-    return sampler
+def cached_encoders(pipe) -> CachedEncoders:
+    """The pipeline's CachedEncoders, created on first use so its caches live as long as the pipeline."""
+    encoders = getattr(pipe, "_cached_encoders", None)
+    if encoders is None:
+        encoders = pipe._cached_encoders = CachedEncoders(pipe)
+    return encoders

@@ -217,9 +217,9 @@ class RefAny3DPipeline:
     def enable_compile(self, enabled: bool = True) -> RefAny3DPipeline:
         """Run the fast modes' transformer blocks through `torch.compile`. The first call of each
         image size compiles (slow); it pays off over many images of one size (batch jobs)."""
-        from refany3d.fast import fast_sampler
+        from refany3d.fast import cached_encoders
 
-        fast_sampler(self).compile = enabled
+        cached_encoders(self).compile = enabled
         return self
 
     @property
@@ -442,9 +442,9 @@ class RefAny3DPipeline:
         if mode == "faithful":
             encoder = self
         else:
-            from refany3d.fast import FastDenoiser, fast_sampler
+            from refany3d.fast import FastDenoiser, cached_encoders
 
-            encoder = fast_sampler(self)  # same encodings, cached across calls
+            encoder = cached_encoders(self)  # same encodings, cached across calls
 
         flux = self.flux
         with self._models_on_device(flux.text_encoder, flux.text_encoder_2):

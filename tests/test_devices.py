@@ -8,12 +8,11 @@ import torch
 
 from refany3d.errors import InputError
 from refany3d.pipeline import RefAny3DPipeline, parse_dtype
-from refany3d.tiny import build_tiny_model
 
 
 @pytest.fixture(scope="module")
-def model_dirs(tmp_path_factory):
-    return tuple(map(str, build_tiny_model(tmp_path_factory.mktemp("devices"), seed=5)))
+def model_dirs(tiny_model):
+    return tuple(map(str, tiny_model(5)))
 
 
 def _sample(pipe):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from refany3d import InputError, RefAny3DPipeline
 from refany3d.conditions import latent_position_ids
-from refany3d.fast import KIND_ADAPTERS, FastDenoiser, JointLayout, adapter_ranges, fast_sampler
+from refany3d.fast import KIND_ADAPTERS, FastDenoiser, JointLayout, adapter_ranges, cached_encoders
 from refany3d.transformer import joint_forward, refany3d_branches, refany3d_group_mask
 
 from conftest import random_views
@@ -54,19 +54,19 @@ def test_exact_mode_equals_faithful(pipe, n_views, image_guidance_scale):
 
 
 def test_cache_hits_give_identical_outputs_and_keep_seeds_meaningful(pipe):
-    sampler = fast_sampler(pipe)
-    sampler.clear_caches()
+    encoders = cached_encoders(pipe)
+    encoders.clear_caches()
     first = run(pipe, "exact", n_views=3, seed=4)
-    assert len(sampler.prompt_cache) == 1 and len(sampler.view_cache) == 7  # 3 + 3 views + the black view
+    assert len(encoders.prompt_cache) == 1 and len(encoders.view_cache) == 7  # 3 + 3 views + the black view
     again = run(pipe, "exact", n_views=3, seed=4)
-    assert len(sampler.prompt_cache) == 1 and len(sampler.view_cache) == 7  # all hits
+    assert len(encoders.prompt_cache) == 1 and len(encoders.view_cache) == 7  # all hits
     np.testing.assert_array_equal(again.image, first.image)
     np.testing.assert_array_equal(again.pointmap, first.pointmap)
     # A new seed with every encoding cached still draws fresh noise and posterior samples.
     other = run(pipe, "exact", n_views=3, seed=5)
     assert max_abs(other.image, first.image) > 1e-2
     assert max_abs(other.image, run(pipe, "faithful", n_views=3, seed=5).image) <= 1e-4
-    assert fast_sampler(pipe) is sampler
+    assert cached_encoders(pipe) is encoders
 
 
 def test_cached_mode_is_close_to_exact(pipe):
