@@ -31,6 +31,8 @@ from refany3d.weights import (DEFAULT_BASE_MODEL, DEFAULT_REF_MODEL, load_refany
 
 
 StepCallback = Callable[[int, int], None]
+# diffusers' callback_on_step_end tensors, by the index of the target they hold (packed latents)
+STEP_END_TENSORS = {"latents": 0, "pointmap_latents": 1}
 SAMPLER_MODES = ("faithful", "exact", "cached")
 
 # The small model trained by this project (`python -m refany3d train`), shipped in the repository.
@@ -377,6 +379,8 @@ class RefAny3DPipeline:
         generator: torch.Generator | None = None,
         max_sequence_length: int | None = None,
         callback: StepCallback | None = None,
+        callback_on_step_end: Callable[..., dict | None] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         output_type: str = "pil",
         mode: str | None = None,
         cache_refresh_every: int = 0,
@@ -386,7 +390,10 @@ class RefAny3DPipeline:
         """Sample the RGB image and the point map of `prompt`, referencing the given views.
 
         rgb_views / pointmap_views: equal-length lists (N >= 1) of images (PIL, arrays or paths),
-        resized to condition_size. `callback(step, total)` runs after every denoising step.
+        resized to condition_size. `callback(step, total)` runs after every denoising step, for
+        progress. As in diffusers, `callback_on_step_end(pipe, step, timestep, tensors)` runs there
+        too with the packed latents named in `callback_on_step_end_tensor_inputs` ("latents": the
+        image's, "pointmap_latents": the point map's); tensors in the dict it returns replace them.
         Sizes, steps, guidance and max_sequence_length left as None are the model's own
         (`self.default_settings`: its settings.json, else the release's 512 px, 28 steps, 3.5, 2.0).
         mode: "exact" (the default: the reference pass's output with less work and memory, with
@@ -428,6 +435,13 @@ class RefAny3DPipeline:
             raise InputError(f"pointmap_branch=False (the ablation) samples in mode='faithful' only (mode is {mode!r})")
         if cache_refresh_every and mode != "cached":
             raise InputError(f"cache_refresh_every applies to mode='cached' only (mode is {mode!r})")
+        if callback_on_step_end is not None and not callable(callback_on_step_end):
+            raise InputError("callback_on_step_end must be a function (pipe, step, timestep, tensors) -> dict, got "
+                             f"{type(callback_on_step_end).__name__}")
+        unknown = [name for name in callback_on_step_end_tensor_inputs if name not in STEP_END_TENSORS]
+        if unknown:
+            raise InputError(f"callback_on_step_end_tensor_inputs: unknown {', '.join(map(repr, unknown))}; "
+                             f"choose from {', '.join(STEP_END_TENSORS)}")
         rgb_images = _as_images(rgb_views, "RGB view")
         pm_images = _as_images(pointmap_views, "point-map view")
         self._check(prompt, rgb_images, pm_images, height, width, condition_size, num_inference_steps, output_type,
@@ -479,6 +493,8 @@ class RefAny3DPipeline:
                 passes = predict(targets, (t / 1000).expand(1).to(dtype))
                 preds = passes[0] if len(passes) == 1 else [u + image_guidance_scale * (c - u) for c, u in zip(*passes)]
                 targets = [sch.step(p, t, x, return_dict=False)[0] for sch, p, x in zip(schedulers, preds, targets)]
+                if callback_on_step_end is not None:
+                    targets = self._step_end(callback_on_step_end, callback_on_step_end_tensor_inputs, i, t, targets)
                 if callback is not None:
                     callback(i + 1, len(timesteps))
 
@@ -501,6 +517,17 @@ class RefAny3DPipeline:
             image = self.decode(targets[0], height, width, output_type)
             pointmap = self.decode(targets[1], height, width, output_type) if pointmap_branch else None
         return RefAny3DOutput(image=image, pointmap=pointmap, settings=settings)
+
+    def _step_end(self, callback: Callable[..., dict | None], names: Sequence[str], step: int, timestep,
+                  targets: list[torch.Tensor]) -> list[torch.Tensor]:
+        """diffusers' callback_on_step_end: the requested latents go out, returned ones come back."""
+        given = {name: targets[STEP_END_TENSORS[name]] for name in names if STEP_END_TENSORS[name] < len(targets)}
+        returned = callback(self, step, timestep, given) or {}
+        targets = list(targets)
+        for name, index in STEP_END_TENSORS.items():
+            if name in returned and index < len(targets):
+                targets[index] = returned[name]
+        return targets
 
     def generate_from_mesh(
         self,

@@ -158,6 +158,35 @@ def test_callback_reports_every_step(pipe):
     assert calls == [(1, 3), (2, 3), (3, 3)]
 
 
+@pytest.mark.parametrize("mode", ["faithful", "exact"])
+def test_diffusers_step_end_callback_sees_and_replaces_the_latents(pipe, mode):
+    """diffusers' callback_on_step_end(pipe, step, timestep, tensors): the packed latents go out
+    after every step, and what it returns replaces them."""
+    seen = []
+
+    def record(p, step, timestep, tensors):
+        seen.append((p, step, float(timestep), {name: t.shape for name, t in tensors.items()}))
+
+    plain = sample(pipe, num_inference_steps=3, mode=mode, callback_on_step_end=record,
+                   callback_on_step_end_tensor_inputs=["latents", "pointmap_latents"])
+    tokens = (32 // (2 * pipe.flux.vae_scale_factor)) ** 2  # a 32 px image in 2x2 patches of latent pixels
+    shape = (1, tokens, 4 * pipe.latent_channels)
+    assert [(p, step, tensors) for p, step, _, tensors in seen] == \
+        [(pipe, i, {"latents": shape, "pointmap_latents": shape}) for i in range(3)]
+    assert seen[0][2] > seen[1][2] > seen[2][2]  # the scheduler's timesteps, from noise down
+    np.testing.assert_array_equal(sample(pipe, num_inference_steps=3, mode=mode).image, plain.image)
+
+    def blank_pointmap(p, step, timestep, tensors):
+        return {"pointmap_latents": torch.zeros_like(tensors["pointmap_latents"])} if step == 2 else {}
+
+    changed = sample(pipe, num_inference_steps=3, mode=mode, callback_on_step_end=blank_pointmap,
+                     callback_on_step_end_tensor_inputs=["pointmap_latents"])
+    np.testing.assert_array_equal(changed.image, plain.image)  # the image's latents were left alone
+    with torch.no_grad():
+        zeros = pipe.decode(torch.zeros(shape, dtype=pipe.dtype), 32, 32, "np")
+    np.testing.assert_allclose(changed.pointmap, zeros, atol=1e-6)
+
+
 def test_a_longer_caption_limit_than_the_text_encoder_takes_is_recorded_as_used(pipe):
     limit = pipe.flux.tokenizer_2.model_max_length
     longer, used = sample(pipe, max_sequence_length=limit * 10), sample(pipe, max_sequence_length=limit)
@@ -277,6 +306,9 @@ def test_attention_recorder_shares_follow_the_group_mask(pipe):
         (dict(max_sequence_length=0), "max_sequence_length must be a positive whole number, got 0"),
         (dict(height=2**20, width=2**20), "height must be at most 4096, got 1048576"),
         (dict(callback=5), "callback must be a function callback\\(step, total\\), got int"),
+        (dict(callback_on_step_end=5), "callback_on_step_end must be a function"),
+        (dict(callback_on_step_end=print, callback_on_step_end_tensor_inputs=["noise"]),
+         "callback_on_step_end_tensor_inputs: unknown 'noise'; choose from latents, pointmap_latents"),
         (dict(image_guidance_scale=1e30), "sampling diverged to NaN or infinite values: lower the guidance"),
     ],
 )
