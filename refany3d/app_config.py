@@ -78,7 +78,6 @@ class AppConfig:
     default_resolution: int = 512
     default_steps: int = 28
     default_views: int = 8
-    condition_ratio: float = 1.0  # reference-view size / output size the default model was trained with
     concurrency: int = 1
     session_ttl_s: int = 6 * 3600
     gpu_duration_cap_s: int = 120
@@ -117,7 +116,6 @@ class AppConfig:
             default_resolution=_env_number(env, "REFANY3D_DEFAULT_RESOLUTION", native["height"]),
             default_steps=_env_number(env, "REFANY3D_DEFAULT_STEPS", native["num_inference_steps"]),
             default_views=_env_number(env, "REFANY3D_DEFAULT_VIEWS", native["n_views"]),
-            condition_ratio=native["condition_size"] / native["height"],
             concurrency=_env_number(env, "REFANY3D_CONCURRENCY", cls.concurrency),
             session_ttl_s=_env_number(env, "REFANY3D_SESSION_TTL", cls.session_ttl_s),
             gpu_duration_cap_s=_env_number(env, "REFANY3D_GPU_DURATION_CAP", cls.gpu_duration_cap_s),
@@ -175,6 +173,18 @@ class AppConfig:
 
 
 # ------------------------------------------------------------------------------------- models
+def condition_ratio(spec: ModelSpec) -> float:
+    """Reference-view size / output size the model was trained with (its settings.json; the
+    embedded model: 32 px views for 64 px images, 0.5), so views scale with the output as in training."""
+    from refany3d.pipeline import recommended_settings
+
+    try:
+        native = recommended_settings(spec.ref_model)
+    except ModelLoadError:
+        return 1.0  # an unreadable settings.json: the release's views, as large as the output
+    return native["condition_size"] / native["height"]
+
+
 def _hub_file_cached(repo_id: str, filename: str) -> bool:
     from huggingface_hub import try_to_load_from_cache
 

@@ -32,7 +32,8 @@ import gradio as gr
 import numpy as np
 import spaces
 
-from refany3d.app_config import MIN_RESOLUTION, AppConfig, ModelSpec, ModelStore, pipeline_loader, weights_problem
+from refany3d.app_config import (MIN_RESOLUTION, AppConfig, ModelSpec, ModelStore, condition_ratio, pipeline_loader,
+                                 weights_problem)
 from refany3d.cameras import ORBIT_RADIUS
 from refany3d.errors import GenerationStopped, InputError, MeshError, ModelLoadError, RefAny3DError
 from refany3d.examples import EXAMPLES_DIR
@@ -142,8 +143,8 @@ class GenerationSettings:
     candidates: int = 1  # seeds seed..seed+K-1 are sampled; the most rigid point map is kept
 
     def condition_size(self, condition_ratio: float) -> int:
-        """Reference-view size: the output size times the reference-view / output ratio the default
-        model was trained with (`AppConfig.condition_ratio`), a multiple of 16."""
+        """Reference-view size: the output size times the reference-view / output ratio the chosen
+        model was trained with (`app_config.condition_ratio`), a multiple of 16."""
         scaled = 16 * max(1, round(self.resolution * condition_ratio / 16))
         return min(scaled, MAX_CONDITION_SIZE)
 
@@ -644,9 +645,10 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
     progress(0.0, desc="Loading the mesh")
     mesh = service.load_mesh(mesh_path)
     progress(0.0, desc="Rendering reference views")
-    views = render_views(mesh, settings.n_views, settings.condition_size(service.config.condition_ratio),
+    ratio = condition_ratio(service.registry[settings.model])
+    views = render_views(mesh, settings.n_views, settings.condition_size(ratio),
                          settings.radius, settings.pitch, settings.y_rotation)
-    record = {**settings.to_record(service.config.condition_ratio), "sampler": service.config.sampler}
+    record = {**settings.to_record(ratio), "sampler": service.config.sampler}
     if service.config.zero_gpu:  # ZeroGPU ends a call at its requested duration: refuse what cannot finish
         expected = expected_gpu_seconds(settings.model, len(views.rgb), record)
         if expected > service.config.gpu_duration_cap_s:

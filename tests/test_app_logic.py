@@ -404,16 +404,18 @@ def test_gpu_call_arguments_survive_pickling():
     assert np.array_equal(np.asarray(restored[3][1]), np.asarray(views.pointmap[1]))
 
 
-def test_condition_size_follows_the_default_models_training_ratio():
-    """The embedded model was trained with views at half the output size; FLUX.1-dev at the same."""
-    embedded = logic.AppConfig.from_env({})
-    published = logic.AppConfig.from_env({"REFANY3D_REF_MODEL": "JudgementH/RefAny3D"})
-    assert published.condition_ratio == 1.0 and published.default_resolution == 512
+def test_condition_size_follows_the_chosen_models_training_ratio():
+    """The embedded model was trained with views at half the output size; FLUX.1-dev at the same.
+    Each model's own ratio counts, whichever model is the default."""
+    registry = logic.AppConfig.from_env({}).model_registry()
+    published = app_config.condition_ratio(registry[app_config.PUBLISHED_MODEL])
+    assert published == 1.0
     for resolution, expected in ((512, 512), (1024, 512), (64, 64)):  # at most the release's 512
-        assert dataclasses.replace(_settings(), resolution=resolution).condition_size(published.condition_ratio) == expected
-    assert embedded.condition_ratio == 0.5 and embedded.default_resolution == 64  # assets/embedded/settings.json
-    assert dataclasses.replace(_settings(), resolution=64).condition_size(embedded.condition_ratio) == 32
-    assert dataclasses.replace(_settings(), resolution=64).to_record(embedded.condition_ratio)["condition_size"] == 32
+        assert dataclasses.replace(_settings(), resolution=resolution).condition_size(published) == expected
+    embedded = app_config.condition_ratio(registry[app_config.EMBEDDED_MODEL])
+    assert embedded == 0.5  # assets/embedded/settings.json: 32 px views for 64 px images
+    assert dataclasses.replace(_settings(), resolution=64).condition_size(embedded) == 32
+    assert dataclasses.replace(_settings(), resolution=64).to_record(embedded)["condition_size"] == 32
 
 
 def test_sampling_reports_every_step_to_the_progress_bar(service, tiny_model):
