@@ -132,10 +132,10 @@ def _add_generate(sub) -> None:
     add_ablation_flags(p, "sample")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the fast modes' transformer blocks (pays off over many images of one size)")
-    p.add_argument("--base-model", help="diffusers FLUX folder or hub id (default: $REFANY3D_BASE_MODEL, "
-                   "else the embedded model, else black-forest-labs/FLUX.1-dev)")
-    p.add_argument("--ref-model", help="RefAny3D weights folder or hub id (default: $REFANY3D_REF_MODEL, "
-                   "else the embedded model, else JudgementH/RefAny3D)")
+    p.add_argument("--base-model", help="diffusers FLUX folder or hub id (default: $REFANY3D_BASE_MODEL, else the "
+                   "base that --ref-model belongs with, else the embedded model, else black-forest-labs/FLUX.1-dev)")
+    p.add_argument("--ref-model", help="RefAny3D weights folder or hub id (default: $REFANY3D_REF_MODEL, else the "
+                   "weights that --base-model belongs with, else the embedded model, else JudgementH/RefAny3D)")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
     p.add_argument("--cpu-offload", action="store_true", help="keep weights on the CPU between uses (small GPUs)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
