@@ -170,8 +170,8 @@ def _lora_layers(path: Path) -> dict[str, tuple[list[int], list[int] | None]]:
 
     layers: dict[str, tuple[list[int], list[int] | None]] = {}
     with safe_open(str(path), "pt") as weights:
-        keys = list(weights.keys())
-        for key in keys:
+        keys = set(weights.keys())
+        for key in sorted(keys):
             if ("lora_A" in key or "lora_down" in key) and "text_encoder" not in key and "lora_te" not in key:
                 up = key.replace("lora_A", "lora_B").replace("lora_down", "lora_up")
                 layers[key] = (list(weights.get_slice(key).get_shape()),
@@ -192,6 +192,8 @@ def _check_lora_fits(transformer, path: Path) -> None:
             raise ModelLoadError(f"LoRA {str(path)!r} adapts layer {match.group(1)}, which this base model "
                                  "lacks: these RefAny3D weights were made for another base (give that base model)") from None
         ours = (getattr(layer, "in_features", None), getattr(layer, "out_features", None))
+        if None in ours:
+            continue  # not a linear layer: diffusers checks it as it loads
         theirs = (down[-1], up[0] if up else ours[1])
         if ours != theirs:
             raise ModelLoadError(
