@@ -342,10 +342,11 @@ def write_real_sample(
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_image(path: Path, size: int) -> np.ndarray:
+def _read_image(path: Path, size: int, exact: bool = False) -> np.ndarray:
+    """An RGB array at size x size; `exact` for point maps and masks, whose values must not blend
+    (nearest-neighbour resizing), else bicubic."""
     img = Image.open(path).convert("RGB")
     if img.size != (size, size):
-        exact = "pointmap" in path.name or path.name == "mask.png"  # values that must not blend
         img = img.resize((size, size), Image.NEAREST if exact else Image.BICUBIC)
     return np.asarray(img)
 
@@ -358,7 +359,7 @@ def load_asset_views(folder: Path, size: int, n_views: int | None = None) -> tup
         raise InputError(f"asset {folder.name} has {total} views, cannot take {n_views} evenly spaced ones")
     picks = range(0, total, total // (n_views or total))
     rgb = np.stack([_read_image(folder / f"rgb_{k}.png", size) for k in picks])
-    pm = np.stack([_read_image(folder / f"pointmap_{k}.png", size) for k in picks])
+    pm = np.stack([_read_image(folder / f"pointmap_{k}.png", size, exact=True) for k in picks])
     return rgb, pm, meta
 
 
@@ -453,8 +454,8 @@ class SampleDataset(IterableDataset):
             "sample": str(folder),
             "asset": str(root / "assets" / meta["asset"]),
             "image": _to_tensor(_read_image(folder / "image.png", self.resolution)),
-            "pointmap": _to_tensor(_read_image(folder / "pointmap.png", self.resolution)),
-            "mask": torch.from_numpy(_read_image(folder / "mask.png", self.resolution)[None, ..., 0] > 127).float(),
+            "pointmap": _to_tensor(_read_image(folder / "pointmap.png", self.resolution, exact=True)),
+            "mask": torch.from_numpy(_read_image(folder / "mask.png", self.resolution, exact=True)[None, ..., 0] > 127).float(),
             "ref_rgb": _to_tensor(rgb),
             "ref_pointmap": _to_tensor(pm),
             "caption": meta["caption"],

@@ -122,6 +122,11 @@ def test_dataset_streams_tensors_and_shards_disjointly(dataset: Path) -> None:
     assert item["mask"].shape == (1, 32, 32) and set(item["mask"].unique().tolist()) <= {0.0, 1.0}
     # the mask marks the asset: exactly the point map's coloured (non-white) pixels
     assert (item["mask"][0].bool() == (item["pointmap"] < 1).any(0)).all() and item["mask"].sum() > 0
+    # point maps are resized without blending: every coordinate read is one the files hold
+    stored = {tuple(c) for path in dataset.glob("assets/*/pointmap_*.png")
+              for c in np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3)}
+    read = ((item["ref_pointmap"][0] + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).reshape(-1, 3).tolist()
+    assert {tuple(c) for c in read} <= stored
     for _ in range(10):  # infinite: it cycles past the 4 samples
         next(stream)
 
