@@ -179,10 +179,11 @@ def _lora_layers(path: Path) -> dict[str, tuple[list[int], list[int] | None]]:
     return layers
 
 
-def _check_lora_fits(transformer, path: Path) -> None:
-    """Refuse, naming one layer, a LoRA made for another base: torch would list every mismatching
-    layer (hundreds for FLUX), and layers the base lacks would be dropped in silence."""
-    for key, (down, up) in _lora_layers(path).items():
+def _check_lora_fits(transformer, path: Path, layers: dict[str, tuple[list[int], list[int] | None]]) -> None:
+    """Refuse, naming one layer, a LoRA (`path`, whose `_lora_layers` these are) made for another
+    base: torch would list every mismatching layer (hundreds for FLUX), and layers the base lacks
+    would be dropped in silence."""
+    for key, (down, up) in layers.items():
         match = re.fullmatch(r"transformer\.(.+)\.lora_A(?:\.[^.]+)?\.weight", key)
         if match is None:
             continue  # another layout: diffusers converts it, and the count after loading checks it
@@ -221,14 +222,15 @@ def load_refany3d_weights(flux, ref_files: Mapping[str, Path]) -> torch.nn.Seque
             for name in ADAPTERS:
                 path = ref_files[f"{name}.safetensors"]
                 try:
-                    _check_lora_fits(flux.transformer, path)
+                    layers = _lora_layers(path)  # the file's header, read once
+                    _check_lora_fits(flux.transformer, path, layers)
                     flux.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=name)
                 except ModelLoadError:
                     raise
                 except Exception as err:
                     raise ModelLoadError(f"cannot load LoRA {str(path)!r} as adapter {name!r}: "
                                          f"{_first_line(err)}") from None
-                expected, adapted = len(_lora_layers(path)), _adapted_layer_count(flux.transformer, name)
+                expected, adapted = len(layers), _adapted_layer_count(flux.transformer, name)
                 if adapted != expected:
                     raise ModelLoadError(
                         f"LoRA {str(path)!r} adapts {expected} layers, but only {adapted} of them were found in this "
