@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from refany3d.errors import InputError, ModelLoadError
+from refany3d.offload import OFFLOAD_MODES
 
 PUBLISHED_MODEL = "published"
 EMBEDDED_MODEL = "embedded"
@@ -37,7 +38,15 @@ def _env_number(environ: Mapping[str, str], name: str, default: float, cast: typ
         raise InputError(f"environment variable {name}={raw!r} is not a valid {cast.__name__}") from None
 
 
-def _env_flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
+def _env_offload(environ: Mapping[str, str], name: str) -> str | None:
+    """model / blocks, or a flag: on means "model", off none."""
+    raw = environ.get(name, "").strip().lower()
+    if raw in OFFLOAD_MODES:
+        return raw
+    return "model" if _env_flag(environ, name, False, also=OFFLOAD_MODES) else None
+
+
+def _env_flag(environ: Mapping[str, str], name: str, default: bool, also: tuple[str, ...] = ()) -> bool:
     raw = environ.get(name, "").strip().lower()
     if not raw:
         return default
@@ -45,7 +54,8 @@ def _env_flag(environ: Mapping[str, str], name: str, default: bool) -> bool:
         return True
     if raw in ("0", "false", "no", "off"):
         return False
-    raise InputError(f"environment variable {name}={raw!r} must be 1/0, true/false, yes/no or on/off")
+    *words, last = ("1/0", "true/false", "yes/no", "on/off", *also)
+    raise InputError(f"environment variable {name}={raw!r} must be {', '.join(words)} or {last}")
 
 
 @dataclass(frozen=True)
@@ -67,7 +77,7 @@ class AppConfig:
     device: str | None = None
     dtype: str | None = None  # bfloat16 / float16 / float32; None: bfloat16 on a GPU, float32 on the CPU
     sampler: str = "exact"
-    cpu_offload: bool = False
+    cpu_offload: str | None = None  # "model" / "blocks" (see refany3d.offload)
     preload: bool = False
     max_upload_mb: int = 50
     max_faces: int = 1_000_000
@@ -105,7 +115,7 @@ class AppConfig:
             device=env.get("REFANY3D_DEVICE", "").strip() or None,
             dtype=env.get("REFANY3D_DTYPE", "").strip() or None,
             sampler=_env(env, "REFANY3D_SAMPLER", cls.sampler),
-            cpu_offload=_env_flag(env, "REFANY3D_CPU_OFFLOAD", False),
+            cpu_offload=_env_offload(env, "REFANY3D_CPU_OFFLOAD"),
             preload=_env_flag(env, "REFANY3D_PRELOAD", on_space),
             max_upload_mb=_env_number(env, "REFANY3D_MAX_UPLOAD_MB", cls.max_upload_mb),
             max_faces=_env_number(env, "REFANY3D_MAX_FACES", cls.max_faces),

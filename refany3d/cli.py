@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 from refany3d.cameras import DEFAULT_FOV_Y_DEG, ORBIT_RADIUS
 from refany3d.errors import RefAny3DError
+from refany3d.offload import OFFLOAD_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +138,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--ref-model", help="RefAny3D weights folder or hub id (default: $REFANY3D_REF_MODEL, else the "
                    "weights that --base-model belongs with, else the embedded model, else JudgementH/RefAny3D)")
     p.add_argument("--device", help="cuda, cuda:1, cpu, ... (default: cuda when available)")
-    p.add_argument("--cpu-offload", action="store_true", help="keep weights on the CPU between uses (small GPUs)")
+    p.add_argument("--cpu-offload", nargs="?", const="model", choices=OFFLOAD_MODES,
+                   help="keep weights on the CPU between uses: model (each model visits the GPU for its stage; "
+                   "~40 GB GPUs for FLUX.1-dev; the default of a bare --cpu-offload) or blocks (the transformer's "
+                   "blocks one at a time too; 16-24 GB GPUs, slower)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="weights' precision (default: bfloat16 on a GPU, float32 on the CPU; FLUX overflows in float16)")
     p.set_defaults(run=_run_generate, flag_names=_flag_names(p))

@@ -42,6 +42,7 @@ from PIL import Image
 
 from refany3d.conditions import pack_conditions, sample_latents, view_posterior
 from refany3d.errors import InputError, require_whole_number
+from refany3d.offload import streamed
 from refany3d.transformer import (
     CONDITION_POINTMAP_ADAPTERS,
     CONDITION_RGB_ADAPTERS,
@@ -322,11 +323,11 @@ class FastDenoiser:
         embs = self.kind_embeddings(t.to(dtype))
         rotary, cache = self.rotary[layout], self.kv_cache
         layer = 0
-        for block in transformer.transformer_blocks:
+        for block in streamed(transformer.transformer_blocks):
             text, image = self.double_block(block, text, image, layout, embs, rotary, cache and cache.next_layer(layer))
             layer += 1
         joint = layout.to_joint(text, image)
-        for block in transformer.single_transformer_blocks:
+        for block in streamed(transformer.single_transformer_blocks):
             joint = self.single_block(block, joint, layout, embs, rotary, cache and cache.next_layer(layer))
             layer += 1
         return [

@@ -10,7 +10,7 @@ import copy
 import json
 import math
 import os
-from contextlib import contextmanager
+from contextlib import nullcontext
 from functools import partial
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -25,6 +25,7 @@ from refany3d.cameras import ORBIT_RADIUS
 from refany3d.conditions import black_like, condition_tokens, latent_position_ids, pack_latents, unpack_latents
 from refany3d.errors import InputError, ModelLoadError, require_finite, require_whole_number
 from refany3d.images import MAX_IMAGE_SIDE, ImageLike, to_rgb_image
+from refany3d.offload import OFFLOAD_MODES, CpuOffload, parse_offload
 from refany3d.transformer import joint_forward, refany3d_branches, refany3d_group_mask
 from refany3d.weights import (DEFAULT_BASE_MODEL, DEFAULT_REF_MODEL, load_refany3d_weights, looks_like_a_path,
                               partner_base, partner_ref, resolve_ref_weights)
@@ -148,7 +149,7 @@ class RefAny3DPipeline:
         self.default_settings = {**RELEASE_SETTINGS, **{flag: True for flag in ABLATION_SETTINGS},
                                  **(default_settings or {})}
         self.domain_embedder = domain_embedder.to(device=flux.transformer.device, dtype=flux.transformer.dtype)
-        self.offload_device: torch.device | None = None  # set: weights stay on the CPU between uses
+        self.offload: CpuOffload | None = None  # set: weights wait on the CPU between uses (enable_cpu_offload)
         self.source: dict[str, str] = {}  # from_pretrained's base and ref model: what batch runs record
 
     # ----------------------------------------------------------------------------------- loading
@@ -159,14 +160,15 @@ class RefAny3DPipeline:
         ref_model: str | Path = DEFAULT_REF_MODEL,
         device: str | torch.device | None = None,
         dtype: torch.dtype | str | None = None,
-        cpu_offload: bool = False,
+        cpu_offload: bool | str = False,
         torch_dtype: torch.dtype | str | None = None,
     ) -> RefAny3DPipeline:
         """Load a diffusers FLUX base (hub id or folder) and RefAny3D weights (hub id or folder).
 
         bf16 on GPU and float32 on CPU unless `dtype` (or diffusers' older name `torch_dtype`) is
-        given; FLUX overflows in float16, so prefer bfloat16. `cpu_offload` keeps weights in CPU
-        memory and moves each model to the GPU only while it runs (for GPUs with little memory).
+        given; FLUX overflows in float16, so prefer bfloat16. `cpu_offload` ("model", or "blocks"
+        for smaller GPUs; True means "model") keeps weights in CPU memory and brings them to the GPU
+        only while they run (see `enable_cpu_offload`).
         """
         from diffusers import FluxPipeline
 
@@ -175,6 +177,7 @@ class RefAny3DPipeline:
             raise InputError(f"dtype={dtype!r} and torch_dtype={torch_dtype!r} disagree; give one of them")
         dtype = parse_dtype(dtype if dtype is not None else torch_dtype)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        offload = parse_offload(cpu_offload)
         ref_files = resolve_ref_weights(ref_model)  # a missing ref model fails before the (large) base loads
         base_folder = Path(base_model).expanduser()
         if not base_folder.is_dir() and (base_folder.exists() or looks_like_a_path(str(base_model))):
@@ -193,15 +196,16 @@ class RefAny3DPipeline:
         pipe = cls(flux, embedder.to(dtype), recommended_settings(ref_model))
         pipe.source = {"base_model": str(base_model), "ref_model": str(ref_model),
                        "dtype": str(dtype).removeprefix("torch.")}
-        if cpu_offload and device.type != "cpu":
-            pipe.offload_device = device
+        if offload and device.type != "cpu":
+            pipe.enable_cpu_offload(offload, device)
         else:
             pipe.to(device)
         return pipe
 
     def to(self, *args: str | torch.device | torch.dtype, device: str | torch.device | None = None,
            dtype: torch.dtype | str | None = None) -> RefAny3DPipeline:
-        """Move to a device and/or cast to a dtype, as `pipe.to("cuda")`, `pipe.to(torch.bfloat16)`."""
+        """Move to a device and/or cast to a dtype, as `pipe.to("cuda")`, `pipe.to(torch.bfloat16)`.
+        A device places every weight there, which ends CPU offload."""
         for arg in args:
             if isinstance(arg, torch.dtype):
                 dtype = arg
@@ -210,11 +214,35 @@ class RefAny3DPipeline:
         dtype = parse_dtype(dtype)
         if device is not None:
             device = parse_device(device)
+        offload = self.offload
+        if offload is not None:
+            offload.remove()  # its block streams hold the weights as they rest now
+            self.offload = None
         self.flux.to(device=device, dtype=dtype)
         self.domain_embedder.to(device=device, dtype=dtype)
+        if offload is not None and device is None:
+            self.enable_cpu_offload(offload.mode, offload.device)
         if dtype is not None and self.source:
             self.source["dtype"] = str(dtype).removeprefix("torch.")
         return self
+
+    def enable_cpu_offload(self, mode: str = "model", device: str | torch.device | None = None) -> RefAny3DPipeline:
+        """Keep the weights in CPU memory and bring them to `device` (default: the GPU) only while
+        they run: "model" moves each model for its stage (about 40 GB GPUs for FLUX.1-dev),
+        "blocks" also streams the transformer's blocks one at a time (16-24 GB GPUs; slower, as
+        every step copies the blocks over). See `refany3d.offload`."""
+        grain = parse_offload(mode)
+        if grain is None:
+            raise InputError(f"enable_cpu_offload takes one of {', '.join(OFFLOAD_MODES)}, got {mode!r}")
+        device = parse_device(device) if device is not None else default_device()
+        self.to("cpu")
+        self.offload = CpuOffload(grain, device, self.flux.transformer)
+        return self
+
+    @property
+    def cpu_offload(self) -> str | None:
+        """The offload grain ("model" / "blocks"), or None when every weight stays on its device."""
+        return self.offload.mode if self.offload else None
 
     def enable_compile(self, enabled: bool = True) -> RefAny3DPipeline:
         """Run the fast modes' transformer blocks through `torch.compile`. The first call of each
@@ -227,26 +255,11 @@ class RefAny3DPipeline:
     @property
     def device(self) -> torch.device:
         """Where sampling runs (with CPU offload: the GPU the models visit)."""
-        return self.offload_device or self.flux.transformer.device
+        return self.offload.device if self.offload else self.flux.transformer.device
 
-    @contextmanager
     def _models_on_device(self, *models: torch.nn.Module):
-        """With CPU offload, move `models` to the GPU for the block and back to the CPU after.
-
-        Done here rather than with diffusers' offload hooks: those fire on a model's forward(),
-        and the joint pass calls the transformer's submodules, never its forward()."""
-        if self.offload_device is None:
-            yield
-            return
-        for model in models:
-            model.to(self.offload_device)
-        try:
-            yield
-        finally:
-            for model in models:
-                model.to("cpu")
-            if self.offload_device.type == "cuda":
-                torch.cuda.empty_cache()
+        """A context with `models` on the execution device: a no-op unless CPU offload is on."""
+        return self.offload.on_device(*models) if self.offload else nullcontext()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -314,14 +327,14 @@ class RefAny3DPipeline:
 
     def _refuse_diffusers_offload(self) -> None:
         """diffusers' enable_model_cpu_offload / enable_sequential_cpu_offload hook a model's
-        forward(), which the joint pass never calls (see _models_on_device): with them, sampling
+        forward(), which the joint pass never calls (see `refany3d.offload`): with them, sampling
         would run on the wrong device or on meta tensors."""
         flux = self.flux
         hooked = [name for name in ("transformer", "vae", "text_encoder", "text_encoder_2")
                   if getattr(getattr(flux, name, None), "_hf_hook", None) is not None]
         if hooked:
             raise InputError(f"diffusers' CPU offload hooks are on {', '.join(hooked)}; they do not apply to "
-                             "RefAny3D's joint pass: load with cpu_offload=True instead (CLI --cpu-offload)")
+                             "RefAny3D's joint pass: use pipe.enable_cpu_offload('model' or 'blocks') instead (CLI --cpu-offload)")
 
     def _check_size(self, name: str, value) -> None:
         """An image side the model can take: a positive multiple of its latent patch (16 for FLUX),

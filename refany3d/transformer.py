@@ -28,6 +28,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from torch.overrides import TorchFunctionMode
 
 from refany3d.errors import InputError
+from refany3d.offload import streamed
 
 RGB_DOMAIN, POINTMAP_DOMAIN = 0, 1
 AdapterRows = Mapping[str, torch.Tensor | None]  # adapter -> (R, 1) 0/1 row mask, or None: every row
@@ -361,10 +362,10 @@ def joint_forward(
     if group_mask is not None:
         mask = group_attention_mask([br.hidden.shape[1] for br in branches], group_mask.to(device))
 
-    for block in transformer.transformer_blocks:
+    for block in streamed(transformer.transformer_blocks):
         text, image = _double_block(block, text, image, embs, text_rows, image_rows, rotary, mask)
     hidden = torch.cat([text, image], dim=1)
-    for block in transformer.single_transformer_blocks:
+    for block in streamed(transformer.single_transformer_blocks):
         hidden = _single_block(block, hidden, embs, rows, rotary, mask)
 
     return [

@@ -55,16 +55,20 @@ def test_config_reads_the_environment():
         "REFANY3D_GPU_TFLOPS": "150.5", "REFANY3D_SAMPLER": "faithful", "SPACE_ID": "someone/refany3d",
     })
     assert config.base_model == "/models/base" and config.ref_model is None
-    assert config.max_upload_mb == 7 and config.cpu_offload and config.gpu_tflops == 150.5
+    assert config.max_upload_mb == 7 and config.cpu_offload == "model" and config.gpu_tflops == 150.5
     assert config.sampler == "faithful"
     assert config.preload  # on a Space the model loads at start-up unless told otherwise
     assert logic.launch_options(config)["max_file_size"] == "7mb"
     assert not logic.AppConfig.from_env({}).preload
+    assert logic.AppConfig.from_env({}).cpu_offload is None
+    assert logic.AppConfig.from_env({"REFANY3D_CPU_OFFLOAD": "Blocks"}).cpu_offload == "blocks"
+    assert logic.AppConfig.from_env({"REFANY3D_CPU_OFFLOAD": "off"}).cpu_offload is None
 
 
 @pytest.mark.parametrize("env, message", [
     ({"REFANY3D_MAX_STEPS": "many"}, "REFANY3D_MAX_STEPS='many' is not a valid int"),
-    ({"REFANY3D_CPU_OFFLOAD": "maybe"}, "must be 1/0"),
+    ({"REFANY3D_CPU_OFFLOAD": "maybe"}, "'maybe' must be 1/0, true/false, yes/no, on/off, model or blocks"),
+    ({"REFANY3D_PRELOAD": "maybe"}, "'maybe' must be 1/0, true/false, yes/no or on/off$"),
     ({"REFANY3D_MAX_VIEWS": "0"}, "max_views must be positive"),
     ({"REFANY3D_DEFAULT_STEPS": "60"}, r"default steps 60 must be within \[1, 50\]"),
     ({"REFANY3D_DEFAULT_RESOLUTION": "32"}, "default resolution 32"),

@@ -291,3 +291,20 @@ def test_a_launch_that_did_not_form_one_group_is_refused(model_args, tmp_path, m
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["generate", "--jobs", str(jobs), "--out", str(tmp_path / "out"), *model_args]) == 2
     assert "launched as 2 processes, but they did not join one group (each sees 1)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, grain", [([], None), (["--cpu-offload"], "model"),
+                                         (["--cpu-offload", "blocks"], "blocks")])
+def test_cpu_offload_flag_reaches_the_loader(model_args, tmp_path, monkeypatch, flag, grain):
+    from refany3d.pipeline import RefAny3DPipeline
+
+    asked = {}
+
+    def load(*args, **kwargs):
+        asked.update(kwargs)
+        raise InputError("stop here")
+
+    monkeypatch.setattr(RefAny3DPipeline, "from_pretrained", load)
+    argv = ["generate", str(VASE), "--prompt", "p", "--out", str(tmp_path / "o"), *model_args, *flag]
+    assert main(argv) == 2
+    assert asked["cpu_offload"] == grain
