@@ -35,8 +35,9 @@ import spaces
 from refany3d.app_config import (MIN_RESOLUTION, AppConfig, ModelSpec, ModelStore, condition_ratio, pipeline_loader,
                                  weights_problem)
 from refany3d.cameras import ORBIT_RADIUS
-from refany3d.errors import GenerationStopped, InputError, MeshError, ModelLoadError, RefAny3DError
+from refany3d.errors import GenerationStopped, InputError, MeshError, ModelLoadError, RefAny3DError, is_out_of_memory
 from refany3d.examples import EXAMPLES_DIR
+from refany3d.offload import release_accelerator_memory
 
 PAPER_URL = "https://arxiv.org/abs/2601.22094"
 PROJECT_URL = "https://judgementh.github.io/RefAny3D"
@@ -438,14 +439,6 @@ def get_service() -> AppService:
 
 
 # ----------------------------------------------------------------------------------- handlers
-def _out_of_memory(err: BaseException) -> bool:
-    import torch
-
-    return isinstance(err, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(err, RuntimeError) and "out of memory" in str(err).lower()
-    )
-
-
 def user_errors(fn: Callable) -> Callable:
     """Run a handler; expected failures become a gr.Error with their message, the app keeps serving."""
 
@@ -459,8 +452,8 @@ def user_errors(fn: Callable) -> Callable:
             raise gr.Error(str(err), title=type(err).__name__.replace("Error", " error"),
                            print_exception=False) from None
         except Exception as err:
-            if _out_of_memory(err):
-                _free_accelerator_memory()
+            if is_out_of_memory(err):
+                release_accelerator_memory()
                 raise gr.Error(
                     "Out of memory while generating. Try fewer views, a lower resolution, or "
                     "fewer steps.", title="Out of memory"
@@ -468,13 +461,6 @@ def user_errors(fn: Callable) -> Callable:
             raise
 
     return wrapper
-
-
-def _free_accelerator_memory() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def _session_hash(request: gr.Request | None) -> str | None:

@@ -15,7 +15,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from refany3d.cameras import ORBIT_RADIUS
-from refany3d.errors import InputError, JobsFailed, RefAny3DError, require_finite, require_whole_number
+from refany3d.errors import (InputError, JobsFailed, RefAny3DError, is_out_of_memory, out_of_memory_message,
+                             require_finite, require_whole_number)
+from refany3d.offload import release_accelerator_memory
 
 RUN_FILES = ("image.png", "pointmap.png", "settings.json")
 MAX_SEED = 2**63 - 1  # the largest seed torch.Generator.manual_seed takes as a signed 64-bit integer
@@ -174,8 +176,8 @@ def run_jobs(pipe, jobs: list[Job], out_dir: str | Path, process_index: int = 0,
              generator_device: str = "cpu", log: Callable[[str], None] = print) -> list[Path]:
     """Run this process's share of the jobs (every num_processes-th), skipping finished runs.
 
-    A job that fails (an asset not visible at its radius, say) is logged and the others still
-    run; a JobsFailed at the end names the failed ones, which a rerun retries."""
+    A job that fails (an asset not visible at its radius, or too large for the memory, say) is
+    logged and the others still run; a JobsFailed at the end names the failed ones, which a rerun retries."""
     out_dir = Path(out_dir)
     names = [run_folder_name(i, job) for i, job in enumerate(jobs)]
     if len(set(names)) != len(names):
@@ -189,9 +191,16 @@ def run_jobs(pipe, jobs: list[Job], out_dir: str | Path, process_index: int = 0,
             continue
         try:
             run_job(pipe, jobs[index], folder, generator_device)
-        except RefAny3DError as err:
-            log(f"[{index + 1}/{len(jobs)}] {folder.name}: failed: {err}")
-            failed.append(f"{folder.name}: {err}")
+        except Exception as err:
+            if isinstance(err, RefAny3DError):
+                reason = str(err)
+            elif is_out_of_memory(err):  # a larger job than the others; the smaller ones still fit
+                release_accelerator_memory()
+                reason = out_of_memory_message(err)
+            else:
+                raise
+            log(f"[{index + 1}/{len(jobs)}] {folder.name}: failed: {reason}")
+            failed.append(f"{folder.name}: {reason}")
             continue
         log(f"[{index + 1}/{len(jobs)}] {folder.name}: written")
         done.append(folder)

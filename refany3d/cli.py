@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 from refany3d.cameras import DEFAULT_FOV_Y_DEG, ORBIT_RADIUS
-from refany3d.errors import RefAny3DError
+from refany3d.errors import RefAny3DError, is_out_of_memory, out_of_memory_message
 from refany3d.offload import OFFLOAD_MODES
 
 
@@ -38,8 +38,9 @@ def _in_flag_terms(message: str, flags: dict[str, str]) -> str:
 
 
 def run_reporting_errors(run: Callable[[], int | None], describe: Callable[[str], str] = str) -> int:
-    """Run a command: refany3d's own errors and the operating system's become one line on stderr
-    (`describe` may reword it) and exit status 2; anything else is a bug and keeps its traceback.
+    """Run a command: refany3d's own errors, the operating system's and running out of memory become
+    one line on stderr (`describe` may reword it) and exit status 2; anything else is a bug and
+    keeps its traceback.
     The benchmarks' scripts run through it too."""
     try:
         return int(run() or 0)
@@ -53,6 +54,11 @@ def run_reporting_errors(run: Callable[[], int | None], describe: Callable[[str]
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        if not is_out_of_memory(err):
+            raise
+        print(f"error: {describe(out_of_memory_message(err))}", file=sys.stderr)
+        return 2
 
 
 def positive_int(text: str) -> int:

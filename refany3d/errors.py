@@ -29,6 +29,22 @@ class RenderError(RefAny3DError, RuntimeError):
     """No usable offscreen OpenGL (EGL or OSMesa) to render with."""
 
 
+OUT_OF_MEMORY_ADVICE = ("fewer views, smaller images (height, width, condition size) or fewer candidates need less; "
+                        "on a GPU, CPU offload ('model', or 'blocks' for 16-24 GB GPUs) keeps the weights off it")
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    """Whether `err` is running out of memory: Python's MemoryError, or torch's on a GPU or the CPU
+    (torch.OutOfMemoryError and the allocators' RuntimeErrors all say "out of memory")."""
+    return isinstance(err, MemoryError) or (isinstance(err, RuntimeError) and "out of memory" in str(err).lower())
+
+
+def out_of_memory_message(err: BaseException) -> str:
+    """One line for a user: what ran out, and what to change."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"out of memory ({first}): {OUT_OF_MEMORY_ADVICE}"
+
+
 class JobsFailed(RefAny3DError):
     """Some jobs of a batch failed (each logged with its reason); the others were written."""
 

@@ -92,6 +92,14 @@ def streamed(blocks: torch.nn.ModuleList) -> Iterable[torch.nn.Module]:
     return blocks if stream is None else iter(stream)
 
 
+def release_accelerator_memory() -> None:
+    """Hand the GPU memory torch keeps cached back (after running out of it, say)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class CpuOffload:
     """A pipeline's offload: which grain, which GPU the models visit, and the transformer's
     block streams under "blocks"."""
@@ -127,6 +135,4 @@ class CpuOffload:
             for part in visitors:
                 part.to("cpu")
             if self.device.type == "cuda":
-                import torch
-
-                torch.cuda.empty_cache()
+                release_accelerator_memory()

@@ -308,3 +308,44 @@ def test_cpu_offload_flag_reaches_the_loader(model_args, tmp_path, monkeypatch, 
     argv = ["generate", str(VASE), "--prompt", "p", "--out", str(tmp_path / "o"), *model_args, *flag]
     assert main(argv) == 2
     assert asked["cpu_offload"] == grain
+
+
+def _run_out_of_memory_on(monkeypatch, prompt: str) -> None:
+    """generate_from_mesh runs out of GPU memory for `prompt`, as a too-large job would."""
+    import torch
+
+    from refany3d.pipeline import RefAny3DPipeline
+
+    real = RefAny3DPipeline.generate_from_mesh
+
+    def generate(self, mesh, text, *args, **kwargs):
+        if text == prompt:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (GPU 0; 23.6 GiB total)")
+        return real(self, mesh, text, *args, **kwargs)
+
+    monkeypatch.setattr(RefAny3DPipeline, "generate_from_mesh", generate)
+
+
+def test_running_out_of_memory_is_one_line_with_what_to_change(model_args, tmp_path, monkeypatch, capsys):
+    _run_out_of_memory_on(monkeypatch, "a huge vase")
+    argv = ["generate", str(VASE), "--prompt", "a huge vase", "--out", str(tmp_path / "o"), *SMALL, *model_args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: out of memory (CUDA out of memory. Tried to allocate 20.00")
+    assert "fewer views" in errors[0] and "'blocks' for 16-24 GB GPUs" in errors[0] and "Traceback" not in err
+
+
+def test_a_job_that_runs_out_of_memory_does_not_stop_the_others(model_args, tmp_path, monkeypatch, capsys):
+    _run_out_of_memory_on(monkeypatch, "a huge vase")
+    small = {"n_views": 1, "height": 32, "width": 32, "condition_size": 32, "num_inference_steps": 1}
+    lines = [{"mesh": str(VASE), "prompt": prompt, "seed": 1, "name": name, **small}
+             for name, prompt in (("huge", "a huge vase"), ("small", "a small vase"))]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    assert main(["generate", "--jobs", str(jobs), "--out", str(tmp_path / "batch"), *model_args]) == 2
+    captured = capsys.readouterr()
+    assert "[1/2] huge: failed: out of memory (CUDA out of memory." in captured.out
+    assert "1 of 2 jobs failed, the first huge: out of memory" in captured.err
+    assert (tmp_path / "batch" / "small" / "image.png").is_file()
+    assert not (tmp_path / "batch" / "huge" / "settings.json").exists()
