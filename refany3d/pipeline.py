@@ -334,7 +334,8 @@ class RefAny3DPipeline:
                   if getattr(getattr(flux, name, None), "_hf_hook", None) is not None]
         if hooked:
             raise InputError(f"diffusers' CPU offload hooks are on {', '.join(hooked)}; they do not apply to "
-                             "RefAny3D's joint pass: use pipe.enable_cpu_offload('model' or 'blocks') instead (CLI --cpu-offload)")
+                             "RefAny3D's joint pass: use pipe.enable_cpu_offload('model' or 'blocks') instead "
+                             "(CLI --cpu-offload)")
 
     def _check_size(self, name: str, value) -> None:
         """An image side the model can take: a positive multiple of its latent patch (16 for FLUX),
