@@ -16,7 +16,10 @@ torch.utils.flop_counter over a 1-step and a 2-step call: per step = difference)
 
 Cached mode is an approximation; its PSNR is printed next to its speed. Variants: `cached/4`
 refreshes the views' keys/values every 4 steps; `exact+compile` runs torch.compile'd blocks
-(compiled during the warm-up round, which is not timed), e.g. `--modes faithful exact exact+compile`.
+(compiled during the warm-up round, which is not timed), e.g. `--modes faithful exact exact+compile`;
+`exact@blocks` and `exact@model` sample with CPU offload by block or by model (the weights move
+before the timed call), e.g. `--gpu-full --modes exact exact@model exact@blocks` for what
+offload costs on FLUX.1-dev's size and how little GPU memory it leaves.
 """
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from refany3d.cli import positive_int, run_reporting_errors  # noqa: E402
 from refany3d.fast import cached_encoders  # noqa: E402
+from refany3d.offload import OFFLOAD_MODES  # noqa: E402
 from refany3d.pipeline import EMBEDDED_MODEL_DIR, RefAny3DPipeline  # noqa: E402
 from refany3d.tiny import TinyConfig, build_base_pipeline, build_tiny_model  # noqa: E402
 from refany3d.weights import add_refany3d_adapters, new_domain_embedder  # noqa: E402
@@ -51,16 +55,20 @@ class Variant:
     mode: str
     cache_refresh_every: int = 0
     compile: bool = False
+    offload: str | None = None  # CPU offload grain (refany3d.offload), or None
 
     @classmethod
     def parse(cls, name: str) -> Variant:
-        compiled = name.endswith("+compile")
-        mode, _, refresh = name.removesuffix("+compile").partition("/")
-        if mode not in ("faithful", "exact", "cached") or (refresh and (mode != "cached" or not refresh.isdigit())):
-            raise argparse.ArgumentTypeError(f"unknown sampler variant {name!r} (e.g. exact, cached, cached/4, exact+compile)")
+        name_without_offload, _, offload = name.partition("@")
+        compiled = name_without_offload.endswith("+compile")
+        mode, _, refresh = name_without_offload.removesuffix("+compile").partition("/")
+        if (mode not in ("faithful", "exact", "cached") or (refresh and (mode != "cached" or not refresh.isdigit()))
+                or (offload and offload not in OFFLOAD_MODES)):
+            raise argparse.ArgumentTypeError(f"unknown sampler variant {name!r} (e.g. exact, cached, cached/4, "
+                                             "exact+compile, exact@blocks)")
         if compiled and mode == "faithful":
             raise argparse.ArgumentTypeError("+compile applies to the fast modes only")
-        return cls(mode, int(refresh or 0), compiled)
+        return cls(mode, int(refresh or 0), compiled, offload or None)
 PROMPT = "a red table in the room with a wooden floor"
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -186,6 +194,16 @@ class PeakMemory:
             self._thread.join()
 
 
+def place(pipe, name: str, device: torch.device) -> None:
+    """Put the weights where the variant samples from: on `device`, or offloaded to the CPU."""
+    offload = Variant.parse(name).offload
+    if pipe.cpu_offload != offload:
+        if offload:
+            pipe.enable_cpu_offload(offload, device)
+        else:
+            pipe.to(device)
+
+
 def call(pipe, name: str, views, config: Config, steps: int | None = None, compile: bool | None = None):
     variant = Variant.parse(name)
     pipe.enable_compile(variant.compile if compile is None else compile)
@@ -210,6 +228,7 @@ def counted_flops(pipe, mode: str, views, config: Config) -> tuple[float, float]
     from torch.utils.flop_counter import FlopCounterMode
 
     totals = []
+    place(pipe, mode, pipe.device)
     for steps in (1, 2):
         cached_encoders(pipe).clear_caches()  # both calls encode the prompt and views
         with FlopCounterMode(display=False) as counter:  # counted uncompiled: the same arithmetic
@@ -244,9 +263,11 @@ def bench(pipe: RefAny3DPipeline, config: Config, repeats: int, modes: tuple[str
     cached_encoders(pipe).clear_caches()
     outputs, times, memory = {}, {m: [] for m in modes}, {m: 0.0 for m in modes}
     for mode in modes:  # warm-up round (first-call costs; fills the fast sampler's caches)
+        place(pipe, mode, device)
         outputs[mode] = call(pipe, mode, views, config)
     for _ in range(repeats):
         for mode in modes:
+            place(pipe, mode, device)
             with PeakMemory(device) as peak:
                 sync()
                 start = time.perf_counter()
@@ -276,6 +297,9 @@ def bench(pipe: RefAny3DPipeline, config: Config, repeats: int, modes: tuple[str
             line += f"  vs faithful: {compare(outputs[mode], outputs['faithful'])}"
         if mode.startswith("cached") and "exact" in outputs:
             line += f"  vs exact: {compare(outputs[mode], outputs['exact'])}"
+        resident = mode.partition("@")[0]
+        if resident != mode and resident in outputs:  # offload must not change the output
+            line += f"  vs {resident}: {compare(outputs[mode], outputs[resident])}"
         print(line, flush=True)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -614,10 +615,20 @@ def test_benchmarks_report_bad_input_in_one_line(tmp_path: Path) -> None:
         ("quality.py", ["--data", str(tmp_path / "none")], f"error: {tmp_path / 'none'} is not a refany3d dataset"),
         ("reference_use.py", ["--data", str(tmp_path), "--times", "1.5"], "flow times (--times, --attention-time)"),
         ("sampler.py", ["--repeats", "0"], "argument --repeats: must be at least 1, got 0"),
+        ("sampler.py", ["--modes", "exact@layers"], "unknown sampler variant 'exact@layers'"),
     ]:
         result = _run_benchmark(script, *args)
         assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
         assert "Traceback" not in result.stderr
+
+
+def test_sampler_benchmark_times_offload_beside_the_resident_model() -> None:
+    out = _benchmark("sampler.py", "--configs", "tiny", "--views", "1", "--steps", "1", "--repeats", "1",
+                     "--modes", "exact", "exact@model", "exact@blocks")
+    for grain in ("model", "blocks"):
+        (line,) = [line for line in out.splitlines() if line.strip().startswith(f"exact@{grain}:")]
+        difference = float(re.search(r"vs exact: max\|d\| (\S+)", line).group(1))
+        assert difference < 1e-4, line  # the same output, only the weights' whereabouts differ
 
 
 def test_quality_and_reference_use_benchmarks_run_on_a_trained_model(trained: tuple[Path, dict], dataset: Path,
