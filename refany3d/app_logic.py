@@ -634,6 +634,7 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
     ratio = condition_ratio(service.registry[settings.model])
     views = render_views(mesh, settings.n_views, settings.condition_size(ratio),
                          settings.radius, settings.pitch, settings.y_rotation)
+    views.require_visible()
     record = {**settings.to_record(ratio), "sampler": service.config.sampler}
     if service.config.zero_gpu:  # ZeroGPU ends a call at its requested duration: refuse what cannot finish
         expected = expected_gpu_seconds(settings.model, len(views.rgb), record)

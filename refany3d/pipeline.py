@@ -581,9 +581,7 @@ class RefAny3DPipeline:
         mesh = as_mesh(mesh_or_path)  # loaded once
         views = render_views(mesh, n_views=n_views, resolution=condition_size, radius=radius, pitch=pitch,
                              y_rotation=y_rotation)
-        if not any(mask.any() for mask in views.masks):
-            raise InputError(f"the asset is not visible in any reference view: radius {radius:g} is too far for "
-                             f"{condition_size} px views")
+        views.require_visible()
         sample = partial(self, prompt, views.rgb, views.pointmap, condition_size=condition_size, **call_kwargs)
         if generators is None:
             out = sample(generator=generator)

@@ -103,6 +103,19 @@ class ReferenceViews:
     y_rotation: float = 0.0
     source: str | None = field(default=None)
 
+    def require_visible(self) -> None:
+        """Refuse views that show nothing of the asset (sampling on them would waste a GPU call),
+        naming why: a flat asset circled edge-on, or a camera too far away."""
+        if any(mask.any() for mask in self.masks):
+            return
+        camera = self.cameras[0]
+        extent = self.normalization.extent * self.normalization.scale  # normalized: the largest axis spans 2
+        if extent[1] <= 1e-3 * extent.max():
+            raise InputError(f"the asset is not visible in any reference view: it is flat (no height) and the views "
+                             f"circle it edge-on at pitch {self.pitch:g}°; give a pitch such as 30")
+        raise InputError(f"the asset is not visible in any reference view: radius {self.radius:g} is too far for "
+                         f"{camera.width} px views")
+
     def to_dict(self) -> dict:
         """JSON-ready description of the views (no pixels)."""
         return {

@@ -648,3 +648,26 @@ def test_zero_gpu_refuses_a_run_that_cannot_finish_in_its_time(service, tiny_mod
     image = logic.generate(*arguments, _Request("zero"), lambda *a, **k: None)[0]
     assert image is not None
     assert logic.AppConfig.from_env({"SPACES_ZERO_GPU": "true"}).zero_gpu
+
+
+def test_an_asset_no_view_shows_is_refused_before_sampling(service, tiny_model, tmp_path, monkeypatch):
+    """A flat asset (a rug) circled at pitch 0 is seen edge-on by every view: the visitor is told
+    to raise the pitch, and no GPU call is made on empty views."""
+    import trimesh
+
+    rug = tmp_path / "rug.obj"
+    trimesh.Trimesh([[-1, 0, -1], [1, 0, -1], [1, 0, 1], [-1, 0, 1]], [[0, 2, 1], [0, 3, 2]]).export(rug)
+    base, ref = tiny_model()
+    service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu"))
+    sampled = []
+    real = logic.sample_on_gpu
+    monkeypatch.setattr(logic, "sample_on_gpu", lambda *args: sampled.append(args[4]["pitch"]) or real(*args))
+
+    def generate(pitch: float):
+        return logic.generate(str(rug), "a rug", 1, 4.0, pitch, 0.0, 1, False, 1, 3.5, 2.0, 64,
+                              app_config.CONFIGURED_MODEL, 1, False, _Request("rug"), lambda *a, **k: None)
+
+    with pytest.raises(gr.Error, match=r"flat \(no height\) and the views circle it edge-on at pitch 0°; give a pitch"):
+        generate(0.0)
+    assert sampled == []
+    assert Image.open(generate(30.0)[0]).size == (64, 64) and sampled == [30.0]

@@ -418,6 +418,20 @@ def test_candidates_keep_the_most_rigid_point_map():
     assert alone[0].candidates is None and "candidate" not in alone[0].settings
 
 
+def test_views_that_show_nothing_are_refused_naming_why(pipe):
+    """Sampling on empty views would waste a GPU call: a camera too far, or a flat asset (a rug)
+    that every view of the pitch-0 orbit sees edge-on."""
+    import trimesh
+
+    mesh = trimesh.creation.box()
+    with pytest.raises(InputError, match="not visible in any reference view: radius 1e\\+06 is too far for 32 px"):
+        pipe.generate_from_mesh(mesh, "p", n_views=1, condition_size=32, radius=1e6)
+    rug = trimesh.Trimesh([[-1, 0, -1], [1, 0, -1], [1, 0, 1], [-1, 0, 1]], [[0, 2, 1], [0, 3, 2]])
+    with pytest.raises(InputError, match=r"not visible in any reference view: it is flat \(no height\) and the views "
+                                         r"circle it edge-on at pitch 0°; give a pitch such as 30"):
+        pipe.generate_from_mesh(rug, "p", n_views=4, condition_size=32)
+
+
 def test_candidates_need_generators_and_a_point_map(pipe):
     from refany3d.examples import EXAMPLES_DIR
 
@@ -429,8 +443,6 @@ def test_candidates_need_generators_and_a_point_map(pipe):
         pipe.generate_from_mesh(mesh, "p", n_views=1, condition_size=32, generator=[torch.Generator(), 5],
                                 callback=lambda *step: calls.append(step))
     assert not calls  # named before the first candidate samples
-    with pytest.raises(InputError, match="not visible in any reference view: radius 1e\\+06 is too far for 32 px"):
-        pipe.generate_from_mesh(mesh, "p", n_views=1, condition_size=32, radius=1e6)
     with pytest.raises(InputError, match="needs their point maps"):
         pipe.generate_from_mesh(mesh, "p", n_views=1, condition_size=32, pointmap_branch=False, mode="faithful",
                                 generator=[torch.Generator(), torch.Generator()])
