@@ -19,7 +19,9 @@ refreshes the views' keys/values every 4 steps; `exact+compile` runs torch.compi
 (compiled during the warm-up round, which is not timed), e.g. `--modes faithful exact exact+compile`;
 `exact@blocks` and `exact@model` sample with CPU offload by block or by model (the weights move
 before the timed call), e.g. `--gpu-full --modes exact exact@model exact@blocks` for what
-offload costs on FLUX.1-dev's size and how little GPU memory it leaves.
+offload costs on FLUX.1-dev's size and how little GPU memory it leaves; `+int8` samples a copy of
+the model whose transformer's linear layers hold int8 weights (torchao's int8 weight-only scheme,
+as `from_pretrained(quantize="int8")` loads them), e.g. `exact+int8` and `exact+int8@blocks`.
 """
 from __future__ import annotations
 
@@ -46,7 +48,8 @@ from refany3d.tiny import TinyConfig, build_base_pipeline, build_tiny_model  # n
 from refany3d.weights import add_refany3d_adapters, new_domain_embedder  # noqa: E402
 
 # Sampler variants: a pipeline mode, optionally "/K" (cached: refresh the views' keys/values every
-# K steps) and "+compile" (torch.compile the fast blocks; timed after the warm-up round compiled).
+# K steps), "+int8" (int8 weights), "+compile" (torch.compile the fast blocks; timed after the
+# warm-up round compiled) and "@GRAIN" (CPU offload).
 MODES = ("faithful", "exact", "cached", "cached/4")
 
 
@@ -56,19 +59,28 @@ class Variant:
     cache_refresh_every: int = 0
     compile: bool = False
     offload: str | None = None  # CPU offload grain (refany3d.offload), or None
+    int8: bool = False  # a copy of the model with int8 weights (refany3d.quantization)
 
     @classmethod
     def parse(cls, name: str) -> Variant:
         name_without_offload, _, offload = name.partition("@")
         compiled = name_without_offload.endswith("+compile")
-        mode, _, refresh = name_without_offload.removesuffix("+compile").partition("/")
+        name_without_offload = name_without_offload.removesuffix("+compile")
+        int8 = name_without_offload.endswith("+int8")
+        mode, _, refresh = name_without_offload.removesuffix("+int8").partition("/")
         if (mode not in ("faithful", "exact", "cached") or (refresh and (mode != "cached" or not refresh.isdigit()))
                 or (offload and offload not in OFFLOAD_MODES)):
             raise argparse.ArgumentTypeError(f"unknown sampler variant {name!r} (e.g. exact, cached, cached/4, "
-                                             "exact+compile, exact@blocks)")
+                                             "exact+compile, exact+int8, exact@blocks)")
         if compiled and mode == "faithful":
             raise argparse.ArgumentTypeError("+compile applies to the fast modes only")
-        return cls(mode, int(refresh or 0), compiled, offload or None)
+        return cls(mode, int(refresh or 0), compiled, offload or None, int8)
+
+    @property
+    def resident(self) -> str:
+        """The variant this one must match or approximate: the same mode with full-precision weights
+        that stay on the device."""
+        return f"{self.mode}/{self.cache_refresh_every}" if self.cache_refresh_every else self.mode
 PROMPT = "a red table in the room with a wooden floor"
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -194,14 +206,33 @@ class PeakMemory:
             self._thread.join()
 
 
-def place(pipe, name: str, device: torch.device) -> None:
-    """Put the weights where the variant samples from: on `device`, or offloaded to the CPU."""
+def int8_copy(pipe: RefAny3DPipeline) -> RefAny3DPipeline:
+    """A copy of `pipe` whose transformer's own linear layers hold int8 weights: the scheme
+    `from_pretrained(quantize="int8")` loads, applied to a model built in memory. The adapters'
+    A and B stay in the model's dtype, as they do there."""
+    import copy
+
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantized = copy.deepcopy(pipe)
+    quantize_(quantized.flux.transformer, Int8WeightOnlyConfig(),
+              filter_fn=lambda module, name: isinstance(module, torch.nn.Linear) and ".lora_" not in f".{name}")
+    quantized.quantize = "int8"
+    return quantized
+
+
+def place(pipe, name: str, device: torch.device, others: tuple[RefAny3DPipeline, ...] = ()) -> None:
+    """Put the weights where the variant samples from: on `device`, or offloaded to the CPU. The
+    `others` (the int8 copy, or the model it was copied from) wait on the CPU, so a GPU peak is
+    the variant's own."""
+    for other in others:
+        if other is not pipe and other.cpu_offload is None and other.device.type != "cpu":
+            other.to("cpu")
     offload = Variant.parse(name).offload
-    if pipe.cpu_offload != offload:
-        if offload:
-            pipe.enable_cpu_offload(offload, device)
-        else:
-            pipe.to(device)
+    if offload and pipe.cpu_offload != offload:
+        pipe.enable_cpu_offload(offload, device)
+    elif not offload and (pipe.cpu_offload or pipe.device != device):
+        pipe.to(device)
 
 
 def call(pipe, name: str, views, config: Config, steps: int | None = None, compile: bool | None = None):
@@ -259,19 +290,23 @@ def bench(pipe: RefAny3DPipeline, config: Config, repeats: int, modes: tuple[str
     device = pipe.device
     views = config.views or random_views(config.n_views, config.condition_size or config.size)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    flops = {mode: counted_flops(pipe, mode, views, config) for mode in modes}
-    cached_encoders(pipe).clear_caches()
+    quantized = int8_copy(pipe) if any(Variant.parse(mode).int8 for mode in modes) else None
+    model = {mode: quantized if Variant.parse(mode).int8 else pipe for mode in modes}
+    flops = {mode: counted_flops(model[mode], mode, views, config) for mode in modes}
+    for each in {id(m): m for m in model.values()}.values():
+        cached_encoders(each).clear_caches()
     outputs, times, memory = {}, {m: [] for m in modes}, {m: 0.0 for m in modes}
+    models = tuple({id(m): m for m in model.values()}.values())
     for mode in modes:  # warm-up round (first-call costs; fills the fast sampler's caches)
-        place(pipe, mode, device)
-        outputs[mode] = call(pipe, mode, views, config)
+        place(model[mode], mode, device, models)
+        outputs[mode] = call(model[mode], mode, views, config)
     for _ in range(repeats):
         for mode in modes:
-            place(pipe, mode, device)
+            place(model[mode], mode, device, models)
             with PeakMemory(device) as peak:
                 sync()
                 start = time.perf_counter()
-                out = call(pipe, mode, views, config)
+                out = call(model[mode], mode, views, config)
                 sync()
                 times[mode].append(time.perf_counter() - start)
             memory[mode] = max(memory[mode], peak.peak_mb)
@@ -287,7 +322,7 @@ def bench(pipe: RefAny3DPipeline, config: Config, repeats: int, modes: tuple[str
     for mode in modes:
         t = statistics.median(times[mode])
         total, per_step = flops[mode]
-        line = f"{mode:>14}: {t:8.3f} s"
+        line = f"{mode:>17}: {t:8.3f} s"
         line += f"  x{base / t:5.2f}" if base else ""
         line += f"  {memory[mode]:8.0f} {mem_unit}"
         line += f"  step {si(per_step)}FLOP  achieved {si(total / t)}FLOP/s"
@@ -297,8 +332,8 @@ def bench(pipe: RefAny3DPipeline, config: Config, repeats: int, modes: tuple[str
             line += f"  vs faithful: {compare(outputs[mode], outputs['faithful'])}"
         if mode.startswith("cached") and "exact" in outputs:
             line += f"  vs exact: {compare(outputs[mode], outputs['exact'])}"
-        resident = mode.partition("@")[0]
-        if resident != mode and resident in outputs:  # offload must not change the output
+        resident = Variant.parse(mode).resident
+        if resident != mode and resident in outputs:  # offload must not change the output, int8 only round it
             line += f"  vs {resident}: {compare(outputs[mode], outputs[resident])}"
         print(line, flush=True)
 

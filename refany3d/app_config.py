@@ -15,6 +15,7 @@ from typing import Any
 
 from refany3d.errors import InputError, ModelLoadError
 from refany3d.offload import OFFLOAD_MODES
+from refany3d.quantization import QUANTIZE_MODES, parse_quantize
 
 PUBLISHED_MODEL = "published"
 EMBEDDED_MODEL = "embedded"
@@ -44,6 +45,14 @@ def _env_offload(environ: Mapping[str, str], name: str) -> str | None:
     if raw in OFFLOAD_MODES:
         return raw
     return "model" if _env_flag(environ, name, False, also=OFFLOAD_MODES) else None
+
+
+def _env_quantize(environ: Mapping[str, str], name: str) -> str | None:
+    raw = environ.get(name, "").strip()
+    try:
+        return parse_quantize(raw)
+    except InputError:
+        raise InputError(f"environment variable {name}={raw!r} must be {' or '.join(QUANTIZE_MODES)}, or none") from None
 
 
 def _env_flag(environ: Mapping[str, str], name: str, default: bool, also: tuple[str, ...] = ()) -> bool:
@@ -78,6 +87,7 @@ class AppConfig:
     dtype: str | None = None  # bfloat16 / float16 / float32; None: bfloat16 on a GPU, float32 on the CPU
     sampler: str = "exact"
     cpu_offload: str | None = None  # "model" / "blocks" (see refany3d.offload)
+    quantize: str | None = None  # "int8" (see refany3d.quantization)
     preload: bool = False
     max_upload_mb: int = 50
     max_faces: int = 1_000_000
@@ -116,6 +126,7 @@ class AppConfig:
             dtype=env.get("REFANY3D_DTYPE", "").strip() or None,
             sampler=_env(env, "REFANY3D_SAMPLER", cls.sampler),
             cpu_offload=_env_offload(env, "REFANY3D_CPU_OFFLOAD"),
+            quantize=_env_quantize(env, "REFANY3D_QUANTIZE"),
             preload=_env_flag(env, "REFANY3D_PRELOAD", on_space),
             max_upload_mb=_env_number(env, "REFANY3D_MAX_UPLOAD_MB", cls.max_upload_mb),
             max_faces=_env_number(env, "REFANY3D_MAX_FACES", cls.max_faces),
@@ -285,7 +296,8 @@ def pipeline_loader(config: AppConfig) -> Callable[[ModelSpec], Any]:
         from refany3d.pipeline import RefAny3DPipeline
 
         return RefAny3DPipeline.from_pretrained(
-            spec.base_model, spec.ref_model, device=config.device, dtype=config.dtype, cpu_offload=config.cpu_offload
+            spec.base_model, spec.ref_model, device=config.device, dtype=config.dtype, cpu_offload=config.cpu_offload,
+            quantize=config.quantize,
         )
 
     return load

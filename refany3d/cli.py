@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from refany3d.cameras import DEFAULT_FOV_Y_DEG, ORBIT_RADIUS
 from refany3d.errors import RefAny3DError, is_out_of_memory, out_of_memory_message
 from refany3d.offload import OFFLOAD_MODES
+from refany3d.quantization import QUANTIZE_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,6 +149,9 @@ def _add_generate(sub) -> None:
                    help="keep weights on the CPU between uses: model (each model visits the GPU for its stage; "
                    "~40 GB GPUs for FLUX.1-dev; the default of a bare --cpu-offload) or blocks (the transformer's "
                    "blocks one at a time too; 16-24 GB GPUs, slower)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES,
+                   help="store the transformer's and T5's weights in int8 (half the memory: FLUX.1-dev fits a 24 GB "
+                   "GPU, or 16 GB with --cpu-offload; needs torchao)")
     p.add_argument("--dtype", choices=("bfloat16", "float16", "float32"),
                    help="weights' precision (default: bfloat16 on a GPU, float32 on the CPU; FLUX overflows in float16)")
     p.set_defaults(run=_run_generate, flag_names=_flag_names(p))
@@ -203,7 +207,7 @@ def _run_generate(args) -> int:
                              "`torchrun --nproc_per_node N -m refany3d generate ... --device cpu`")
         device = args.device if args.device and state.num_processes == 1 else state.device
         pipe = RefAny3DPipeline.from_pretrained(base, ref, device=device, dtype=args.dtype,
-                                                cpu_offload=args.cpu_offload)
+                                                cpu_offload=args.cpu_offload, quantize=args.quantize)
         pipe.enable_compile(args.compile)
         if args.jobs:
             run_jobs(pipe, jobs, args.out, state.process_index, state.num_processes,

@@ -82,7 +82,9 @@ class BlockStream:
 def _pinned(tensor: torch.Tensor) -> torch.Tensor:
     try:
         return tensor.pin_memory()
-    except RuntimeError:  # pinned memory is limited on some systems: pageable copies are slower, not wrong
+    except (RuntimeError, NotImplementedError):
+        # Pinned memory is limited on some systems, and quantized tensor types may not pin:
+        # pageable copies are slower, not wrong.
         return tensor
 
 

@@ -26,6 +26,7 @@ from refany3d.conditions import black_like, condition_tokens, latent_position_id
 from refany3d.errors import InputError, ModelLoadError, require_finite, require_whole_number
 from refany3d.images import MAX_IMAGE_SIDE, ImageLike, to_rgb_image
 from refany3d.offload import OFFLOAD_MODES, CpuOffload, parse_offload
+from refany3d.quantization import parse_quantize, quantization_config
 from refany3d.transformer import joint_forward, refany3d_branches, refany3d_group_mask
 from refany3d.weights import (DEFAULT_BASE_MODEL, DEFAULT_REF_MODEL, load_refany3d_weights, looks_like_a_path,
                               partner_base, partner_ref, resolve_ref_weights)
@@ -150,6 +151,7 @@ class RefAny3DPipeline:
                                  **(default_settings or {})}
         self.domain_embedder = domain_embedder.to(device=flux.transformer.device, dtype=flux.transformer.dtype)
         self.offload: CpuOffload | None = None  # set: weights wait on the CPU between uses (enable_cpu_offload)
+        self.quantize: str | None = None  # set by from_pretrained(quantize=...): the large models' weights are int8
         self.source: dict[str, str] = {}  # from_pretrained's base and ref model: what batch runs record
 
     # ----------------------------------------------------------------------------------- loading
@@ -162,13 +164,15 @@ class RefAny3DPipeline:
         dtype: torch.dtype | str | None = None,
         cpu_offload: bool | str = False,
         torch_dtype: torch.dtype | str | None = None,
+        quantize: str | None = None,
     ) -> RefAny3DPipeline:
         """Load a diffusers FLUX base (hub id or folder) and RefAny3D weights (hub id or folder).
 
         bf16 on GPU and float32 on CPU unless `dtype` (or diffusers' older name `torch_dtype`) is
         given; FLUX overflows in float16, so prefer bfloat16. `cpu_offload` ("model", or "blocks"
         for smaller GPUs; True means "model") keeps weights in CPU memory and brings them to the GPU
-        only while they run (see `enable_cpu_offload`).
+        only while they run (see `enable_cpu_offload`). `quantize="int8"` loads the transformer and
+        T5 with int8 weights (half the memory; needs torchao; see `refany3d.quantization`).
         """
         from diffusers import FluxPipeline
 
@@ -178,13 +182,15 @@ class RefAny3DPipeline:
         dtype = parse_dtype(dtype if dtype is not None else torch_dtype)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         offload = parse_offload(cpu_offload)
+        quantize = parse_quantize(quantize)
+        loading = {"quantization_config": quantization_config(quantize)} if quantize else {}
         ref_files = resolve_ref_weights(ref_model)  # a missing ref model fails before the (large) base loads
         base_folder = Path(base_model).expanduser()
         if not base_folder.is_dir() and (base_folder.exists() or looks_like_a_path(str(base_model))):
             raise ModelLoadError(f"FLUX base model folder {str(base_folder)!r} not found (CLI: --base-model DIR): give a "
                                  f"diffusers FluxPipeline folder or a Hugging Face repo id such as {DEFAULT_BASE_MODEL}")
         try:
-            flux = FluxPipeline.from_pretrained(str(base_model), dtype=dtype)
+            flux = FluxPipeline.from_pretrained(str(base_model), dtype=dtype, **loading)
         except Exception as err:
             raise ModelLoadError(
                 f"could not load the FLUX base model {str(base_model)!r} ({type(err).__name__}: {err}). "
@@ -194,8 +200,9 @@ class RefAny3DPipeline:
         embedder = load_refany3d_weights(flux, ref_files)
         flux.transformer.requires_grad_(False)
         pipe = cls(flux, embedder.to(dtype), recommended_settings(ref_model))
+        pipe.quantize = quantize
         pipe.source = {"base_model": str(base_model), "ref_model": str(ref_model),
-                       "dtype": str(dtype).removeprefix("torch.")}
+                       "dtype": str(dtype).removeprefix("torch."), **({"quantize": quantize} if quantize else {})}
         if offload and device.type != "cpu":
             pipe.enable_cpu_offload(offload, device)
         else:
@@ -214,6 +221,11 @@ class RefAny3DPipeline:
         dtype = parse_dtype(dtype)
         if device is not None:
             device = parse_device(device)
+        if self.quantize and dtype is not None:
+            if dtype != self.dtype:
+                raise InputError(f"a pipeline loaded with quantize={self.quantize!r} keeps the dtype it was loaded in "
+                                 f"({str(self.dtype).removeprefix('torch.')}); load it again with dtype={dtype}")
+            dtype = None  # it is that dtype already, and diffusers refuses to cast a quantized model at all
         offload = self.offload
         if offload is not None:
             offload.remove()  # its block streams hold the weights as they rest now

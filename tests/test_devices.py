@@ -1,13 +1,13 @@
 """Where and in what precision a pipeline runs: dtype by name or as diffusers' `torch_dtype`,
-`pipe.to(dtype)`, CPU offload by model or by block, and diffusers' own offload hooks refused with
-what to use instead."""
+`pipe.to(dtype)`, CPU offload by model or by block, int8 weights (`quantize`), and diffusers' own
+offload hooks refused with what to use instead."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
-from refany3d.errors import InputError
+from refany3d.errors import InputError, ModelLoadError
 from refany3d.pipeline import RefAny3DPipeline, parse_dtype
 
 
@@ -153,3 +153,76 @@ def test_offload_grain_is_checked(model_dirs):
     assert pipe.cpu_offload is None  # on the CPU there is nothing to offload to
     with pytest.raises(InputError, match="enable_cpu_offload takes one of model, blocks, got False"):
         pipe.enable_cpu_offload(False)
+
+
+def _linear_layers(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """The model's own linear layers by name (inside peft's wrappers, without the adapters' A and B)."""
+    return {name.removesuffix(".base_layer"): module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and ".lora_" not in name
+            and not hasattr(module, "base_layer")}
+
+
+def test_int8_stores_the_large_models_weights_in_int8_and_keeps_the_picture(model_dirs):
+    """quantize="int8": every linear layer of the transformer and of T5 holds int8 weights with
+    one scale per row, each within half a step of the full-precision weight; the adapters stay in
+    float on top of them; the output is the full-precision output up to that rounding."""
+    from torchao.quantization import Int8Tensor
+
+    full = RefAny3DPipeline.from_pretrained(*model_dirs, device="cpu")
+    pipe = RefAny3DPipeline.from_pretrained(*model_dirs, device="cpu", quantize="int8")
+    assert pipe.quantize == "int8" and pipe.source["quantize"] == "int8" and "quantize" not in full.source
+    for component in ("transformer", "text_encoder_2"):
+        plain = _linear_layers(getattr(full.flux, component))
+        quantized = _linear_layers(getattr(pipe.flux, component))
+        assert plain.keys() == quantized.keys() and len(plain) >= 7
+        for name, layer in quantized.items():
+            weight, reference = layer.weight, plain[name].weight
+            assert isinstance(weight, Int8Tensor) and weight.qdata.dtype == torch.int8, name
+            assert weight.scale.shape == (reference.shape[0], 1), name  # one scale per output row
+            assert (weight.dequantize() - reference).abs().le(weight.scale / 2 + 1e-6).all(), name
+    for model in ("text_encoder", "vae"):  # small: kept as they were
+        assert not any(isinstance(p, Int8Tensor) for p in getattr(pipe.flux, model).parameters())
+    to_q = pipe.flux.transformer.transformer_blocks[0].attn.to_q
+    assert set(to_q.lora_A) == {"default", "coord"} and to_q.lora_A["coord"].weight.dtype == torch.float32
+    assert pipe.domain_embedder[1].weight.dtype == torch.float32
+
+    for mode in ("faithful", "exact"):
+        reference, quantized = _sample(full, mode=mode), _sample(pipe, mode=mode)
+        assert np.isfinite(quantized.image).all() and np.isfinite(quantized.pointmap).all()
+        assert np.abs(quantized.image - reference.image).mean() < 0.01, mode
+        assert np.abs(quantized.pointmap - reference.pointmap).mean() < 0.01, mode
+    # what the adapters add is still there: without "coord" the point map moves far more than int8 rounding moves it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("refany3d.transformer.TARGET_POINTMAP_ADAPTERS", ())
+        mp.setattr("refany3d.transformer.CONDITION_POINTMAP_ADAPTERS", ("default",))
+        without_coord = _sample(pipe, mode="faithful")
+    quantized = _sample(pipe, mode="faithful")
+    reference = _sample(full, mode="faithful")
+    assert np.abs(without_coord.pointmap - quantized.pointmap).mean() > 5 * np.abs(quantized.pointmap - reference.pointmap).mean()
+
+
+def test_int8_pipeline_keeps_its_dtype_and_offloads_by_block(model_dirs):
+    pipe = RefAny3DPipeline.from_pretrained(*model_dirs, device="cpu", quantize="int8")
+    resident = _sample(pipe)
+    with pytest.raises(InputError, match="loaded with quantize='int8' keeps the dtype it was loaded in "
+                                         r"\(float32\); load it again with dtype=torch.bfloat16"):
+        pipe.to(torch.bfloat16)
+    assert pipe.to("cpu", dtype=torch.float32) is pipe  # its own dtype: nothing to cast
+    pipe.enable_cpu_offload("blocks", device="cpu")
+    assert all(_resting(pipe))
+    np.testing.assert_allclose(_sample(pipe).image, resident.image, atol=1e-5)
+    assert all(_resting(pipe))
+
+
+def test_quantize_mode_is_checked_and_torchao_named_when_missing(model_dirs, monkeypatch):
+    from refany3d.app_config import AppConfig
+
+    with pytest.raises(InputError, match="quantize must be one of int8 .*got 'int4'"):
+        RefAny3DPipeline.from_pretrained(*model_dirs, device="cpu", quantize="int4")
+    assert AppConfig.from_env({"REFANY3D_QUANTIZE": "INT8"}).quantize == "int8"
+    assert AppConfig.from_env({"REFANY3D_QUANTIZE": "none"}).quantize is None
+    with pytest.raises(InputError, match="REFANY3D_QUANTIZE='nf4' must be int8, or none"):
+        AppConfig.from_env({"REFANY3D_QUANTIZE": "nf4"})
+    monkeypatch.setitem(__import__("sys").modules, "torchao.quantization", None)  # import fails as if absent
+    with pytest.raises(ModelLoadError, match=r"quantize='int8' needs torchao, which is not installed: pip install torchao=="):
+        RefAny3DPipeline.from_pretrained(*model_dirs, device="cpu", quantize="int8")

@@ -349,3 +349,12 @@ def test_a_job_that_runs_out_of_memory_does_not_stop_the_others(model_args, tmp_
     assert "1 of 2 jobs failed, the first huge: out of memory" in captured.err
     assert (tmp_path / "batch" / "small" / "image.png").is_file()
     assert not (tmp_path / "batch" / "huge" / "settings.json").exists()
+
+
+def test_quantize_flag_loads_int8_weights_and_is_recorded(model_args, tmp_path):
+    out = tmp_path / "int8"
+    assert main(["generate", str(VASE), "--prompt", "a vase", "--out", str(out), "--seed", "1", "--quantize", "int8",
+                 *SMALL, *model_args]) == 0
+    assert Image.open(out / "image.png").size == (32, 32)
+    record = json.loads((out / "settings.json").read_text())
+    assert record["settings"]["model"]["quantize"] == "int8" and record["settings"]["model"]["dtype"] == "float32"

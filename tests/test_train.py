@@ -622,13 +622,18 @@ def test_benchmarks_report_bad_input_in_one_line(tmp_path: Path) -> None:
         assert "Traceback" not in result.stderr
 
 
-def test_sampler_benchmark_times_offload_beside_the_resident_model() -> None:
+def test_sampler_benchmark_times_offload_and_int8_beside_the_resident_model() -> None:
     out = _benchmark("sampler.py", "--configs", "tiny", "--views", "1", "--steps", "1", "--repeats", "1",
-                     "--modes", "exact", "exact@model", "exact@blocks")
+                     "--modes", "exact", "exact@model", "exact@blocks", "exact+int8", "exact+int8@blocks")
+
+    def difference(variant: str) -> float:
+        (line,) = [line for line in out.splitlines() if line.strip().startswith(f"{variant}:")]
+        return float(re.search(r"vs exact: max\|d\| (\S+)", line).group(1))
+
     for grain in ("model", "blocks"):
-        (line,) = [line for line in out.splitlines() if line.strip().startswith(f"exact@{grain}:")]
-        difference = float(re.search(r"vs exact: max\|d\| (\S+)", line).group(1))
-        assert difference < 1e-4, line  # the same output, only the weights' whereabouts differ
+        assert difference(f"exact@{grain}") < 1e-4  # the same output, only the weights' whereabouts differ
+    for variant in ("exact+int8", "exact+int8@blocks"):  # int8 rounding of the weights moves it, a little
+        assert 1e-5 < difference(variant) < 0.05, out
 
 
 def test_quality_and_reference_use_benchmarks_run_on_a_trained_model(trained: tuple[Path, dict], dataset: Path,
