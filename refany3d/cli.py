@@ -403,6 +403,12 @@ def _add_train(sub) -> None:
                    "counts the target tokens that show the asset (mask.png) this many times")
     p.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile each stage's training step (a few minutes of compiling, then faster steps)")
+    p.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="stage 1: recompute each transformer block in the backward pass instead of keeping its "
+                   "activations (slower steps, far less memory: needed for FLUX.1-dev)")
+    p.add_argument("--quantize", choices=QUANTIZE_MODES,
+                   help="stage 1: load the base's transformer and T5 with int8 weights (half their memory; the "
+                   "LoRAs and domain embedder train in full precision on top; needs torchao)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (1 is fastest on a busy machine)")
     p.set_defaults(run=_run_train)
 

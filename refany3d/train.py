@@ -32,6 +32,7 @@ from refany3d.data import SampleDataset, collate
 from refany3d.procedural import caption_vocabulary
 from refany3d.errors import InputError, require_finite, require_whole_number
 from refany3d.tiny import TinyConfig, build_base_pipeline
+from refany3d.quantization import parse_quantize, quantization_config
 from refany3d.weights import (add_refany3d_adapters, load_refany3d_weights, new_domain_embedder, resolve_ref_weights,
                               save_refany3d_weights)
 from refany3d.transformer import Branch, joint_forward, refany3d_branches, refany3d_group_mask
@@ -81,6 +82,10 @@ class TrainConfig:
     # torch.compile each stage's objective (forward + backward); pays off over long runs: the small
     # models here are launch-bound on a GPU, and compiling fuses the elementwise work
     compile: bool = False
+    # Stage 1 for large bases (FLUX.1-dev): recompute each block in the backward pass instead of
+    # keeping its activations, and load the base's transformer and T5 with int8 weights
+    gradient_checkpointing: bool = False
+    quantize: str | None = None
     # Time budgets in minutes (None: none): a stage's step count is cut to what fits (`run_stage`)
     vae_minutes: float | None = None
     base_minutes: float | None = None
@@ -122,6 +127,7 @@ class TrainConfig:
                 require_finite(name, minutes)
                 if minutes <= 0:
                     raise InputError(f"{name} must be a positive number of minutes, got {minutes}")
+        self.quantize = parse_quantize(self.quantize)
         if not self.asset_loss_weight > 0:
             raise InputError(f"asset_loss_weight must be positive, got {self.asset_loss_weight}")
         if not self.data:
@@ -205,9 +211,11 @@ class RefAny3DObjective(torch.nn.Module):
     so the model learns the RGB target from the RGB views alone.
     """
 
-    def __init__(self, transformer, domain_embedder, n_views: int, group_mask: bool = True, pointmap_branch: bool = True):
+    def __init__(self, transformer, domain_embedder, n_views: int, group_mask: bool = True, pointmap_branch: bool = True,
+                 gradient_checkpointing: bool = False):
         super().__init__()
         self.transformer, self.domain_embedder, self.pointmap_branch = transformer, domain_embedder, pointmap_branch
+        self.gradient_checkpointing = gradient_checkpointing
         mask = refany3d_group_mask(n_views, pointmap_branch) if group_mask else torch.empty(0)
         self.register_buffer("group", mask, persistent=False)
 
@@ -233,7 +241,8 @@ class RefAny3DObjective(torch.nn.Module):
         """
         branches, target = self.noised_branches(rgb_latents, pm_latents, rgb_views, pm_views, text, pooled, guidance, t, noise)
         outputs = tuple(range(1, 1 + target.shape[1]))
-        preds = joint_forward(self.transformer, branches, self.domain_embedder, self.group_mask, outputs)
+        preds = joint_forward(self.transformer, branches, self.domain_embedder, self.group_mask, outputs,
+                              checkpoint_blocks=self.gradient_checkpointing)
         weights = (token_weights, None)  # RGB target, point-map target
         return tuple(weighted_mse(pred, target[:, i], weights[i]) for i, pred in enumerate(preds))
 
@@ -634,7 +643,8 @@ def train_refany3d(config: TrainConfig, accelerator, flux, domain_embedder) -> S
                                config.text_dropout, config.reference_dropout, config.guidance, config.asset_loss_weight)
     train_only_lora(flux.transformer)
     domain_embedder.requires_grad_(True)
-    objective = RefAny3DObjective(flux.transformer, domain_embedder, config.n_views, config.group_mask, config.pointmap_branch)
+    objective = RefAny3DObjective(flux.transformer, domain_embedder, config.n_views, config.group_mask, config.pointmap_branch,
+                                  config.gradient_checkpointing)
     return run_stage("refany3d", accelerator, objective, _batches(config, accelerator, config.seed + 5), to_inputs,
                      config.ref_steps, config.ref_lr, config, config.ref_minutes)
 
@@ -732,7 +742,8 @@ def _train_refany3d_stage(config: TrainConfig, accelerator, summary: dict[str, A
     out = Path(config.output_dir)
     source = config.base_model or out / "base"
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-    flux = FluxPipeline.from_pretrained(str(source), dtype=dtype).to(accelerator.device)
+    loading = {"quantization_config": quantization_config(config.quantize)} if config.quantize else {}
+    flux = FluxPipeline.from_pretrained(str(source), dtype=dtype, **loading).to(accelerator.device)
     for module in (flux.vae, flux.text_encoder, flux.text_encoder_2, flux.transformer):
         module.requires_grad_(False).eval()
     if config.init_ref:  # continue a finished stage 1, or fine-tune published weights

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from refany3d.data import load_asset_views, make_dataset
 from refany3d.errors import InputError
+from refany3d.pipeline import RefAny3DPipeline
 from refany3d.tiny import TinyConfig, build_base_pipeline
 from refany3d.train import CaptionEncoder, RefAny3DObjective, TrainConfig, preset_config, run_stage, sample_flow, train
 
@@ -403,6 +404,30 @@ def test_stage_one_can_start_from_saved_weights(trained: tuple[Path, dict], data
         assert all(torch.equal(embedder[k], start[k]) for k in start) == (lr == 0.0)
 
 
+def test_stage_one_on_an_int8_base_with_checkpointing_trains_the_same_weights(trained: tuple[Path, dict], dataset: Path,
+                                                                               tmp_path: Path) -> None:
+    """The large-base route (`--gradient-checkpointing --quantize int8`): checkpointing alone
+    reproduces a plain run's losses; on an int8 base the losses differ only by the weights'
+    rounding, and the LoRAs it writes are full-precision files the plain pipeline loads."""
+    out, _ = trained
+    runs = {}
+    for name, options in (("plain", {}), ("checkpointed", {"gradient_checkpointing": True}),
+                          ("int8", {"gradient_checkpointing": True, "quantize": "int8"})):
+        summary = train(preset_config("tiny", data=[str(dataset)], output_dir=str(tmp_path / name), condition_size=16,
+                                      stages=("refany3d",), base_model=str(out / "base"), **options), log=lambda line: None)
+        runs[name] = summary["stages"]["refany3d"]["losses"]
+    np.testing.assert_allclose(runs["checkpointed"], runs["plain"], rtol=1e-5)
+    np.testing.assert_allclose(runs["int8"], runs["plain"], rtol=0.05)
+    assert runs["int8"] != runs["plain"]  # it did run on int8 weights
+    saved = load_file(tmp_path / "int8" / "ref" / "coord.safetensors")
+    assert all(w.dtype == torch.float32 for w in saved.values())
+    pipe = RefAny3DPipeline.from_pretrained(out / "base", tmp_path / "int8" / "ref", device="cpu")
+    views = [np.full((16, 16, 3), 128, np.uint8)] * 2
+    image = pipe("a box", views, views, num_inference_steps=2, generator=torch.Generator().manual_seed(0),
+                 output_type="np").image
+    assert image.shape == (32, 32, 3) and np.isfinite(image).all()
+
+
 def _tiny_objective(n_views: int, pointmap_branch: bool = True, *, embedder_seed: int | None = None):
     """Stage 1's objective on the tiny base (seed 0) with LoRA adapters; the domain embedder is drawn
     after torch.manual_seed(embedder_seed) when that is given, else from the RNG as the base left it."""
@@ -446,6 +471,42 @@ def test_objective_is_the_mean_of_its_branch_losses_and_they_follow_t_and_noise(
         later = objective.branch_losses(**batch, t=torch.full((b,), 0.3), noise=noise)
         other_noise = objective.branch_losses(**batch, t=torch.full((b,), 0.8), noise=noise.flip(0))
     assert all(abs(x.item() - y.item()) > 1e-4 for pair in (zip(fixed[0], later), zip(fixed[0], other_noise)) for x, y in pair)
+
+
+def _saved_bytes_and_gradients(objective, batch) -> tuple[int, torch.Tensor, dict[str, torch.Tensor]]:
+    """(bytes autograd keeps for the backward pass, the loss, the trainable parameters' gradients)."""
+    saved = []
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved.append(tensor.untyped_storage().nbytes() if tensor.layout == torch.strided else 0)
+        return tensor
+
+    objective.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same t, noise and dropout draws in every call
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = objective(**batch)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in objective.named_parameters() if p.requires_grad}
+    return sum(saved), loss.detach(), grads
+
+
+def test_gradient_checkpointing_gives_the_same_gradients_and_keeps_far_less() -> None:
+    """Stage 1 with each block recomputed in the backward pass: the same loss and gradients, while
+    autograd keeps a fraction of the bytes (only each block's inputs)."""
+    from refany3d.train import train_only_lora
+
+    objective = _tiny_objective(2)
+    train_only_lora(objective.transformer)
+    batch = _random_stage_one_batch(objective.transformer.config, 2, torch.Generator().manual_seed(3))
+    kept, loss, grads = _saved_bytes_and_gradients(objective, batch)
+    objective.gradient_checkpointing = True
+    kept_checkpointed, loss_checkpointed, grads_checkpointed = _saved_bytes_and_gradients(objective, batch)
+    assert torch.equal(loss, loss_checkpointed)
+    assert grads.keys() == grads_checkpointed.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_checkpointed[name], grad, rtol=1e-5, atol=1e-7, msg=name)
+    assert any(grad.abs().max() > 0 for name, grad in grads.items() if "lora_A" in name)
+    assert kept_checkpointed < kept / 3, (kept_checkpointed, kept)
 
 
 def test_objective_without_the_pointmap_branch_ignores_point_maps() -> None:
@@ -634,6 +695,15 @@ def test_sampler_benchmark_times_offload_and_int8_beside_the_resident_model() ->
         assert difference(f"exact@{grain}") < 1e-4  # the same output, only the weights' whereabouts differ
     for variant in ("exact+int8", "exact+int8@blocks"):  # int8 rounding of the weights moves it, a little
         assert 1e-5 < difference(variant) < 0.05, out
+
+
+def test_train_memory_benchmark_finds_checkpointing_keeps_far_less() -> None:
+    out = _benchmark("train_memory.py", "--heads", "1", "--resolution", "256", "--views", "4")
+    rows = re.search(r"4 views \((\d+) rows\): plain +(\S+) GiB, --gradient-checkpointing +(\S+) GiB", out)
+    assert rows, out
+    assert int(rows.group(1)) == 512 + 10 * 16 ** 2  # T5's tokens and 2 + 2x4 branches of (256 / 8 / 2)² tokens
+    plain, checkpointed = float(rows.group(2)), float(rows.group(3))
+    assert 0 < checkpointed < plain / 4, out
 
 
 def test_quality_and_reference_use_benchmarks_run_on_a_trained_model(trained: tuple[Path, dict], dataset: Path,
