@@ -35,8 +35,7 @@ GIB = 2**30
 
 
 def saved_bytes(double: int, single: int, heads: int, latent_grid: int, views: int, checkpointing: bool) -> int:
-    """Bytes autograd keeps after one stage-1 forward pass (batch 1, in bf16: run in float32, floats
-    counted at half their size) of a FLUX-width model with
+    """Bytes autograd keeps after one stage-1 forward pass (batch 1, bf16) of a FLUX-width model with
     `double` + `single` blocks on targets and views of latent_grid² latent cells."""
     from diffusers import FluxTransformer2DModel
 
@@ -46,13 +45,13 @@ def saved_bytes(double: int, single: int, heads: int, latent_grid: int, views: i
         patch_size=1, in_channels=4 * flux["latent_channels"], num_layers=double, num_single_layers=single,
         attention_head_dim=flux["head_dim"], num_attention_heads=heads, joint_attention_dim=flux["text_dim"],
         pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
-    )
+    ).to(torch.bfloat16)
     add_refany3d_adapters(transformer, 16, 16)
     train_only_lora(transformer)
-    embedder = new_domain_embedder(heads * flux["head_dim"])
+    embedder = new_domain_embedder(heads * flux["head_dim"]).to(torch.bfloat16)
     objective = RefAny3DObjective(transformer, embedder, views, gradient_checkpointing=checkpointing)
     c, g = flux["latent_channels"], latent_grid
-    noise = torch.randn
+    noise = lambda *shape: torch.randn(*shape, dtype=torch.bfloat16)  # noqa: E731
     inputs = dict(rgb_latents=noise(1, c, g, g), pm_latents=noise(1, c, g, g), rgb_views=noise(1, views, c, g, g),
                   pm_views=noise(1, views, c, g, g), text=noise(1, flux["text_tokens"], flux["text_dim"]),
                   pooled=noise(1, 768), guidance=torch.ones(1))
@@ -63,9 +62,8 @@ def saved_bytes(double: int, single: int, heads: int, latent_grid: int, views: i
         base = tensor if tensor._base is None else tensor._base
         # The weights are resident anyway, and the group mask (bool, rows x rows) is one tensor
         # that all blocks share: it is added once to the estimate, not per block.
-        if id(base) not in weights and base.dtype != torch.bool:  # float32 here (the CPU's fast path); bf16 halves every float
-            storage = base.untyped_storage()
-            kept[storage.data_ptr()] = storage.nbytes() // (2 if base.is_floating_point() else 1)
+        if id(base) not in weights and base.dtype != torch.bool:
+            kept[base.untyped_storage().data_ptr()] = base.untyped_storage().nbytes()
         return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):

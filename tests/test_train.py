@@ -301,6 +301,8 @@ def test_bad_configs_raise_input_errors() -> None:
         TrainConfig(data=["d"], output_dir="o", asset_loss_weight=0)
     with pytest.raises(InputError, match="ref_minutes must be a positive number of minutes, got -1"):
         TrainConfig(data=["d"], output_dir="o", ref_minutes=-1)
+    with pytest.raises(InputError, match="quantize must be one of int8 .*got 'nf4'"):
+        TrainConfig(data=["d"], output_dir="o", quantize="nf4")
     with pytest.raises(InputError, match="no training stage given"):
         TrainConfig(data=["d"], output_dir="o", stages=())
     with pytest.raises(InputError, match="mixed_precision must be 'no', 'bf16' or 'fp16', got 'fp64'"):
