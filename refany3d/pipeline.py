@@ -183,14 +183,14 @@ class RefAny3DPipeline:
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         offload = parse_offload(cpu_offload)
         quantize = parse_quantize(quantize)
-        loading = {"quantization_config": quantization_config(quantize)} if quantize else {}
+        quantized_loading = quantization_config(quantize)  # a missing torchao fails before the base loads
         ref_files = resolve_ref_weights(ref_model)  # a missing ref model fails before the (large) base loads
         base_folder = Path(base_model).expanduser()
         if not base_folder.is_dir() and (base_folder.exists() or looks_like_a_path(str(base_model))):
             raise ModelLoadError(f"FLUX base model folder {str(base_folder)!r} not found (CLI: --base-model DIR): give a "
                                  f"diffusers FluxPipeline folder or a Hugging Face repo id such as {DEFAULT_BASE_MODEL}")
         try:
-            flux = FluxPipeline.from_pretrained(str(base_model), dtype=dtype, **loading)
+            flux = FluxPipeline.from_pretrained(str(base_model), dtype=dtype, quantization_config=quantized_loading)
         except Exception as err:
             raise ModelLoadError(
                 f"could not load the FLUX base model {str(base_model)!r} ({type(err).__name__}: {err}). "

@@ -33,9 +33,11 @@ def parse_quantize(value: str | None) -> str | None:
     raise InputError(f"quantize must be one of {', '.join(QUANTIZE_MODES)} (or None for full precision), got {value!r}")
 
 
-def quantization_config(mode: str) -> Any:
-    """diffusers' PipelineQuantizationConfig that loads FluxPipeline's transformer and T5 in `mode`."""
-    parse_quantize(mode)
+def quantization_config(mode: str | None) -> Any | None:
+    """diffusers' PipelineQuantizationConfig that loads FluxPipeline's transformer and T5 in `mode`
+    (None for None: full precision, diffusers' default)."""
+    if parse_quantize(mode) is None:
+        return None
     torchao_log = logging.getLogger("torchao")
     level = torchao_log.level
     torchao_log.setLevel(logging.ERROR)  # its import lists every CUDA kernel library it could not load; int8 needs none

@@ -742,8 +742,8 @@ def _train_refany3d_stage(config: TrainConfig, accelerator, summary: dict[str, A
     out = Path(config.output_dir)
     source = config.base_model or out / "base"
     dtype = torch.bfloat16 if config.mixed_precision == "bf16" else torch.float32
-    loading = {"quantization_config": quantization_config(config.quantize)} if config.quantize else {}
-    flux = FluxPipeline.from_pretrained(str(source), dtype=dtype, **loading).to(accelerator.device)
+    flux = FluxPipeline.from_pretrained(str(source), dtype=dtype, quantization_config=quantization_config(config.quantize)
+                                        ).to(accelerator.device)
     for module in (flux.vae, flux.text_encoder, flux.text_encoder_2, flux.transformer):
         module.requires_grad_(False).eval()
     if config.init_ref:  # continue a finished stage 1, or fine-tune published weights
