@@ -81,6 +81,8 @@ class Variant:
         """The variant this one must match or approximate: the same mode with full-precision weights
         that stay on the device."""
         return f"{self.mode}/{self.cache_refresh_every}" if self.cache_refresh_every else self.mode
+
+
 PROMPT = "a red table in the room with a wooden floor"
 H100_BF16_DENSE_TFLOPS = 989.0
 
@@ -292,11 +294,11 @@ def bench(pipe: RefAny3DPipeline, config: Config, repeats: int, modes: tuple[str
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     quantized = int8_copy(pipe) if any(Variant.parse(mode).int8 for mode in modes) else None
     model = {mode: quantized if Variant.parse(mode).int8 else pipe for mode in modes}
+    models = tuple({id(m): m for m in model.values()}.values())
     flops = {mode: counted_flops(model[mode], mode, views, config) for mode in modes}
-    for each in {id(m): m for m in model.values()}.values():
+    for each in models:
         cached_encoders(each).clear_caches()
     outputs, times, memory = {}, {m: [] for m in modes}, {m: 0.0 for m in modes}
-    models = tuple({id(m): m for m in model.values()}.values())
     for mode in modes:  # warm-up round (first-call costs; fills the fast sampler's caches)
         place(model[mode], mode, device, models)
         outputs[mode] = call(model[mode], mode, views, config)
