@@ -7,9 +7,9 @@ stage-1 objective (LoRA adapters, domain embedder, group mask) on FLUX-width tra
 block, one double block and one single block; runs one forward pass at two image sizes; and sums the
 bytes of the tensors autograd saves (each storage once, the weights left out: they are resident
 anyway; the group mask, shared by all blocks, is added once). The differences give each block
-kind's bytes per token, linear in the token count (the
-two sizes check it), which it extrapolates to FLUX.1-dev's 19 double and 38 single blocks at the
-asked resolution and view counts. With checkpointing a block keeps only its input, and the
+kind's bytes per token (the slope between the two sizes; the count grows linearly with the
+tokens, as an earlier probe at 1152 and 3072 rows found), which it extrapolates to FLUX.1-dev's
+19 double and 38 single blocks at the asked resolution and view counts. With checkpointing a block keeps only its input, and the
 backward pass holds one block's activations at a time on top.
 
     python benchmarks/train_memory.py                     # 512 px, 4 and 8 views, batch 1, bf16
@@ -85,7 +85,6 @@ def main() -> int:
     ap.add_argument("--heads", type=positive_int, default=FLUX_DEV["heads"],
                     help="attention heads of 128 (24: FLUX.1-dev's width; fewer for a quick check of the script)")
     args = ap.parse_args()
-    torch.set_grad_enabled(True)
     probe_views, grids = 4, (8, 16)  # measured at 64 and 128 px, 4 views: 672 and 1152 rows
     print(f"FLUX width {args.heads * 128}, batch 1, bf16; bytes autograd keeps per row of the joint pass "
           f"(measured at {', '.join(str(tokens(g, probe_views)) for g in grids)} rows):")
