@@ -500,6 +500,9 @@ def preview_views(mesh_path: str | None, n_views: int, radius: float, pitch: flo
         raise InputError("; ".join(problems.values()))
     views = render_views(service.load_mesh(mesh_path), int(n_views), PREVIEW_RESOLUTION,
                          float(radius), float(pitch), float(y_rotation))
+    blind_views = views.blind_views_note()
+    if blind_views:
+        gr.Warning(blind_views)
     gallery: list[tuple[Any, str]] = []
     for azimuth, rgb, pointmap in zip(views.azimuths, views.rgb, views.pointmap):
         gallery += [(rgb, f"RGB {azimuth:.0f}°"), (pointmap, f"point map {azimuth:.0f}°")]
@@ -635,6 +638,9 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
     views = render_views(mesh, settings.n_views, settings.condition_size(ratio),
                          settings.radius, settings.pitch, settings.y_rotation)
     views.require_visible()
+    blind_views = views.blind_views_note()
+    if blind_views:
+        gr.Warning(blind_views)
     record = {**settings.to_record(ratio), "sampler": service.config.sampler}
     if service.config.zero_gpu:  # ZeroGPU ends a call at its requested duration: refuse what cannot finish
         expected = expected_gpu_seconds(settings.model, len(views.rgb), record)
@@ -676,6 +682,8 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
                    f"{settings.seed + len(candidates) - 1}); seed {seed} with 1 candidate gives it again.")
     if len(cloud) == 0:
         status += " The point map has no foreground, so the point cloud is empty."
+    if blind_views:
+        status += f" {blind_views}."
     return result, status
 
 

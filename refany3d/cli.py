@@ -11,11 +11,12 @@ import argparse
 import os
 import re
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
 from refany3d.cameras import DEFAULT_FOV_Y_DEG, ORBIT_RADIUS
-from refany3d.errors import RefAny3DError, is_out_of_memory, out_of_memory_message
+from refany3d.errors import RefAny3DError, RefAny3DWarning, is_out_of_memory, out_of_memory_message
 from refany3d.offload import OFFLOAD_MODES
 from refany3d.quantization import QUANTIZE_MODES
 
@@ -42,9 +43,11 @@ def run_reporting_errors(run: Callable[[], int | None], describe: Callable[[str]
     """Run a command: refany3d's own errors, the operating system's and running out of memory become
     one line on stderr (`describe` may reword it) and exit status 2; anything else is a bug and
     keeps its traceback.
+    Its warnings (RefAny3DWarning) become "warning: ..." lines, each time they occur.
     The benchmarks' scripts run through it too."""
     try:
-        return int(run() or 0)
+        with _warnings_as_lines(describe):
+            return int(run() or 0)
     except RefAny3DError as err:
         print(f"error: {describe(str(err))}", file=sys.stderr)
         return 2
@@ -60,6 +63,23 @@ def run_reporting_errors(run: Callable[[], int | None], describe: Callable[[str]
             raise
         print(f"error: {describe(out_of_memory_message(err))}", file=sys.stderr)
         return 2
+
+
+@contextmanager
+def _warnings_as_lines(describe: Callable[[str], str]):
+    """Show refany3d's warnings as one plain line on stderr, every time (a batch may warn per job)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", RefAny3DWarning)
+        show_other = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if issubclass(category, RefAny3DWarning):
+                print(f"warning: {describe(str(message))}", file=sys.stderr)
+            else:
+                show_other(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def positive_int(text: str) -> int:
@@ -250,6 +270,9 @@ def _run_render(args) -> int:
 
     views = render_views(args.mesh, n_views=args.views, resolution=args.resolution, radius=args.radius,
                          pitch=args.pitch, y_rotation=args.y_rotation)
+    note = views.blind_views_note()
+    if note:
+        warnings.warn(note, RefAny3DWarning, stacklevel=1)
     views.save(args.out)
     print(f"wrote {len(views.rgb)} views of {args.mesh} to {args.out} (contact_sheet.png, views.json)")
     return 0

@@ -29,6 +29,11 @@ class RenderError(RefAny3DError, RuntimeError):
     """No usable offscreen OpenGL (EGL or OSMesa) to render with."""
 
 
+class RefAny3DWarning(UserWarning):
+    """An input that still runs but likely not as meant (views that show nothing of the asset, say);
+    the CLI prints it as one line, the app as a notice."""
+
+
 OUT_OF_MEMORY_ADVICE = ("fewer views, smaller images (height, width, condition size) or fewer candidates need less; "
                         "on a GPU, CPU offload ('model', or 'blocks' for 16-24 GB GPUs) keeps the weights off it")
 

@@ -10,6 +10,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from contextlib import nullcontext
 from functools import partial
 from collections.abc import Callable, Mapping, Sequence
@@ -23,7 +24,7 @@ from PIL import Image
 
 from refany3d.cameras import ORBIT_RADIUS
 from refany3d.conditions import black_like, condition_tokens, latent_position_ids, pack_latents, unpack_latents
-from refany3d.errors import InputError, ModelLoadError, require_finite, require_whole_number
+from refany3d.errors import InputError, ModelLoadError, RefAny3DWarning, require_finite, require_whole_number
 from refany3d.images import MAX_IMAGE_SIDE, ImageLike, to_rgb_image
 from refany3d.offload import OFFLOAD_MODES, CpuOffload, parse_offload
 from refany3d.quantization import parse_quantize, quantization_config
@@ -594,6 +595,9 @@ class RefAny3DPipeline:
         views = render_views(mesh, n_views=n_views, resolution=condition_size, radius=radius, pitch=pitch,
                              y_rotation=y_rotation)
         views.require_visible()
+        note = views.blind_views_note()
+        if note:
+            warnings.warn(note, RefAny3DWarning, stacklevel=2)
         sample = partial(self, prompt, views.rgb, views.pointmap, condition_size=condition_size, **call_kwargs)
         if generators is None:
             out = sample(generator=generator)

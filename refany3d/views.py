@@ -116,6 +116,21 @@ class ReferenceViews:
         raise InputError(f"the asset is not visible in any reference view: radius {self.radius:g} is too far for "
                          f"{camera.width} px views")
 
+    def blind_views_note(self, min_share: float = 1e-3) -> str | None:
+        """Name the views that show (almost) nothing of the asset while others show it, or None.
+
+        A thin asset (a sign, a card) is seen edge-on by some views of an orbit: those condition
+        images are blank and tell the model nothing. That still samples, so it is a note, not an
+        error; `require_visible` refuses the case where every view is blank."""
+        blind = [azimuth for azimuth, mask in zip(self.azimuths, self.masks) if mask.mean() < min_share]
+        if not blind or len(blind) == len(self.masks):
+            return None
+        where = ", ".join(f"{azimuth:g}°" for azimuth in blind)
+        return (f"{len(blind)} of {len(self.masks)} reference views (azimuth {where}) show almost nothing of "
+                "the asset: it is thin and seen edge-on there, so only the other views show the model what it "
+                "looks like. The views' azimuths are fixed: the mesh turned about its vertical axis in its file "
+                "(by 45°, say) is seen in every view")
+
     def to_dict(self) -> dict:
         """JSON-ready description of the views (no pixels)."""
         return {

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import os
 import pickle
+import re
 import threading
 import time
 from pathlib import Path
@@ -671,3 +672,24 @@ def test_an_asset_no_view_shows_is_refused_before_sampling(service, tiny_model, 
         generate(0.0)
     assert sampled == []
     assert Image.open(generate(30.0)[0]).size == (64, 64) and sampled == [30.0]
+
+
+def test_views_that_see_a_thin_asset_edge_on_are_noted_in_the_preview_and_the_status(service, tiny_model, tmp_path):
+    """A sign is seen edge-on by two of four views: the preview and the generation warn (a notice
+    in the app) and the status line says which views, and the generation still runs."""
+    import trimesh
+
+    sign = tmp_path / "sign.obj"
+    trimesh.Trimesh([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], [[0, 1, 2], [0, 2, 3]]).export(sign)
+    base, ref = tiny_model()
+    service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu"))
+    note = r"2 of 4 reference views \(azimuth 0°, 180°\) show almost nothing of the asset"
+    with pytest.warns(UserWarning, match=note):  # gr.Warning outside a running app
+        gallery = logic.preview_views(str(sign), 4, 4.0, 0.0, 0.0)
+    assert len(gallery) == 8
+    with pytest.warns(UserWarning, match=note):
+        out = logic.generate(str(sign), "a sign", 4, 4.0, 0.0, 0.0, 1, False, 1, 3.5, 2.0, 64,
+                             app_config.CONFIGURED_MODEL, 1, False, _Request("sign"), lambda *a, **k: None)
+    assert Image.open(out[0]).size == (64, 64)
+    status = out[6]
+    assert status.startswith("Done: seed 1") and re.search(note, status)

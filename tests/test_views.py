@@ -352,6 +352,45 @@ def test_cli_render_writes_views(box_glb, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: bad.glb")
 
 
+def _sign(turn_deg: float = 0.0) -> trimesh.Trimesh:
+    """A square sign standing in the XY plane: no thickness along z, turned about the vertical axis."""
+    sign = trimesh.Trimesh([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], [[0, 1, 2], [0, 2, 3]])
+    return sign.apply_transform(trimesh.transformations.rotation_matrix(math.radians(turn_deg), [0, 1, 0]))
+
+
+def test_views_that_see_a_thin_asset_edge_on_are_named():
+    """A sign seen edge-on by the 0° and 180° views: the note names those two, and turning the mesh
+    by 45°, as it advises, leaves none blind. No note when no view or every view is blind."""
+    views = render_views(_sign(), n_views=4, resolution=32)
+    shares = [float(m.mean()) for m in views.masks]
+    assert shares[0] == shares[2] == 0.0 and min(shares[1], shares[3]) > 0.2
+    note = views.blind_views_note()
+    assert note.startswith("2 of 4 reference views (azimuth 0°, 180°) show almost nothing of the asset")
+    assert "turned about its vertical axis in its file (by 45°, say) is seen in every view" in note
+    turned = render_views(_sign(45.0), n_views=4, resolution=32)
+    assert min(float(m.mean()) for m in turned.masks) > 0.2 and turned.blind_views_note() is None
+    # a thin but not flat board (2 % thick) still shows a sliver edge-on at 64 px: not blind
+    board = render_views(trimesh.creation.box(extents=(2.0, 2.0, 0.04)), n_views=4, resolution=64)
+    assert 0.0 < float(board.masks[0].mean()) and board.blind_views_note() is None
+    # a rug circled at pitch 0 is blind in every view: require_visible refuses it, the note stays out of it
+    rug = trimesh.Trimesh([[-1, 0, -1], [1, 0, -1], [1, 0, 1], [-1, 0, 1]], [[0, 2, 1], [0, 3, 2]])
+    assert render_views(rug, n_views=4, resolution=32).blind_views_note() is None
+
+
+def test_cli_render_prints_the_blind_views_note_as_one_line(tmp_path, capsys):
+    from refany3d.cli import main
+
+    sign = tmp_path / "sign.obj"
+    _sign().export(sign)
+    assert main(["render", str(sign), "--views", "4", "--resolution", "32", "--out", str(tmp_path / "v")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: 2 of 4 reference views (azimuth 0°, 180°) show almost nothing")
+    assert (tmp_path / "v" / "rgb_03.png").is_file()  # still written: a note, not an error
+    # each run says it again (Python shows a warning once per place by default)
+    assert main(["render", str(sign), "--views", "4", "--resolution", "32", "--out", str(tmp_path / "w")]) == 0
+    assert capsys.readouterr().err.count("warning: 2 of 4") == 1
+
+
 @pytest.mark.parametrize("name", ["Duck.glb", "CesiumMilkTruck.glb", "capsule.obj"])
 def test_shared_meshes_render_upright_and_textured(shared_meshes, name):
     views = render_views(shared_meshes / name, n_views=2, resolution=96)
