@@ -14,13 +14,14 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it, along the data path
 _EXPORTS = {
-    # errors: every failure a user can cause
+    # errors: every failure a user can cause, and the warning for input that runs but likely not as meant
     "RefAny3DError": "errors",
     "MeshError": "errors",
     "InputError": "errors",
     "ModelLoadError": "errors",
     "AlignmentError": "errors",
     "RenderError": "errors",
+    "RefAny3DWarning": "errors",
     # meshes, cameras, reference views, image inputs
     "load_mesh": "mesh",
     "as_mesh": "mesh",
