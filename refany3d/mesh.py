@@ -14,6 +14,7 @@ import math
 import os
 import re
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -22,7 +23,7 @@ import numpy as np
 import trimesh
 from PIL import Image
 
-from refany3d.errors import InputError, MeshError
+from refany3d.errors import InputError, MeshError, RefAny3DWarning
 
 MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
 DEFAULT_MAX_FACES = 2_000_000
@@ -343,6 +344,11 @@ def _mesh_in_folder(folder: Path) -> Path:
     if len(best) > 1:
         names = ", ".join(str(p.relative_to(folder)) for p in best[:5])
         raise MeshError(f"the zip archive holds several meshes ({names}); keep only one")
+    if len(ranked) > 1:  # the same asset exported twice, most likely: the richest format is read
+        others = ", ".join(str(p.relative_to(folder)) for p in ranked[1:5])
+        warnings.warn(f"the zip archive holds meshes in several formats: {ranked[0].relative_to(folder)} is used, "
+                      f"{others} {'is' if len(ranked) == 2 else 'are'} not (formats are read in the order "
+                      f"{', '.join(s[1:].upper() for s in MESH_SUFFIXES)})", RefAny3DWarning, stacklevel=3)
     return ranked[0]
 
 

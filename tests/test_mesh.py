@@ -5,6 +5,7 @@ import json
 import os
 import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 import trimesh
 from PIL import Image
 
-from refany3d.errors import MeshError
+from refany3d.errors import MeshError, RefAny3DWarning
 from refany3d.mesh import Normalization, load_mesh, normalization_of
 
 
@@ -248,6 +249,20 @@ def test_bad_zips(tmp_path):
     with pytest.raises(MeshError, match="expands to more than 1 MiB"):
         load_mesh(bomb, max_zip_bytes=1 << 20)
     assert set(os.listdir(tempfile.gettempdir())) <= before
+
+
+def test_a_zip_of_one_asset_in_two_formats_reads_the_glb_and_says_so(tmp_path):
+    box_glb = trimesh.creation.box().export(file_type="glb")
+    with pytest.warns(RefAny3DWarning) as caught:
+        both = load_mesh(zip_with(tmp_path, {"model.obj": CUBE_OBJ.encode(), "model.glb": box_glb}))
+    assert [str(w.message) for w in caught] == [
+        "the zip archive holds meshes in several formats: model.glb is used, model.obj is not (formats are read "
+        "in the order GLB, GLTF, OBJ, PLY, STL, OFF)"]
+    np.testing.assert_allclose(both.bounds, [[-0.5] * 3, [0.5] * 3])  # the GLB's unit box, not the OBJ's cube
+    with warnings.catch_warnings():  # one mesh and its other files: nothing to say
+        warnings.simplefilter("error", RefAny3DWarning)
+        alone = load_mesh(zip_with(tmp_path, {"model.obj": CUBE_OBJ.encode(), "notes.txt": b"hi"}, name="one.zip"))
+    np.testing.assert_allclose(alone.bounds, CUBE_BOUNDS)
 
 
 # --------------------------------------------------------------------------- shared meshes
