@@ -469,7 +469,10 @@ def _session_hash(request: gr.Request | None) -> str | None:
 
 @user_errors
 def show_mesh(mesh_path: str | None, request: gr.Request) -> str | None:
-    """The uploaded mesh as a textured GLB for the 3D viewer (None clears it)."""
+    """The uploaded mesh as a textured GLB for the 3D viewer (None clears it), with a notice of
+    what loading it noted (which file of a .zip was used)."""
+    from refany3d.mesh import LOAD_NOTES
+
     if not mesh_path:
         return None
     service = get_service()
@@ -477,6 +480,8 @@ def show_mesh(mesh_path: str | None, request: gr.Request) -> str | None:
     if problem:
         raise MeshError(problem)
     mesh = service.load_mesh(mesh_path)
+    for note in mesh.metadata.get(LOAD_NOTES, []):
+        gr.Warning(note)
     folder = service.sessions.new_run_folder(_session_hash(request), "view-")
     target = folder / (Path(mesh_path).stem + ".glb")
     mesh.export(target)

@@ -331,7 +331,8 @@ def _safe_extract(archive: Path, dest: Path, max_bytes: int) -> None:
                 raise MeshError(f"the zip archive is damaged ({err})") from None
 
 
-def _mesh_in_folder(folder: Path) -> Path:
+def _mesh_in_folder(folder: Path) -> tuple[Path, str | None]:
+    """The one mesh file of an extracted zip, and a note when other formats of it were passed over."""
     candidates = [
         p for p in folder.rglob("*")
         if p.is_file() and p.suffix.lower() in MESH_SUFFIXES
@@ -344,12 +345,13 @@ def _mesh_in_folder(folder: Path) -> Path:
     if len(best) > 1:
         names = ", ".join(str(p.relative_to(folder)) for p in best[:5])
         raise MeshError(f"the zip archive holds several meshes ({names}); keep only one")
-    if len(ranked) > 1:  # the same asset exported twice, most likely: the richest format is read
-        others = ", ".join(str(p.relative_to(folder)) for p in ranked[1:5])
-        warnings.warn(f"the zip archive holds meshes in several formats: {ranked[0].relative_to(folder)} is used, "
-                      f"{others} {'is' if len(ranked) == 2 else 'are'} not (formats are read in the order "
-                      f"{', '.join(s[1:].upper() for s in MESH_SUFFIXES)})", RefAny3DWarning, stacklevel=3)
-    return ranked[0]
+    if len(ranked) == 1:
+        return ranked[0], None
+    # the same asset exported twice, most likely: the richest format is read
+    others = ", ".join(str(p.relative_to(folder)) for p in ranked[1:5])
+    return ranked[0], (f"the zip archive holds meshes in several formats: {ranked[0].relative_to(folder)} is used, "
+                       f"{others} {'is' if len(ranked) == 2 else 'are'} not (formats are read in the order "
+                       f"{', '.join(s[1:].upper() for s in MESH_SUFFIXES)})")
 
 
 def _load_scene(path: Path) -> trimesh.Scene:
@@ -406,6 +408,7 @@ def _load_file(path: Path, max_faces: int) -> trimesh.Trimesh:
 
 
 _PREPARED = "refany3d_prepared"  # metadata key of meshes that went through prepare_mesh
+LOAD_NOTES = "refany3d_load_notes"  # metadata key: what load_mesh warned about this mesh
 
 
 def prepare_mesh(mesh: trimesh.Trimesh | trimesh.Scene, max_faces: int = DEFAULT_MAX_FACES,
@@ -470,7 +473,12 @@ def load_mesh(
     if suffix == ".zip":
         with tempfile.TemporaryDirectory(prefix="refany3d_zip_") as tmp:
             _safe_extract(path, Path(tmp), max_zip_bytes)
-            return _load_file(_mesh_in_folder(Path(tmp)), max_faces)
+            chosen, note = _mesh_in_folder(Path(tmp))
+            mesh = _load_file(chosen, max_faces)
+        if note:  # said now, and kept with the mesh for whoever shows it later (the app's viewer)
+            mesh.metadata[LOAD_NOTES] = [note]
+            warnings.warn(note, RefAny3DWarning, stacklevel=2)
+        return mesh
     if suffix not in MESH_SUFFIXES:
         known = ", ".join(s[1:].upper() for s in MESH_SUFFIXES)
         raise MeshError(f"unsupported mesh format {suffix or '(no extension)'!r}; use {known} or a .zip")

@@ -674,6 +674,28 @@ def test_an_asset_no_view_shows_is_refused_before_sampling(service, tiny_model, 
     assert Image.open(generate(30.0)[0]).size == (64, 64) and sampled == [30.0]
 
 
+def test_the_viewer_notes_which_file_of_a_zip_is_used_on_every_upload_of_it(service, tmp_path):
+    """A .zip of one asset as .glb and .obj: the viewer shows the GLB, and a notice says so each
+    time it is shown (the parsed mesh is cached, so the note travels with it)."""
+    import zipfile
+
+    from refany3d.errors import RefAny3DWarning
+
+    service(logic.AppConfig())
+    archive = tmp_path / "asset.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("asset.glb", trimesh.creation.box().export(file_type="glb"))
+        zf.writestr("asset.obj", trimesh.creation.icosphere().export(file_type="obj"))
+    note = "the zip archive holds meshes in several formats: asset.glb is used, asset.obj is not"
+    for upload in range(2):
+        with pytest.warns(UserWarning) as caught:
+            shown = logic.show_mesh(str(archive), _Request("zip"))
+        notices = [w for w in caught if w.category is UserWarning]  # gr.Warning outside a running app
+        assert len(notices) == 1 and str(notices[0].message).startswith(note)
+        assert [w.category for w in caught if w.category is not UserWarning] == [RefAny3DWarning] * (upload == 0)
+        assert len(trimesh.load(shown, force="mesh").faces) == 12  # the box, not the sphere
+
+
 def test_views_that_see_a_thin_asset_edge_on_are_noted_in_the_preview_and_the_status(service, tiny_model, tmp_path):
     """A sign is seen edge-on by two of four views: the preview and the generation warn (a notice
     in the app) and the status line says which views, and the generation still runs."""
