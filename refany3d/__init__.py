@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import importlib
 
+from refany3d.library_noise import drop_harmless_library_messages
+
 __version__ = "0.1.0"
+drop_harmless_library_messages()
 
 # public name -> module that defines it, along the data path
 _EXPORTS = {

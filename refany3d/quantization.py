@@ -13,7 +13,6 @@ when asked for, since it is a GPU-minded package most CPU runs never need.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from refany3d.errors import InputError, ModelLoadError
@@ -38,16 +37,11 @@ def quantization_config(mode: str | None) -> Any | None:
     (None for None: full precision, diffusers' default)."""
     if parse_quantize(mode) is None:
         return None
-    torchao_log = logging.getLogger("torchao")
-    level = torchao_log.level
-    torchao_log.setLevel(logging.ERROR)  # its import lists every CUDA kernel library it could not load; int8 needs none
     try:
         from torchao.quantization import Int8WeightOnlyConfig
     except ImportError:
         raise ModelLoadError(f"quantize={mode!r} needs torchao, which is not installed: "
                              f"pip install {TORCHAO_REQUIREMENT}") from None
-    finally:
-        torchao_log.setLevel(level)
     from diffusers import PipelineQuantizationConfig
     from diffusers import TorchAoConfig as DiffusersTorchAoConfig
     from transformers import TorchAoConfig as TransformersTorchAoConfig

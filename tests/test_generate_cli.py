@@ -192,6 +192,52 @@ def test_bad_generate_input_is_one_line_and_exit_2(argv, message, tmp_path):
     assert not (tmp_path / "x").exists()  # a failed run leaves no empty output folder behind
 
 
+def test_a_run_prints_its_own_lines_and_no_library_start_up_noise(model_args, tmp_path):
+    """Importing FluxPipeline with torchao and no torchvision logs seven harmless lines (kernel
+    libraries, deprecations, fallbacks): refany3d drops those, and stderr keeps the progress bars."""
+    import re
+
+    from refany3d.library_noise import HARMLESS
+
+    result = subprocess.run([sys.executable, "-m", "refany3d", "generate", str(VASE), "--prompt", "a vase",
+                             "--out", str(tmp_path / "run"), "--seed", "1", *SMALL, *model_args],
+                            cwd=tmp_path, capture_output=True, text=True,
+                            env={"PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"wrote {tmp_path / 'run' / 'image.png'}")
+    lines = [line for line in re.split(r"[\r\n]+", result.stderr) if line.strip()]
+    assert [line for line in lines if any(p.search(line) for p in HARMLESS.values())] == []
+    assert [line for line in lines if not re.search(r"^(Loading|sampling)\b.*\|", line)] == []  # progress only
+
+
+def test_library_noise_filters_drop_only_their_own_messages():
+    import logging
+
+    from refany3d.library_noise import _DropMatching, drop_harmless_library_messages
+
+    drop_harmless_library_messages()
+    drop_harmless_library_messages()  # installed once however often it is called
+    samples = {
+        "torchao": "Failed to load /x/torchao/_C_mxfp8.so: Could not load this library",
+        "torch.utils._pytree": "<enum 'KernelPreference'> is an Enum subclass and is now natively supported by torch",
+        "diffusers.quantizers.torchao.torchao_quantizer": "Unable to import `torchao` Tensor objects. This may affect",
+        "transformers.utils.import_utils": "`CLIPImageProcessor` requires torchvision (not installed); falling back to",
+    }
+    seen = []
+    collect = logging.Handler(logging.WARNING)
+    collect.emit = lambda record: seen.append(record.getMessage())
+    for name, message in samples.items():
+        logger = logging.getLogger(name)
+        assert sum(isinstance(f, _DropMatching) for f in logger.filters) == 1
+        logger.addHandler(collect)  # on the logger itself: these libraries' loggers do not all propagate
+        try:
+            logger.warning(message)
+            logger.warning("something else went wrong in %s", name)
+        finally:
+            logger.removeHandler(collect)
+    assert seen == [f"something else went wrong in {name}" for name in samples]
+
+
 def test_unreadable_mesh_is_a_clear_error(model_args, tmp_path, capsys):
     bad = tmp_path / "broken.glb"
     bad.write_bytes(b"glTF\x02\x00\x00\x00garbage")
