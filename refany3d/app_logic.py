@@ -871,8 +871,14 @@ def align_result(result: GenerationResult | None, show_asset: bool):
     point-cloud plot with the recovered camera, the downloads with alignment.json, the result."""
     if result is None:
         return (gr.skip(),) * 6
-    overlay, text, details = _align_generation(result)
-    return overlay, text, details, _figure(result, show_asset), result.files, result
+    try:
+        overlay, text, details = _align_generation(result)
+        figure = _figure(result, show_asset)
+    except (FileNotFoundError, InputError):
+        if Path(result.image).parent.is_dir():
+            raise
+        return (gr.skip(),) * 6  # the tab closed and its session's folder went with it (end_session)
+    return overlay, text, details, figure, result.files, result
 
 
 @user_errors

@@ -619,6 +619,31 @@ def test_alignment_of_a_generation_measures_the_known_camera(service, tmp_path):
     assert logic.redraw_pointcloud(None, True)[1] is False  # no generation of the visitor's: the box unticks
 
 
+def test_alignment_after_the_tab_closed_ends_quietly(service, tmp_path):
+    """The tab closed while its generation was being aligned: end_session removed the session's
+    folder, so there is nothing to read or write and nobody to show it to. No error, no traceback."""
+    import shutil
+
+    from refany3d.cameras import orbit_camera
+
+    service(logic.AppConfig())
+    for measured_first in (False, True):  # files still to read, or (a candidate's report) only to write
+        folder = tmp_path / f"run{measured_first:d}"
+        folder.mkdir()
+        result, _ = _rendered_generation(folder, VASE, orbit_camera(azimuth_deg=0.0, resolution=64), y_rotation=0.0)
+        if measured_first:
+            result.report = logic._align_files(result.mesh_path, result.image, result.pointmap, 0.0)
+        shutil.rmtree(folder)
+        assert logic.align_result(result, False) == (gr.skip(),) * 6
+    # with the folder there, a missing file is still an error the visitor sees
+    folder = tmp_path / "run2"
+    folder.mkdir()
+    result, _ = _rendered_generation(folder, VASE, orbit_camera(azimuth_deg=0.0, resolution=64), y_rotation=0.0)
+    Path(result.pointmap).unlink()
+    with pytest.raises(gr.Error):
+        logic.align_result(result, False)
+
+
 def test_an_unmeasurable_generation_says_why_without_an_error(service, tmp_path):
     from refany3d.cameras import orbit_camera
 
