@@ -1,5 +1,5 @@
 """Shared by the tests: the repository's paths, the optional third-party folders beside it, random
-view images, and tiny random models built once per seed for the whole session.
+view images, a thin sign, and tiny random models built once per seed for the whole session.
 
 Test modules import the constants and helpers (`from conftest import VASE, random_views`); the
 fixtures reach them as usual.
@@ -43,6 +43,15 @@ def random_views(n: int, *, size: int = 32, seed: int = 0) -> tuple[list[Image.I
     rng = np.random.default_rng(seed)
     make = lambda: Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))  # noqa: E731
     return [make() for _ in range(n)], [make() for _ in range(n)]
+
+
+def sign_mesh(turn_deg: float = 0.0):
+    """A square sign standing in the XY plane, no thickness along z, turned about the vertical
+    axis: the 0° and 180° reference views see it edge-on (blank) unless it is turned."""
+    import trimesh
+
+    sign = trimesh.Trimesh([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], [[0, 1, 2], [0, 2, 3]])
+    return sign.apply_transform(trimesh.transformations.rotation_matrix(np.radians(turn_deg), [0, 1, 0]))
 
 
 @pytest.fixture(scope="session")

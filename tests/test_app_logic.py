@@ -22,7 +22,7 @@ from refany3d import app_logic as logic
 from refany3d.errors import InputError, MeshError, ModelLoadError
 from refany3d.pipeline import EMBEDDED_MODEL_DIR
 
-from conftest import VASE
+from conftest import VASE, sign_mesh
 
 
 @pytest.fixture
@@ -724,10 +724,8 @@ def test_the_viewer_notes_which_file_of_a_zip_is_used_on_every_upload_of_it(serv
 def test_views_that_see_a_thin_asset_edge_on_are_noted_in_the_preview_and_the_status(service, tiny_model, tmp_path):
     """A sign is seen edge-on by two of four views: the preview and the generation warn (a notice
     in the app) and the status line says which views, and the generation still runs."""
-    import trimesh
-
     sign = tmp_path / "sign.obj"
-    trimesh.Trimesh([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], [[0, 1, 2], [0, 2, 3]]).export(sign)
+    sign_mesh().export(sign)
     base, ref = tiny_model()
     service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu"))
     note = r"2 of 4 reference views \(azimuth 0°, 180°\) show almost nothing of the asset"

@@ -24,7 +24,7 @@ from refany3d.transformer import (
     refany3d_group_mask,
 )
 
-from conftest import REPO, random_views
+from conftest import REPO, random_views, sign_mesh
 
 
 @pytest.fixture(scope="module")
@@ -433,11 +433,9 @@ def test_views_that_show_nothing_are_refused_naming_why(pipe):
 
 
 def test_views_that_see_a_thin_asset_edge_on_are_a_warning_not_an_error(pipe):
-    import trimesh
-
     from refany3d.errors import RefAny3DWarning
 
-    sign = trimesh.Trimesh([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], [[0, 1, 2], [0, 2, 3]])
+    sign = sign_mesh()
     with pytest.warns(RefAny3DWarning, match=r"^2 of 4 reference views \(azimuth 0°, 180°\) show almost nothing"):
         out = pipe.generate_from_mesh(sign, "a sign", n_views=4, condition_size=32, height=32, width=32,
                                       num_inference_steps=1, generator=torch.Generator().manual_seed(0))

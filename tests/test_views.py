@@ -17,6 +17,8 @@ from refany3d.errors import InputError
 from refany3d.mesh import load_mesh, normalization_of
 from refany3d.views import Renderer, render_at, render_views
 
+from conftest import sign_mesh
+
 
 SIDE_COLORS = {  # (axis, sign) -> RGB
     (0, 1): (255, 0, 0), (0, -1): (0, 255, 255),
@@ -352,22 +354,16 @@ def test_cli_render_writes_views(box_glb, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: bad.glb")
 
 
-def _sign(turn_deg: float = 0.0) -> trimesh.Trimesh:
-    """A square sign standing in the XY plane: no thickness along z, turned about the vertical axis."""
-    sign = trimesh.Trimesh([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], [[0, 1, 2], [0, 2, 3]])
-    return sign.apply_transform(trimesh.transformations.rotation_matrix(math.radians(turn_deg), [0, 1, 0]))
-
-
 def test_views_that_see_a_thin_asset_edge_on_are_named():
     """A sign seen edge-on by the 0° and 180° views: the note names those two, and turning the mesh
     by 45°, as it advises, leaves none blind. No note when no view or every view is blind."""
-    views = render_views(_sign(), n_views=4, resolution=32)
+    views = render_views(sign_mesh(), n_views=4, resolution=32)
     shares = [float(m.mean()) for m in views.masks]
     assert shares[0] == shares[2] == 0.0 and min(shares[1], shares[3]) > 0.2
     note = views.blind_views_note()
     assert note.startswith("2 of 4 reference views (azimuth 0°, 180°) show almost nothing of the asset")
     assert "turned about its vertical axis in its file (by 45°, say) is seen in every view" in note
-    turned = render_views(_sign(45.0), n_views=4, resolution=32)
+    turned = render_views(sign_mesh(45.0), n_views=4, resolution=32)
     assert min(float(m.mean()) for m in turned.masks) > 0.2 and turned.blind_views_note() is None
     # a thin but not flat board (2 % thick) still shows a sliver edge-on at 64 px: not blind
     board = render_views(trimesh.creation.box(extents=(2.0, 2.0, 0.04)), n_views=4, resolution=64)
@@ -381,7 +377,7 @@ def test_cli_render_prints_the_blind_views_note_as_one_line(tmp_path, capsys):
     from refany3d.cli import main
 
     sign = tmp_path / "sign.obj"
-    _sign().export(sign)
+    sign_mesh().export(sign)
     assert main(["render", str(sign), "--views", "4", "--resolution", "32", "--out", str(tmp_path / "v")]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("warning: 2 of 4 reference views (azimuth 0°, 180°) show almost nothing")
