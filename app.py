@@ -126,6 +126,7 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
                     with gr.Accordion("Report (JSON)", open=False):
                         alignment_details.render()
             result = gr.State()
+            stop_in_queue = gr.State(0)  # a new number from Stop cancels a generation waiting in the queue
 
     # API clients get the validators' messages for out-of-range numbers, not Gradio's bare 400
     logic.leave_ranges_to_validators(seed, n_views, radius, pitch, y_rotation, steps, guidance_scale,
@@ -172,9 +173,11 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
     )
     show_asset.change(logic.redraw_pointcloud, [result, show_asset], [pointcloud_plot, show_asset],
                       api_visibility="private")
-    # Stop: a queued generation is cancelled by Gradio, a running one ends after its current step.
-    stop_button.click(logic.request_stop, None, status, cancels=[generation], api_visibility="private",
+    # Stop: a running generation ends after its current step, reporting it itself; one waiting in
+    # the queue is cancelled by Gradio (a cancelled running one would hold the page until its step ends).
+    stop_button.click(logic.request_stop, None, [status, stop_in_queue], api_visibility="private",
                       concurrency_limit=None)
+    stop_in_queue.change(None, None, None, cancels=[generation], api_visibility="private")
     gr.on([demo.load, model.change], logic.resolution_slider, [model, resolution], resolution,
           api_visibility="private")
     examples.dataset.click(logic.forget_result, None, [result, show_asset, randomize_seed], api_visibility="private")

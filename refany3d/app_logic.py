@@ -323,17 +323,23 @@ class GpuTimings:
 
 # -------------------------------------------------------------------------------- the service
 class StopRequests:
-    """Stops asked for by sessions, applied to each run of theirs under way; the sampler checks
-    after each step.
+    """Stops asked for by sessions; the sampler checks after each step.
 
-    Gradio's `cancels=` cannot interrupt a function that is already running, so the stop is
-    cooperative. It is kept per run, not per session: a cancelled run frees its queue slot while
-    its thread finishes the current step, so a session can briefly have two. Under ZeroGPU the
-    sampler runs in another process, which does not see it; there the GPU duration bounds a run."""
+    Gradio's `cancels=` cannot interrupt a function that is already running, and while the
+    cancelled run finishes its step the page drops the next Generate click. So a run under way is
+    only flagged here: it ends itself after its current step, and its own "Stopped after step N"
+    line reaches the page together with the end of the run, which takes the next Generate at once.
+
+    A stop while none of the session's runs is under way is for its generation waiting in the
+    queue, which the page cancels; should it start in between, it ends before it starts. The
+    session's next submission (`submitted`, from the validator) clears that. Under ZeroGPU the
+    sampler runs in another process, which does not see the flags; there the GPU duration bounds
+    a run."""
 
     def __init__(self) -> None:
         self._runs: dict[int, str | None] = {}  # run id -> session
         self._stopping: set[int] = set()
+        self._stopped_in_queue: set[str | None] = set()  # sessions whose waiting run must not start
         self._ids = itertools.count()
         self._lock = threading.Lock()
 
@@ -343,6 +349,9 @@ class StopRequests:
         with self._lock:
             run = next(self._ids)
             self._runs[run] = session
+            if session in self._stopped_in_queue:
+                self._stopped_in_queue.discard(session)
+                self._stopping.add(run)
         try:
             yield run
         finally:
@@ -350,12 +359,26 @@ class StopRequests:
                 del self._runs[run]
                 self._stopping.discard(run)
 
+    def submitted(self, session: str | None) -> None:
+        """The session submitted a new generation: an earlier stop is not for it."""
+        with self._lock:
+            self._stopped_in_queue.discard(session)
+
     def request(self, session: str | None) -> bool:
-        """Ask every run of the session to stop; False when none is under way."""
+        """Ask every run of the session under way to stop; when none is, its waiting one. True
+        when a run was under way."""
         with self._lock:
             runs = [run for run, owner in self._runs.items() if owner == session]
             self._stopping.update(runs)
+            if not runs:
+                self._stopped_in_queue.add(session)
             return bool(runs)
+
+    def end_session(self, session: str | None) -> None:
+        """The session's tab closed: its runs under way stop (Gradio drops its waiting ones)."""
+        self.request(session)
+        with self._lock:
+            self._stopped_in_queue.discard(session)
 
     def check(self, run: int | None, what: str) -> None:
         """Raise GenerationStopped if the run was asked to stop."""
@@ -707,6 +730,7 @@ def generate(mesh_path: str | None, prompt: str, n_views: int, radius: float, pi
     session = _session_hash(request)
     with get_service().stops.running(session) as run:
         try:
+            get_service().stops.check(run, "before it started")
             result, status = _generate(mesh_path, settings, session, progress, run)
         except GenerationStopped as stopped:  # asked for, not a failure: the outputs stay as they were
             return (*[gr.skip()] * 6, f"{stopped} The results shown are the previous ones.", gr.skip())
@@ -905,9 +929,12 @@ def align_pair(mesh_path: str | None, image_path: str | None, pointmap_path: str
 
 
 def validate_generation(mesh_path, prompt, n_views, radius, pitch, y_rotation, seed, randomize_seed,
-                        steps, guidance_scale, image_guidance_scale, resolution, model, candidates, show_asset):
-    """Gradio `validator=`: one gr.validate per input, checked before the event is queued."""
+                        steps, guidance_scale, image_guidance_scale, resolution, model, candidates, show_asset,
+                        request: gr.Request):
+    """Gradio `validator=`: one gr.validate per input, checked before the event is queued (and
+    the moment a session submits a new generation, which an earlier Stop is not for)."""
     service = get_service()
+    service.stops.submitted(_session_hash(request))
     settings = GenerationSettings(prompt, n_views, radius, pitch, y_rotation, seed, bool(randomize_seed),
                                   steps, guidance_scale, image_guidance_scale, resolution, model, candidates)
     problems = settings_problems(settings, service.config, service.registry)
@@ -931,14 +958,20 @@ def validate_views(mesh_path, n_views, radius, pitch, y_rotation):
                        for name in ("n_views", "radius", "pitch", "y_rotation")]
 
 
-STOPPED = "Stopped: the generation ends after its current step."
+STOPPING = "Stopping: the generation ends after its current step."
 NOTHING_TO_STOP = "Nothing was sampling; a generation still waiting in the queue, if any, is cancelled."
+_queue_stops = itertools.count(1)
 
 
-def request_stop(request: gr.Request) -> str:
-    """The Stop button: the session's running generation ends after its current step (Gradio's
-    `cancels=` drops a queued one, and the page stops waiting for either). The status line says so."""
-    return STOPPED if get_service().stops.request(_session_hash(request)) else NOTHING_TO_STOP
+def request_stop(request: gr.Request):
+    """The Stop button. A running generation of the session ends after its current step and says
+    so in the status line itself (a notice says it is stopping). Otherwise the status line says
+    so, and the second output, a new number, has the page cancel a generation waiting in the
+    queue (see `StopRequests`)."""
+    if get_service().stops.request(_session_hash(request)):
+        gr.Info(STOPPING)
+        return gr.skip(), gr.skip()
+    return NOTHING_TO_STOP, next(_queue_stops)
 
 
 def resolution_slider(model: str, resolution: int):
@@ -954,5 +987,5 @@ def resolution_slider(model: str, resolution: int):
 def end_session(request: gr.Request) -> None:
     """Stop the session's generation and remove its folder when its browser tab closes."""
     service = get_service()
-    service.stops.request(_session_hash(request))
+    service.stops.end_session(_session_hash(request))
     service.sessions.remove(_session_hash(request))

@@ -28,9 +28,10 @@ Prompt and view encodings are cached (LRU, keyed by content) across calls, in th
 """
 from __future__ import annotations
 
-import hashlib
 import dataclasses
+import hashlib
 import math
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -440,20 +441,25 @@ def _single_block(block, x, layout: JointLayout, embs, rotary, cache):
     return x
 
 
-
-
 class _LRU(OrderedDict):
+    """A small least-recently-used cache; safe to share between the app's generation threads
+    (a value may be computed twice by a race, never lost or half-stored)."""
+
     def __init__(self, size: int):
         super().__init__()
         self.size = size
+        self._lock = threading.Lock()
 
     def get_or_compute(self, key, compute: Callable):
-        if key in self:
-            self.move_to_end(key)
-            return self[key]
-        value = self[key] = compute()
-        if len(self) > self.size:
-            self.popitem(last=False)
+        with self._lock:
+            if key in self:
+                self.move_to_end(key)
+                return self[key]
+        value = compute()
+        with self._lock:
+            self[key] = value
+            while len(self) > self.size:
+                self.popitem(last=False)
         return value
 
 

@@ -363,7 +363,9 @@ class RefAny3DPipeline:
     def _timesteps(self, steps: int, image_tokens: int):
         from diffusers.pipelines.flux.pipeline_flux import calculate_shift, retrieve_timesteps
 
-        scheduler = self.flux.scheduler
+        # Each call steps schedulers of its own: a scheduler keeps its step index, and the app's
+        # generations (REFANY3D_CONCURRENCY > 1) share one pipeline across threads.
+        scheduler = copy.deepcopy(self.flux.scheduler)
         mu = calculate_shift(
             image_tokens,
             scheduler.config.get("base_image_seq_len", 256),

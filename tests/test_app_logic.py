@@ -217,7 +217,7 @@ def test_mesh_problems(tmp_path):
 def test_validator_gives_one_verdict_per_input(service):
     service(logic.AppConfig())
     args = [None, "", 3, 4.0, 0.0, 0.0, 5, False, 0, 3.5, 2.0, 512, app_config.PUBLISHED_MODEL, 9, False]
-    verdicts = logic.validate_generation(*args)
+    verdicts = logic.validate_generation(*args, _Request("visitor"))
     assert len(verdicts) == len(args) == 2 + len(logic.SETTING_FIELDS)
     failed = {i: v["message"] for i, v in enumerate(verdicts) if not v["is_valid"]}
     assert set(failed) == {0, 1, 8, 13}  # mesh, prompt, steps, candidates
@@ -230,9 +230,9 @@ def test_validator_refuses_a_mesh_that_cannot_be_read_before_the_run_is_queued(s
     cloud = tmp_path / "cloud.obj"
     cloud.write_text("v 0 0 0\nv 1 0 0\nv 0 1 0\n")  # points only: the right type and size, no surface
     args = [str(cloud), "a cloud", 3, 4.0, 0.0, 0.0, 5, False, 4, 3.5, 2.0, 64, app_config.EMBEDDED_MODEL, 1, False]
-    mesh_verdict = logic.validate_generation(*args)[0]
+    mesh_verdict = logic.validate_generation(*args, _Request("visitor"))[0]
     assert not mesh_verdict["is_valid"] and "cloud.obj has no faces" in mesh_verdict["message"]
-    assert logic.validate_generation(str(VASE), *args[1:])[0]["is_valid"]
+    assert logic.validate_generation(str(VASE), *args[1:], _Request("visitor"))[0]["is_valid"]
 
 
 def test_views_validator_names_each_view_setting(service):
@@ -486,22 +486,34 @@ def test_a_generation_with_candidates_keeps_the_most_rigid_and_says_which(servic
     assert details == reports[seed - 11].to_dict() and f"seed {seed}" in text
 
 
-def test_stop_ends_the_running_generation_after_its_current_step_and_only_that_one(service, tiny_model):
+def test_stop_ends_the_running_generation_after_its_current_step_and_only_that_one(service, tiny_model, monkeypatch):
     base, ref = tiny_model()
     svc = service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu"))
     args = (str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 3, False, 4, 3.5, 2.0, 64, app_config.CONFIGURED_MODEL, 1, False)
-    steps = []
+    notices, steps = [], []
+    monkeypatch.setattr(logic.gr, "Info", notices.append)
 
     def press_stop_at_step_two(value, **kwargs):  # what the Stop button does, from the progress bar
         steps.append(value)
         if value == (2, 4):
-            assert logic.request_stop(_Request("visitor")) == logic.STOPPED
+            # the run reports its own end; the page must not cancel it (that would hold the page)
+            assert logic.request_stop(_Request("visitor")) == (gr.skip(), gr.skip())
 
     stopped = logic.generate(*args, _Request("visitor"), press_stop_at_step_two)  # not an error: no red badges
     assert stopped[6] == "Stopped after step 2 of 4, as asked. The results shown are the previous ones."
     assert all(output == gr.skip() for i, output in enumerate(stopped) if i != 6)
-    assert steps[-1] == (2, 4)
-    assert logic.request_stop(_Request("visitor")) == logic.NOTHING_TO_STOP  # nor kept for the next one
+    assert steps[-1] == (2, 4) and notices == [logic.STOPPING]
+    # nothing runs now: the stop is for a generation waiting in the queue, which the page cancels
+    # (a new number for the State whose change cancels it) and which ends at once should it start
+    first_status, first_number = logic.request_stop(_Request("visitor"))
+    second_status, second_number = logic.request_stop(_Request("visitor"))
+    assert first_status == second_status == logic.NOTHING_TO_STOP and first_number != second_number
+    waiting = logic.generate(*args, _Request("visitor"), lambda *a, **k: steps.append("sampled"))
+    assert waiting[6] == "Stopped before it started, as asked. The results shown are the previous ones."
+    assert steps[-1] == (2, 4)  # nothing was loaded or sampled for it
+
+    logic.request_stop(_Request("visitor"))
+    logic.validate_generation(*args, _Request("visitor"))  # a new submission: the stop is not for it
     image, *_, status, _ = logic.generate(*args[:11], 70, *args[12:], _Request("visitor"), lambda *a, **k: None)
     assert Image.open(image).size == (64, 64)  # a typed 70 px samples at the multiple of 16 below
     assert "Sampled at 64 px: sizes are multiples of 16." in status
@@ -515,7 +527,7 @@ def test_stop_ends_the_running_generation_after_its_current_step_and_only_that_o
 def test_a_stop_reaches_every_run_of_the_session_under_way_and_no_later_one():
     stops = logic.StopRequests()
     with stops.running("a") as old, stops.running("a") as new, stops.running("b") as other:
-        # a cancelled run still finishing its step, beside the session's next one
+        # two runs of one session (an API client's), beside another session's
         assert stops.request("a")
         for run in (old, new):
             with pytest.raises(logic.GenerationStopped, match="Stopped at step 3, as asked."):
@@ -523,7 +535,25 @@ def test_a_stop_reaches_every_run_of_the_session_under_way_and_no_later_one():
         stops.check(other, "never")  # another session's run goes on
     with stops.running("a") as later:
         stops.check(later, "never")  # the stop was for the runs under way then
+
+
+def test_a_stop_with_nothing_under_way_ends_the_sessions_next_run_unless_it_submits_anew():
+    stops = logic.StopRequests()
     assert not stops.request("a")
+    with stops.running("b") as other:
+        stops.check(other, "never")  # another session's
+    with stops.running("a") as waiting:  # the run that waited in the queue
+        with pytest.raises(logic.GenerationStopped, match="Stopped before it started"):
+            stops.check(waiting, "before it started")
+    with stops.running("a") as after:  # that stop is spent
+        stops.check(after, "never")
+    assert not stops.request("a")
+    stops.submitted("a")
+    with stops.running("a") as fresh:
+        stops.check(fresh, "never")
+    stops.end_session("a")  # a closed tab leaves no stop behind for the session
+    with stops.running("a") as reopened:
+        stops.check(reopened, "never")
 
 
 def test_the_resolution_slider_follows_the_chosen_model(service):

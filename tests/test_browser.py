@@ -15,6 +15,7 @@ import pytest
 
 from app_server import running_app, tiny_app_env
 from conftest import REPO, VASE
+from refany3d import app_logic as logic
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(
@@ -139,12 +140,39 @@ def test_stop_ends_a_running_generation_and_the_next_one_runs(page):
     page.click("#generate")
     page.get_by_text(re.compile(r"Sampling")).first.wait_for()
     page.click("#stop")
-    # the Stop button's line, or the stopped run's own ("Stopped after step N of 50, ...")
-    page.wait_for_function("document.querySelector('#status').innerText.startsWith('Stopped')")
+    page.get_by_text("Stopping: the generation ends after its current step.").first.wait_for()
+    page.wait_for_function("document.querySelector('#status').innerText.startsWith('Stopped after step')")
+    assert re.fullmatch(r"Stopped after step \d+ of 50, as asked\. The results shown are the previous ones\.",
+                        _status(page))
 
     _set_sliders(page, {"#steps": "1", "#resolution": "64"})
-    page.click("#generate")  # the stop was for that generation only
+    page.click("#generate")  # the page took the stopped run's end, and the stop was for that run only
     page.wait_for_function("document.querySelector('#status').innerText.startsWith('Done')")
+
+
+def test_stop_cancels_a_generation_waiting_in_the_queue_and_leaves_the_running_one(page):
+    """Two visitors, one generation at a time: the second one's Stop takes its generation out of
+    the queue (the page is free at once), and the first one's goes on."""
+    second = page.context.browser.new_page(viewport={"width": 1400, "height": 1000})
+    second.set_default_timeout(TIMEOUT_MS)
+    second.goto(page.url)
+    for visitor in (page, second):
+        visitor.set_input_files("#mesh-upload input[type=file]", str(VASE))
+        _gallery_images(visitor, 4)
+    page.get_by_text("Advanced").click()
+    _set_sliders(page, {"#steps": "50", "#resolution": "256"})
+    page.click("#generate")
+    page.get_by_text(re.compile(r"Sampling")).first.wait_for()
+    second.click("#generate")
+    second.wait_for_function("/queue/i.test(document.querySelector('#status').innerText)")
+    second.click("#stop")
+    second.wait_for_function(f"document.querySelector('#status').innerText === {logic.NOTHING_TO_STOP!r}")
+    assert re.search(r"Sampling", _status(page))  # the first visitor's generation goes on
+
+    page.click("#stop")
+    page.wait_for_function("document.querySelector('#status').innerText.startsWith('Stopped after step')")
+    second.click("#generate")  # the cancelled one is gone: this one runs, and is not stopped
+    second.wait_for_function("document.querySelector('#status').innerText.startsWith('Done')")
 
 
 def test_bad_uploads_and_settings_show_errors_and_the_app_keeps_serving(page, tmp_path):

@@ -159,6 +159,24 @@ def test_callback_reports_every_step(pipe):
 
 
 @pytest.mark.parametrize("mode", ["faithful", "exact"])
+def test_a_call_started_while_another_samples_changes_neither(pipe, mode):
+    """The app's generation threads share one pipeline: a call that runs while another is between
+    steps (here from its callback, so the interleaving is certain) leaves both results as alone."""
+    alone_first = sample(pipe, seed=1, num_inference_steps=4, mode=mode)
+    alone_second = sample(pipe, seed=2, num_inference_steps=2, mode=mode)
+    inner = []
+
+    def run_the_second_between_steps(step, _total):
+        if step == 2:
+            inner.append(sample(pipe, seed=2, num_inference_steps=2, mode=mode))
+
+    outer = sample(pipe, seed=1, num_inference_steps=4, mode=mode, callback=run_the_second_between_steps)
+    for together, alone in ((outer, alone_first), (inner[0], alone_second)):
+        np.testing.assert_array_equal(together.image, alone.image)
+        np.testing.assert_array_equal(together.pointmap, alone.pointmap)
+
+
+@pytest.mark.parametrize("mode", ["faithful", "exact"])
 def test_diffusers_step_end_callback_sees_and_replaces_the_latents(pipe, mode):
     """diffusers' callback_on_step_end(pipe, step, timestep, tensors): the packed latents go out
     after every step, and what it returns replaces them."""
