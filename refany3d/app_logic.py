@@ -20,6 +20,7 @@ import shutil
 import tempfile
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from contextlib import contextmanager
@@ -332,16 +333,22 @@ class StopRequests:
 
     A stop while none of the session's runs is under way is for its generation waiting in the
     queue, which the page cancels; should it start in between, it ends before it starts. The
-    session's next submission (`submitted`, from the validator) clears that. Under ZeroGPU the
-    sampler runs in another process, which does not see the flags; there the GPU duration bounds
-    a run."""
+    session's next submission (`submitted`, from the validator) clears that.
+
+    A run's flag is a file in a folder of this process's: under ZeroGPU the sampler runs in a
+    forked worker whose copy of this object no longer follows this process's memory, but sees
+    the same folder."""
 
     def __init__(self) -> None:
         self._runs: dict[int, str | None] = {}  # run id -> session
-        self._stopping: set[int] = set()
         self._stopped_in_queue: set[str | None] = set()  # sessions whose waiting run must not start
         self._ids = itertools.count()
         self._lock = threading.Lock()
+        self.folder = Path(tempfile.mkdtemp(prefix="refany3d-stops-"))
+        weakref.finalize(self, _remove_own_folder, self.folder, os.getpid())
+
+    def _flag(self, run: int) -> Path:
+        return self.folder / str(run)
 
     @contextmanager
     def running(self, session: str | None):
@@ -351,13 +358,13 @@ class StopRequests:
             self._runs[run] = session
             if session in self._stopped_in_queue:
                 self._stopped_in_queue.discard(session)
-                self._stopping.add(run)
+                self._flag(run).touch()
         try:
             yield run
         finally:
             with self._lock:
                 del self._runs[run]
-                self._stopping.discard(run)
+                self._flag(run).unlink(missing_ok=True)
 
     def submitted(self, session: str | None) -> None:
         """The session submitted a new generation: an earlier stop is not for it."""
@@ -369,7 +376,8 @@ class StopRequests:
         when a run was under way."""
         with self._lock:
             runs = [run for run, owner in self._runs.items() if owner == session]
-            self._stopping.update(runs)
+            for run in runs:
+                self._flag(run).touch()
             if not runs:
                 self._stopped_in_queue.add(session)
             return bool(runs)
@@ -381,11 +389,14 @@ class StopRequests:
             self._stopped_in_queue.discard(session)
 
     def check(self, run: int | None, what: str) -> None:
-        """Raise GenerationStopped if the run was asked to stop."""
-        with self._lock:
-            stop = run in self._stopping
-        if stop:
+        """Raise GenerationStopped if the run was asked to stop (from any process)."""
+        if run is not None and self._flag(run).exists():
             raise GenerationStopped(f"Stopped {what}, as asked.")
+
+
+def _remove_own_folder(folder: Path, owner_pid: int) -> None:
+    if os.getpid() == owner_pid:  # never from a forked worker's copy
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class AppService:
@@ -560,12 +571,22 @@ def _call_flops(n_views: int, settings: dict) -> float:
     return one * settings["candidates"]
 
 
+@dataclass
+class Sampling:
+    """What `sample_on_gpu` hands back: the candidates' (image, point map) pairs, or why it
+    stopped. A value, not a raised GenerationStopped, since ZeroGPU's worker process passes on
+    only gr.Error's messages."""
+
+    candidates: list[tuple[Any, Any]]
+    stopped: str | None = None
+
+
 @spaces.GPU(duration=gpu_duration)
 def sample_on_gpu(model: str, prompt: str, rgb_views: list, pointmap_views: list, settings: dict,
-                  progress: Any = None, run: int | None = None) -> list[tuple[Any, Any]]:
+                  progress: Any = None, run: int | None = None) -> Sampling:
     """The only GPU work: load (once) and run the sampler, once per candidate (seeds seed,
-    seed+1, ...). Returns (image, point map) pairs; views and files stay on the CPU side.
-    A stop asked for the run (`StopRequests`) ends it after the current step (GenerationStopped)."""
+    seed+1, ...); views and files stay on the CPU side. A stop asked for the run
+    (`StopRequests`) ends it after the current step."""
     import torch
 
     pipeline = get_service().models.get(model)
@@ -582,23 +603,26 @@ def sample_on_gpu(model: str, prompt: str, rgb_views: list, pointmap_views: list
         if done < total:
             get_service().stops.check(run, f"after step {done} of {total}")
 
-    for k in range(candidates):
-        output = pipeline(
-            prompt,
-            rgb_views,
-            pointmap_views,
-            height=settings["resolution"],
-            width=settings["resolution"],
-            condition_size=settings["condition_size"],
-            num_inference_steps=settings["steps"],
-            guidance_scale=settings["guidance_scale"],
-            image_guidance_scale=settings["image_guidance_scale"],
-            generator=torch.Generator("cpu").manual_seed(int(settings["seed"]) + k),
-            callback=on_step,
-            mode=settings["sampler"],
-        )
-        outputs.append((output.image, output.pointmap))
-    return outputs
+    try:
+        for k in range(candidates):
+            output = pipeline(
+                prompt,
+                rgb_views,
+                pointmap_views,
+                height=settings["resolution"],
+                width=settings["resolution"],
+                condition_size=settings["condition_size"],
+                num_inference_steps=settings["steps"],
+                guidance_scale=settings["guidance_scale"],
+                image_guidance_scale=settings["image_guidance_scale"],
+                generator=torch.Generator("cpu").manual_seed(int(settings["seed"]) + k),
+                callback=on_step,
+                mode=settings["sampler"],
+            )
+            outputs.append((output.image, output.pointmap))
+    except GenerationStopped as stopped:
+        return Sampling([], str(stopped))
+    return Sampling(outputs)
 
 
 @dataclass
@@ -678,7 +702,10 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
                              "resolution, views or candidates")
     began = time.perf_counter()
     service.stops.check(run, "before sampling")
-    candidates = sample_on_gpu(settings.model, settings.prompt, views.rgb, views.pointmap, record, progress, run)
+    sampled = sample_on_gpu(settings.model, settings.prompt, views.rgb, views.pointmap, record, progress, run)
+    if sampled.stopped:
+        raise GenerationStopped(sampled.stopped)
+    candidates = sampled.candidates
     service.gpu_timings.record((settings.model, record["sampler"]), _call_flops(len(views.rgb), record),
                                time.perf_counter() - began)
     best, reports = 0, [None]

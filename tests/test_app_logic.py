@@ -432,17 +432,17 @@ def test_sampling_reports_every_step_to_the_progress_bar(service, tiny_model):
     record = {**_settings(steps=3, resolution=64, seed=5).to_record(1.0), "sampler": "exact"}
     calls = []
     [(image, pointmap)] = logic.sample_on_gpu(app_config.CONFIGURED_MODEL, "a vase", views.rgb, views.pointmap, record,
-                                              lambda value, **kwargs: calls.append(value))
+                                              lambda value, **kwargs: calls.append(value)).candidates
     assert calls == [0.0, (1, 3), (2, 3), (3, 3)]
     assert image.size == pointmap.size == (64, 64)
 
     # Candidates: one bar over all of them, and candidate k is exactly seed + k sampled alone.
     calls.clear()
     pairs = logic.sample_on_gpu(app_config.CONFIGURED_MODEL, "a vase", views.rgb, views.pointmap,
-                                {**record, "candidates": 2}, lambda value, **kwargs: calls.append(value))
+                                {**record, "candidates": 2}, lambda value, **kwargs: calls.append(value)).candidates
     assert calls == [0.0, (1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)]
     [(alone, _)] = logic.sample_on_gpu(app_config.CONFIGURED_MODEL, "a vase", views.rgb, views.pointmap,
-                                       {**record, "seed": 6})
+                                       {**record, "seed": 6}).candidates
     np.testing.assert_array_equal(np.asarray(pairs[0][0]), np.asarray(image))
     np.testing.assert_array_equal(np.asarray(pairs[1][0]), np.asarray(alone))
     assert not np.array_equal(np.asarray(pairs[0][0]), np.asarray(pairs[1][0]))
@@ -535,6 +535,44 @@ def test_a_stop_reaches_every_run_of_the_session_under_way_and_no_later_one():
         stops.check(other, "never")  # another session's run goes on
     with stops.running("a") as later:
         stops.check(later, "never")  # the stop was for the runs under way then
+
+
+def _sample_in_a_forked_worker(views, record, run, steps_seen, results):  # runs in the child process
+    torch.set_num_threads(1)  # the parent's OpenMP pool does not survive a fork (as in DataLoader workers)
+    sampled = logic.sample_on_gpu(app_config.CONFIGURED_MODEL, "a vase", views.rgb, views.pointmap, record,
+                                  lambda value, **kwargs: steps_seen.put(value), run)
+    results.put((sampled.stopped, len(sampled.candidates)))
+
+
+def test_a_stop_reaches_the_sampler_in_a_forked_worker_as_under_zerogpu(service, tiny_model):
+    """ZeroGPU runs `sample_on_gpu` in a process forked from the app (spaces' wrappers), which no
+    longer shares the app's memory: the stop still reaches it, and comes back as a value."""
+    import multiprocessing
+
+    from refany3d.views import render_views
+
+    base, ref = tiny_model()
+    svc = service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu"))
+    svc.models.get(app_config.CONFIGURED_MODEL)  # loaded before the fork, as a ZeroGPU Space preloads
+    record = {**_settings(steps=40, resolution=64, seed=5).to_record(0.5), "sampler": "exact"}
+    views = render_views(str(VASE), 1, 32)  # on the app's side, as `_generate` does
+    fork = multiprocessing.get_context("fork")
+    steps_seen, results = fork.Queue(), fork.Queue()
+    with svc.stops.running("visitor") as run:
+        worker = fork.Process(target=_sample_in_a_forked_worker, args=(views, record, run, steps_seen, results))
+        worker.start()
+        try:
+            while steps_seen.get(timeout=120) != (2, 40):
+                pass
+            assert svc.stops.request("visitor")  # the Stop button, in the app's process
+            stopped, pairs = results.get(timeout=120)
+        finally:
+            worker.join(timeout=60)
+            if worker.is_alive():
+                worker.kill()
+    assert re.fullmatch(r"Stopped after step (\d+) of 40, as asked\.", stopped) and pairs == 0
+    assert 2 <= int(re.search(r"step (\d+)", stopped).group(1)) < 40
+    assert list(svc.stops.folder.iterdir()) == []  # the finished run leaves no flag behind
 
 
 def test_a_stop_with_nothing_under_way_ends_the_sessions_next_run_unless_it_submits_anew():
