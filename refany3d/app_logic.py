@@ -326,10 +326,11 @@ class GpuTimings:
 class StopRequests:
     """Stops asked for by sessions; the sampler checks after each step.
 
-    Gradio's `cancels=` cannot interrupt a function that is already running, and while the
-    cancelled run finishes its step the page drops the next Generate click. So a run under way is
-    only flagged here: it ends itself after its current step, and its own "Stopped after step N"
-    line reaches the page together with the end of the run, which takes the next Generate at once.
+    Gradio's `cancels=` cannot interrupt a function that is already running: it frees the page
+    and the queue slot while the cancelled thread samples on, so the next generation ran beside
+    it (two samplers on one GPU). So a run under way is only flagged here: it ends itself after
+    its current step, and its own "Stopped after step N" line reaches the page together with the
+    end of the run, after which the next Generate starts alone.
 
     A stop while none of the session's runs is under way is for its generation waiting in the
     queue, which the page cancels; should it start in between, it ends before it starts. The
