@@ -175,8 +175,7 @@ with gr.Blocks(title="RefAny3D", delete_cache=(3600, 6 * 3600)) as demo:
                       api_visibility="private")
     # Stop: a running generation ends after its current step, reporting it itself; one waiting in
     # the queue is cancelled by Gradio (a cancelled running one samples on beside the next one).
-    stop_button.click(logic.request_stop, None, [status, stop_in_queue], api_visibility="private",
-                      concurrency_limit=None)
+    stop_button.click(logic.request_stop, None, stop_in_queue, api_visibility="private", concurrency_limit=None)
     stop_in_queue.change(None, None, None, cancels=[generation], api_visibility="private")
     gr.on([demo.load, model.change], logic.resolution_slider, [model, resolution], resolution,
           api_visibility="private")

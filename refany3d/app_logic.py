@@ -992,14 +992,15 @@ _queue_stops = itertools.count(1)
 
 
 def request_stop(request: gr.Request):
-    """The Stop button. A running generation of the session ends after its current step and says
-    so in the status line itself (a notice says it is stopping). Otherwise the status line says
-    so, and the second output, a new number, has the page cancel a generation waiting in the
-    queue (see `StopRequests`)."""
+    """The Stop button, which answers with a notice and leaves the status line to the generation
+    (its progress stays on show until it ends). A running generation of the session ends after
+    its current step and says so there. Otherwise the output, a new number, has the page cancel a
+    generation waiting in the queue (see `StopRequests`)."""
     if get_service().stops.request(_session_hash(request)):
         gr.Info(STOPPING)
-        return gr.skip(), gr.skip()
-    return NOTHING_TO_STOP, next(_queue_stops)
+        return gr.skip()
+    gr.Info(NOTHING_TO_STOP)
+    return next(_queue_stops)
 
 
 def resolution_slider(model: str, resolution: int):

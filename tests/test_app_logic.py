@@ -497,7 +497,7 @@ def test_stop_ends_the_running_generation_after_its_current_step_and_only_that_o
         steps.append(value)
         if value == (2, 4):
             # the run reports its own end; the page must not cancel it (that would hold the page)
-            assert logic.request_stop(_Request("visitor")) == (gr.skip(), gr.skip())
+            assert logic.request_stop(_Request("visitor")) == gr.skip()
 
     stopped = logic.generate(*args, _Request("visitor"), press_stop_at_step_two)  # not an error: no red badges
     assert stopped[6] == "Stopped after step 2 of 4, as asked. The results shown are the previous ones."
@@ -505,9 +505,9 @@ def test_stop_ends_the_running_generation_after_its_current_step_and_only_that_o
     assert steps[-1] == (2, 4) and notices == [logic.STOPPING]
     # nothing runs now: the stop is for a generation waiting in the queue, which the page cancels
     # (a new number for the State whose change cancels it) and which ends at once should it start
-    first_status, first_number = logic.request_stop(_Request("visitor"))
-    second_status, second_number = logic.request_stop(_Request("visitor"))
-    assert first_status == second_status == logic.NOTHING_TO_STOP and first_number != second_number
+    first_number, second_number = logic.request_stop(_Request("visitor")), logic.request_stop(_Request("visitor"))
+    assert isinstance(first_number, int) and first_number != second_number
+    assert notices == [logic.STOPPING, logic.NOTHING_TO_STOP, logic.NOTHING_TO_STOP]
     waiting = logic.generate(*args, _Request("visitor"), lambda *a, **k: steps.append("sampled"))
     assert waiting[6] == "Stopped before it started, as asked. The results shown are the previous ones."
     assert steps[-1] == (2, 4)  # nothing was loaded or sampled for it
