@@ -12,6 +12,7 @@ models on offer, are in `refany3d.app_config`. The parts:
 from __future__ import annotations
 
 import csv
+import inspect
 import itertools
 import json
 import os
@@ -29,6 +30,7 @@ from functools import wraps
 from pathlib import Path
 from typing import Any
 
+import anyio
 import gradio as gr
 import numpy as np
 import spaces
@@ -351,21 +353,35 @@ class StopRequests:
     def _flag(self, run: int) -> Path:
         return self.folder / str(run)
 
-    @contextmanager
-    def running(self, session: str | None):
-        """The block is one run of the session's; yields the run's id for `check`."""
+    def begin(self, session: str | None) -> int:
+        """A run of the session's starts; returns its id for `check`, `stop_run` and `end`."""
         with self._lock:
             run = next(self._ids)
             self._runs[run] = session
             if session in self._stopped_in_queue:
                 self._stopped_in_queue.discard(session)
                 self._flag(run).touch()
+        return run
+
+    def end(self, run: int) -> None:
+        with self._lock:
+            del self._runs[run]
+            self._flag(run).unlink(missing_ok=True)
+
+    @contextmanager
+    def running(self, session: str | None):
+        """The block is one run of the session's; yields the run's id."""
+        run = self.begin(session)
         try:
             yield run
         finally:
-            with self._lock:
-                del self._runs[run]
-                self._flag(run).unlink(missing_ok=True)
+            self.end(run)
+
+    def stop_run(self, run: int) -> None:
+        """Ask this one run to stop, if it has not ended."""
+        with self._lock:
+            if run in self._runs:
+                self._flag(run).touch()
 
     def submitted(self, session: str | None) -> None:
         """The session submitted a new generation: an earlier stop is not for it."""
@@ -378,7 +394,7 @@ class StopRequests:
         with self._lock:
             runs = [run for run, owner in self._runs.items() if owner == session]
             for run in runs:
-                self._flag(run).touch()
+                self._flag(run).touch()  # (not stop_run: the lock is held)
             if not runs:
                 self._stopped_in_queue.add(session)
             return bool(runs)
@@ -474,26 +490,40 @@ def get_service() -> AppService:
 
 
 # ----------------------------------------------------------------------------------- handlers
+@contextmanager
+def _as_user_errors():
+    """Expected failures become a gr.Error with their message, so the app keeps serving."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except RefAny3DError as err:  # the visitor's to mend, not the server's: no traceback in its log
+        raise gr.Error(str(err), title=type(err).__name__.replace("Error", " error"),
+                       print_exception=False) from None
+    except Exception as err:
+        if is_out_of_memory(err):
+            release_accelerator_memory()
+            raise gr.Error(
+                "Out of memory while generating. Try fewer views, a lower resolution, or "
+                "fewer steps.", title="Out of memory"
+            ) from None
+        raise
+
+
 def user_errors(fn: Callable) -> Callable:
-    """Run a handler; expected failures become a gr.Error with their message, the app keeps serving."""
+    """A handler (plain or async) whose expected failures reach the visitor as a gr.Error."""
+    if inspect.iscoroutinefunction(fn):
+        @wraps(fn)
+        async def async_wrapper(*args, **kwargs):
+            with _as_user_errors():
+                return await fn(*args, **kwargs)
+
+        return async_wrapper
 
     @wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
+        with _as_user_errors():
             return fn(*args, **kwargs)
-        except gr.Error:
-            raise
-        except RefAny3DError as err:  # the visitor's to mend, not the server's: no traceback in its log
-            raise gr.Error(str(err), title=type(err).__name__.replace("Error", " error"),
-                           print_exception=False) from None
-        except Exception as err:
-            if is_out_of_memory(err):
-                release_accelerator_memory()
-                raise gr.Error(
-                    "Out of memory while generating. Try fewer views, a lower resolution, or "
-                    "fewer steps.", title="Out of memory"
-                ) from None
-            raise
 
     return wrapper
 
@@ -744,26 +774,41 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
 
 
 @user_errors
-def generate(mesh_path: str | None, prompt: str, n_views: int, radius: float, pitch: float,
-             y_rotation: float, seed: int, randomize_seed: bool, steps: int, guidance_scale: float,
-             image_guidance_scale: float, resolution: int, model: str, candidates: int, show_asset: bool,
-             request: gr.Request, progress: gr.Progress = gr.Progress()):
+async def generate(mesh_path: str | None, prompt: str, n_views: int, radius: float, pitch: float,
+                   y_rotation: float, seed: int, randomize_seed: bool, steps: int, guidance_scale: float,
+                   image_guidance_scale: float, resolution: int, model: str, candidates: int, show_asset: bool,
+                   request: gr.Request, progress: gr.Progress = gr.Progress()):
     """Generate an image and point map of the mesh in the prompt's scene.
 
     Returns image, point map, point-cloud figure, PLY, all downloads (image, point map, PLY,
     settings JSON), the seed used, a status line and the result (session state).
+
+    The work runs in a thread. Cancelled by Gradio (an API client's job.cancel(), a closed
+    connection), the event ends at once but the thread cannot be interrupted: it is asked to stop
+    after its current step, instead of sampling on beside the next generation.
     """
     settings = GenerationSettings(prompt, n_views, radius, pitch, y_rotation, seed, bool(randomize_seed),
                                   steps, guidance_scale, image_guidance_scale, resolution, model, candidates)
     session = _session_hash(request)
-    with get_service().stops.running(session) as run:
+    stops = get_service().stops
+    run = stops.begin(session)
+
+    def work() -> tuple:
         try:
-            get_service().stops.check(run, "before it started")
+            stops.check(run, "before it started")
             result, status = _generate(mesh_path, settings, session, progress, run)
-        except GenerationStopped as stopped:  # asked for, not a failure: the outputs stay as they were
-            return (*[gr.skip()] * 6, f"{stopped} The results shown are the previous ones.", gr.skip())
-    return (result.image, result.pointmap, _figure(result, show_asset), result.ply, result.files,
-            result.seed, status, result)
+            return (result.image, result.pointmap, _figure(result, show_asset), result.ply, result.files,
+                    result.seed, status, result)
+        finally:
+            stops.end(run)
+
+    try:
+        return await anyio.to_thread.run_sync(work, abandon_on_cancel=True)
+    except GenerationStopped as stopped:  # asked for, not a failure: the outputs stay as they were
+        return (*[gr.skip()] * 6, f"{stopped} The results shown are the previous ones.", gr.skip())
+    except anyio.get_cancelled_exc_class():
+        stops.stop_run(run)
+        raise
 
 
 def default_settings(prompt: str, config: AppConfig, model: str) -> GenerationSettings:

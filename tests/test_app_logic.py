@@ -1,6 +1,7 @@
 """The app's logic without a server: configuration, registry, validation, models, sessions, errors."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import os
@@ -214,6 +215,11 @@ def test_mesh_problems(tmp_path):
     assert logic.mesh_problem(VASE, config) is None
 
 
+def generate_now(*args):
+    """The app's (async) generation handler, run to its end as Gradio's event loop would."""
+    return asyncio.run(logic.generate(*args))
+
+
 def test_validator_gives_one_verdict_per_input(service):
     service(logic.AppConfig())
     args = [None, "", 3, 4.0, 0.0, 0.0, 5, False, 0, 3.5, 2.0, 512, app_config.PUBLISHED_MODEL, 9, False]
@@ -320,7 +326,7 @@ def test_generation_without_weights_is_a_clear_error(service, tmp_path, monkeypa
     assert "does not exist" in installed.model_status()
     assert not logic.cache_examples(installed)
     with pytest.raises(gr.Error, match="no model weights available for .* on this server") as error:
-        logic.generate(str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 1, 3.5, 2.0, 64,
+        generate_now(str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 1, 3.5, 2.0, 64,
                        app_config.CONFIGURED_MODEL, 1, False, _Request("session1"), lambda *a, **k: None)
     # one short line for the visitor, with what to do; what was looked for goes to the server log
     assert "; choose Embedded" in error.value.message and "CLI:" not in error.value.message
@@ -455,7 +461,7 @@ def test_a_generation_calibrates_the_gpu_duration(service, tiny_model):
                                   gpu_duration_cap_s=120))
     record = {**_settings(n_views=1, steps=2, resolution=64).to_record(1.0), "sampler": "exact"}
     assert logic.gpu_duration(app_config.CONFIGURED_MODEL, "p", [None], [None], record) == 120
-    logic.generate(str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 2, 3.5, 2.0, 64,
+    generate_now(str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 2, 3.5, 2.0, 64,
                    app_config.CONFIGURED_MODEL, 1, False, _Request("calibrate"), lambda *a, **k: None)
     assert len(svc.gpu_timings._rates[(app_config.CONFIGURED_MODEL, "exact")]) == 1
     # The tiny model took well under a second: the measured rate gives the 15 s floor.
@@ -468,14 +474,14 @@ def test_a_generation_with_candidates_keeps_the_most_rigid_and_says_which(servic
     base, ref = tiny_model()
     service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu"))
     args = (str(VASE), "a vase", 1, 4.0, 0.0, 30.0, 11, False, 2, 3.5, 2.0, 64, app_config.CONFIGURED_MODEL)
-    image, pointmap, _, _, files, seed, status, result = logic.generate(
+    image, pointmap, _, _, files, seed, status, result = generate_now(
         *args, 3, False, _Request("candidates"), lambda *a, **k: None)
     record = json.loads(Path(result.settings_json).read_text())["settings"]
     assert record["seed"] == 11 and record["candidates"] == 3 and record["chosen_seed"] == seed == result.seed
     assert [c["seed"] for c in record["candidate_scores"]] == [11, 12, 13]
     assert f"seed {seed}" in status and "of 3 candidates (seeds 11–13)" in status
     # each candidate alone, aligned here: the kept one ranks first and is the same image
-    alone = [logic.generate(*args[:6], s, *args[7:], 1, False, _Request(f"alone{s}"), lambda *a, **k: None)
+    alone = [generate_now(*args[:6], s, *args[7:], 1, False, _Request(f"alone{s}"), lambda *a, **k: None)
              for s in (11, 12, 13)]
     reports = [align(VASE, a[1], a[0], y_rotation=30.0) for a in alone]
     assert seed == 11 + most_consistent(reports)
@@ -499,7 +505,7 @@ def test_stop_ends_the_running_generation_after_its_current_step_and_only_that_o
             # the run reports its own end; the page must not cancel it (that would hold the page)
             assert logic.request_stop(_Request("visitor")) == gr.skip()
 
-    stopped = logic.generate(*args, _Request("visitor"), press_stop_at_step_two)  # not an error: no red badges
+    stopped = generate_now(*args, _Request("visitor"), press_stop_at_step_two)  # not an error: no red badges
     assert stopped[6] == "Stopped after step 2 of 4, as asked. The results shown are the previous ones."
     assert all(output == gr.skip() for i, output in enumerate(stopped) if i != 6)
     assert steps[-1] == (2, 4) and notices == [logic.STOPPING]
@@ -508,20 +514,60 @@ def test_stop_ends_the_running_generation_after_its_current_step_and_only_that_o
     first_number, second_number = logic.request_stop(_Request("visitor")), logic.request_stop(_Request("visitor"))
     assert isinstance(first_number, int) and first_number != second_number
     assert notices == [logic.STOPPING, logic.NOTHING_TO_STOP, logic.NOTHING_TO_STOP]
-    waiting = logic.generate(*args, _Request("visitor"), lambda *a, **k: steps.append("sampled"))
+    waiting = generate_now(*args, _Request("visitor"), lambda *a, **k: steps.append("sampled"))
     assert waiting[6] == "Stopped before it started, as asked. The results shown are the previous ones."
     assert steps[-1] == (2, 4)  # nothing was loaded or sampled for it
 
     logic.request_stop(_Request("visitor"))
     logic.validate_generation(*args, _Request("visitor"))  # a new submission: the stop is not for it
-    image, *_, status, _ = logic.generate(*args[:11], 70, *args[12:], _Request("visitor"), lambda *a, **k: None)
+    image, *_, status, _ = generate_now(*args[:11], 70, *args[12:], _Request("visitor"), lambda *a, **k: None)
     assert Image.open(image).size == (64, 64)  # a typed 70 px samples at the multiple of 16 below
     assert "Sampled at 64 px: sizes are multiples of 16." in status
 
     other = []  # another visitor's Stop leaves this generation alone
-    logic.generate(*args, _Request("visitor"),
+    generate_now(*args, _Request("visitor"),
                    lambda value, **kwargs: other.append(svc.stops.request("someone else")) or None)
     assert other and not any(other)
+
+
+def test_a_generation_cancelled_by_gradio_stops_sampling_after_its_current_step(service, tiny_model, monkeypatch):
+    """An API client's job.cancel() ends the event at once; the thread, which cannot be
+    interrupted, must not sample on beside the next generation."""
+    base, ref = tiny_model()
+    service(logic.AppConfig(base_model=str(base), ref_model=str(ref), device="cpu"))
+    args = (str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 3, False, 40, 3.5, 2.0, 64, app_config.CONFIGURED_MODEL, 1, False)
+    steps, at_step_two, cancelled, ended, outcome = [], threading.Event(), threading.Event(), threading.Event(), []
+    real_generate = logic._generate
+
+    def recorded_generate(*a, **k):
+        try:
+            outcome.append(real_generate(*a, **k))
+        except Exception as err:
+            outcome.append(err)
+        finally:
+            ended.set()
+
+    monkeypatch.setattr(logic, "_generate", recorded_generate)
+
+    def progress(value, **kwargs):
+        steps.append(value)
+        if value == (2, 40):  # hold the thread here until the event is cancelled
+            at_step_two.set()
+            assert cancelled.wait(60)
+
+    async def cancel_at_step_two():
+        task = asyncio.create_task(logic.generate(*args, _Request("api"), progress))
+        while not at_step_two.is_set():
+            await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        cancelled.set()
+
+    asyncio.run(cancel_at_step_two())
+    assert ended.wait(60)
+    assert isinstance(outcome[0], logic.GenerationStopped) and str(outcome[0]) == "Stopped after step 2 of 40, as asked."
+    assert steps[-1] == (2, 40)
 
 
 def test_a_stop_reaches_every_run_of_the_session_under_way_and_no_later_one():
@@ -735,11 +781,11 @@ def test_zero_gpu_refuses_a_run_that_cannot_finish_in_its_time(service, tiny_mod
     arguments = (str(VASE), "a vase", 1, 4.0, 0.0, 0.0, 1, False, 2, 3.5, 2.0, 64, app_config.CONFIGURED_MODEL, 1, False)
     with pytest.raises(gr.Error, match=r"this run would take about \d+ s of GPU time, more than the 120 s this "
                                        "Space allows: lower the steps"):
-        logic.generate(*arguments, _Request("zero"), lambda *a, **k: None)
+        generate_now(*arguments, _Request("zero"), lambda *a, **k: None)
     # measured: this GPU is fast enough, so the same run goes ahead
     record = {**_settings(n_views=1, steps=2, resolution=64).to_record(1.0), "sampler": "exact"}
     svc.gpu_timings.record((app_config.CONFIGURED_MODEL, "exact"), logic._call_flops(1, record), 1.0)
-    image = logic.generate(*arguments, _Request("zero"), lambda *a, **k: None)[0]
+    image = generate_now(*arguments, _Request("zero"), lambda *a, **k: None)[0]
     assert image is not None
     assert logic.AppConfig.from_env({"SPACES_ZERO_GPU": "true"}).zero_gpu
 
@@ -758,7 +804,7 @@ def test_an_asset_no_view_shows_is_refused_before_sampling(service, tiny_model, 
     monkeypatch.setattr(logic, "sample_on_gpu", lambda *args: sampled.append(args[4]["pitch"]) or real(*args))
 
     def generate(pitch: float):
-        return logic.generate(str(rug), "a rug", 1, 4.0, pitch, 0.0, 1, False, 1, 3.5, 2.0, 64,
+        return generate_now(str(rug), "a rug", 1, 4.0, pitch, 0.0, 1, False, 1, 3.5, 2.0, 64,
                               app_config.CONFIGURED_MODEL, 1, False, _Request("rug"), lambda *a, **k: None)
 
     with pytest.raises(gr.Error, match=r"flat \(no height\) and the views circle it edge-on at pitch 0°; give a pitch"):
@@ -801,7 +847,7 @@ def test_views_that_see_a_thin_asset_edge_on_are_noted_in_the_preview_and_the_st
         gallery = logic.preview_views(str(sign), 4, 4.0, 0.0, 0.0)
     assert len(gallery) == 8
     with pytest.warns(UserWarning, match=note):
-        out = logic.generate(str(sign), "a sign", 4, 4.0, 0.0, 0.0, 1, False, 1, 3.5, 2.0, 64,
+        out = generate_now(str(sign), "a sign", 4, 4.0, 0.0, 0.0, 1, False, 1, 3.5, 2.0, 64,
                              app_config.CONFIGURED_MODEL, 1, False, _Request("sign"), lambda *a, **k: None)
     assert Image.open(out[0]).size == (64, 64)
     status = out[6]
