@@ -670,6 +670,7 @@ class GenerationResult:
     seed: int
     files: list[str] = field(default_factory=list)
     camera_segments: np.ndarray | None = None  # recovered camera's frustum (asset's own frame)
+    aligned: bool = False  # its alignment panel has been made (once: a stopped run leaves it as it was)
     report: Any = field(default=None, repr=False)  # its alignment, when choosing among candidates made it
 
 
@@ -958,6 +959,7 @@ def _align_generation(result: GenerationResult) -> tuple[str | None, str, dict[s
     if str(json_path) not in result.files:
         result.files.append(str(json_path))
     result.camera_segments = report.frustum(frame="own") if report.measurable else None
+    result.aligned = True
     heading = f"Alignment of the generation with seed {result.seed}"
     return _save_overlay(report, folder), alignment_markdown(report, heading), details
 
@@ -965,8 +967,9 @@ def _align_generation(result: GenerationResult) -> tuple[str | None, str, dict[s
 @user_errors
 def align_result(result: GenerationResult | None, show_asset: bool):
     """Run after every generation (CPU, no GPU): the alignment panel (overlay, text, report), the
-    point-cloud plot with the recovered camera, the downloads with alignment.json, the result."""
-    if result is None:
+    point-cloud plot with the recovered camera, the downloads with alignment.json, the result.
+    A stopped generation leaves the previous result, already aligned, in place: nothing to do."""
+    if result is None or result.aligned:
         return (gr.skip(),) * 6
     try:
         overlay, text, details = _align_generation(result)

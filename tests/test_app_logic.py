@@ -730,6 +730,9 @@ def test_alignment_of_a_generation_measures_the_known_camera(service, tmp_path):
     assert json.loads(Path(files[-1]).read_text())["inlier_ratio"] == details["inlier_ratio"]
     figure, box = logic.redraw_pointcloud(kept, False)
     assert _traces(figure, "recovered camera") and box == gr.skip()  # toggling keeps the camera
+    # a stopped generation (its outputs skipped) leaves this result in place: it is not aligned again
+    Path(files[-1]).unlink()
+    assert logic.align_result(kept, False) == (gr.skip(),) * 6 and not Path(files[-1]).exists()
     assert logic.redraw_pointcloud(None, True)[1] is False  # no generation of the visitor's: the box unticks
 
 
