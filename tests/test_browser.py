@@ -29,10 +29,14 @@ TIMEOUT_MS = 120_000
 ARTIFACTS = REPO / "tests" / "_artifacts"
 
 
+SERVER_LOG: list[Path] = []  # the running app's log, quoted when a wait for the status line fails
+
+
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory, tiny_model):
     workdir = tmp_path_factory.mktemp("app_browser")
-    with running_app(tiny_app_env(workdir, tiny_model()), workdir / "server.log") as url:
+    SERVER_LOG[:] = [workdir / "server.log"]
+    with running_app(tiny_app_env(workdir, tiny_model()), SERVER_LOG[0]) as url:
         yield url
 
 
@@ -58,6 +62,17 @@ def _status(page) -> str:
     return page.inner_text("#status").strip()
 
 
+def _wait_for_status(page, condition: str) -> None:
+    """Wait until the status line's text `t` meets the JavaScript `condition`; a timeout names the
+    text it stayed at and ends the server's log."""
+    try:
+        page.wait_for_function(f"(t => {condition})(document.querySelector('#status').innerText)")
+    except sync_api.TimeoutError:
+        log = SERVER_LOG[0].read_text(errors="replace")[-3000:] if SERVER_LOG else ""
+        raise AssertionError(f"the status line never met {condition}: it stayed {_status(page)!r}\n"
+                             f"server log ends:\n{log}") from None
+
+
 def test_example_preview_generate_and_plot(page):
     # the 3D viewer is laid out at load (not collapsed in a hidden tab)
     assert page.locator("#mesh-view").bounding_box()["height"] > 200
@@ -67,16 +82,14 @@ def test_example_preview_generate_and_plot(page):
     _gallery_images(page, 4)  # 2 views (this server's default): RGB + point map each
     page.wait_for_selector("#mesh-view canvas")
     # the example's outputs (generated on first click, then cached) arrive with seed 0
-    page.wait_for_function("document.querySelector('#status').innerText.includes('seed 0,')")
+    _wait_for_status(page, "t.includes('seed 0,')")
     page.wait_for_selector("#result-image img")
 
     randomize = "label:has-text('Randomize seed') input"
     assert not page.is_checked(randomize)  # Generate would give the example again; tick it for a fresh seed
     page.click(randomize)
     page.click("#generate")  # randomized seed: a fresh generation replaces the example's
-    page.wait_for_function(
-        "(t => t.startsWith('Done') && !t.includes('seed 0,'))(document.querySelector('#status').innerText)"
-    )
+    _wait_for_status(page, "t.startsWith('Done') && !t.includes('seed 0,')")
     seed = re.search(r"seed (\d+)", _status(page)).group(1)
     assert page.input_value("label:has-text('Seed') input") == seed  # the seed used is shown
     page.wait_for_selector("#result-image img")
@@ -118,7 +131,7 @@ def test_candidates_from_the_advanced_settings_show_the_kept_seed(page):
     page.get_by_text("Advanced").click()
     _set_sliders(page, {"#candidates": "2"})
     page.click("#generate")
-    page.wait_for_function("document.querySelector('#status').innerText.includes('of 2 candidates')")
+    _wait_for_status(page, "t.includes('of 2 candidates')")
     status = _status(page)
     seed, first = (int(re.search(pattern, status).group(1)) for pattern in (r"Done: seed (\d+)", r"seeds (\d+)–"))
     assert seed in (first, first + 1)
@@ -143,13 +156,13 @@ def test_stop_ends_a_running_generation_and_the_next_one_runs(page):
     page.get_by_text(logic.STOPPING).first.wait_for()
     if not _status(page).startswith("Stopped"):  # the run's progress stays on show until it ends
         assert re.search(r"Sampling", _status(page))
-    page.wait_for_function("document.querySelector('#status').innerText.startsWith('Stopped after step')")
+    _wait_for_status(page, "t.startsWith('Stopped after step')")
     assert re.fullmatch(r"Stopped after step \d+ of 50, as asked\. The results shown are the previous ones\.",
                         _status(page))
 
     _set_sliders(page, {"#steps": "1", "#resolution": "64"})
     page.click("#generate")  # the page took the stopped run's end, and the stop was for that run only
-    page.wait_for_function("document.querySelector('#status').innerText.startsWith('Done')")
+    _wait_for_status(page, "t.startsWith('Done')")
 
 
 def test_stop_cancels_a_generation_waiting_in_the_queue_and_leaves_the_running_one(page):
@@ -166,16 +179,16 @@ def test_stop_cancels_a_generation_waiting_in_the_queue_and_leaves_the_running_o
     page.click("#generate")
     page.get_by_text(re.compile(r"Sampling")).first.wait_for()
     second.click("#generate")
-    second.wait_for_function("/queue/i.test(document.querySelector('#status').innerText)")
+    _wait_for_status(second, "/queue/i.test(t)")
     second.click("#stop")
     second.get_by_text(logic.NOTHING_TO_STOP).first.wait_for()
-    second.wait_for_function("!/queue/i.test(document.querySelector('#status').innerText)")
+    _wait_for_status(second, "!/queue/i.test(t)")
     assert re.search(r"Sampling", _status(page))  # the first visitor's generation goes on
 
     page.click("#stop")
-    page.wait_for_function("document.querySelector('#status').innerText.startsWith('Stopped after step')")
+    _wait_for_status(page, "t.startsWith('Stopped after step')")
     second.click("#generate")  # the cancelled one is gone: this one runs, and is not stopped
-    second.wait_for_function("document.querySelector('#status').innerText.startsWith('Done')")
+    _wait_for_status(second, "t.startsWith('Done')")
 
 
 def test_bad_uploads_and_settings_show_errors_and_the_app_keeps_serving(page, tmp_path):
