@@ -368,15 +368,6 @@ class StopRequests:
             del self._runs[run]
             self._flag(run).unlink(missing_ok=True)
 
-    @contextmanager
-    def running(self, session: str | None):
-        """The block is one run of the session's; yields the run's id."""
-        run = self.begin(session)
-        try:
-            yield run
-        finally:
-            self.end(run)
-
     def stop_run(self, run: int) -> None:
         """Ask this one run to stop, if it has not ended."""
         with self._lock:

@@ -9,6 +9,7 @@ import pickle
 import re
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import gradio as gr
@@ -570,16 +571,26 @@ def test_a_generation_cancelled_by_gradio_stops_sampling_after_its_current_step(
     assert steps[-1] == (2, 40)
 
 
+@contextmanager
+def _run(stops: logic.StopRequests, session: str):
+    """A run of the session's, as `generate` begins and ends one."""
+    run = stops.begin(session)
+    try:
+        yield run
+    finally:
+        stops.end(run)
+
+
 def test_a_stop_reaches_every_run_of_the_session_under_way_and_no_later_one():
     stops = logic.StopRequests()
-    with stops.running("a") as old, stops.running("a") as new, stops.running("b") as other:
+    with _run(stops, "a") as old, _run(stops, "a") as new, _run(stops, "b") as other:
         # two runs of one session (an API client's), beside another session's
         assert stops.request("a")
         for run in (old, new):
             with pytest.raises(logic.GenerationStopped, match="Stopped at step 3, as asked."):
                 stops.check(run, "at step 3")
         stops.check(other, "never")  # another session's run goes on
-    with stops.running("a") as later:
+    with _run(stops, "a") as later:
         stops.check(later, "never")  # the stop was for the runs under way then
 
 
@@ -604,7 +615,7 @@ def test_a_stop_reaches_the_sampler_in_a_forked_worker_as_under_zerogpu(service,
     views = render_views(str(VASE), 1, 32)  # on the app's side, as `_generate` does
     fork = multiprocessing.get_context("fork")
     steps_seen, results = fork.Queue(), fork.Queue()
-    with svc.stops.running("visitor") as run:
+    with _run(svc.stops, "visitor") as run:
         worker = fork.Process(target=_sample_in_a_forked_worker, args=(views, record, run, steps_seen, results))
         worker.start()
         try:
@@ -624,19 +635,19 @@ def test_a_stop_reaches_the_sampler_in_a_forked_worker_as_under_zerogpu(service,
 def test_a_stop_with_nothing_under_way_ends_the_sessions_next_run_unless_it_submits_anew():
     stops = logic.StopRequests()
     assert not stops.request("a")
-    with stops.running("b") as other:
+    with _run(stops, "b") as other:
         stops.check(other, "never")  # another session's
-    with stops.running("a") as waiting:  # the run that waited in the queue
+    with _run(stops, "a") as waiting:  # the run that waited in the queue
         with pytest.raises(logic.GenerationStopped, match="Stopped before it started"):
             stops.check(waiting, "before it started")
-    with stops.running("a") as after:  # that stop is spent
+    with _run(stops, "a") as after:  # that stop is spent
         stops.check(after, "never")
     assert not stops.request("a")
     stops.submitted("a")
-    with stops.running("a") as fresh:
+    with _run(stops, "a") as fresh:
         stops.check(fresh, "never")
     stops.end_session("a")  # a closed tab leaves no stop behind for the session
-    with stops.running("a") as reopened:
+    with _run(stops, "a") as reopened:
         stops.check(reopened, "never")
 
 
