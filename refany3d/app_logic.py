@@ -15,6 +15,7 @@ import csv
 import inspect
 import itertools
 import json
+import logging
 import os
 import re
 import shutil
@@ -41,6 +42,8 @@ from refany3d.cameras import ORBIT_RADIUS
 from refany3d.errors import GenerationStopped, InputError, MeshError, ModelLoadError, RefAny3DError, is_out_of_memory
 from refany3d.examples import EXAMPLES_DIR
 from refany3d.offload import release_accelerator_memory
+
+logger = logging.getLogger(__name__)
 
 PAPER_URL = "https://arxiv.org/abs/2601.22094"
 PROJECT_URL = "https://judgementh.github.io/RefAny3D"
@@ -390,11 +393,13 @@ class StopRequests:
                 self._stopped_in_queue.add(session)
             return bool(runs)
 
-    def end_session(self, session: str | None) -> None:
-        """The session's tab closed: its runs under way stop (Gradio drops its waiting ones)."""
-        self.request(session)
+    def end_session(self, session: str | None) -> bool:
+        """The session's tab closed: its runs under way stop (Gradio drops its waiting ones).
+        True when a run was under way."""
+        under_way = self.request(session)
         with self._lock:
             self._stopped_in_queue.discard(session)
+        return under_way
 
     def check(self, run: int | None, what: str) -> None:
         """Raise GenerationStopped if the run was asked to stop (from any process)."""
@@ -1055,5 +1060,7 @@ def resolution_slider(model: str, resolution: int):
 def end_session(request: gr.Request) -> None:
     """Stop the session's generation and remove its folder when its browser tab closes."""
     service = get_service()
-    service.stops.end_session(_session_hash(request))
-    service.sessions.remove(_session_hash(request))
+    session = _session_hash(request)
+    if service.stops.end_session(session):  # in the server's log: a run that ends without its page
+        logger.warning("session %s closed during its generation, which stops after its current step", session)
+    service.sessions.remove(session)

@@ -632,6 +632,21 @@ def test_a_stop_reaches_the_sampler_in_a_forked_worker_as_under_zerogpu(service,
     assert list(svc.stops.folder.iterdir()) == []  # the finished run leaves no flag behind
 
 
+def test_a_tab_closed_during_its_generation_stops_it_and_says_so_in_the_server_log(service, caplog):
+    svc = service(logic.AppConfig())
+    svc.sessions.new_run_folder("visitor", "run-")
+    with _run(svc.stops, "visitor") as run, caplog.at_level("WARNING", logger="refany3d.app_logic"):
+        logic.end_session(_Request("visitor"))
+        with pytest.raises(logic.GenerationStopped):
+            svc.stops.check(run, "after step 3 of 28")
+    assert [r.getMessage() for r in caplog.records] == [
+        "session visitor closed during its generation, which stops after its current step"]
+    assert not (svc.sessions.root / "visitor").exists()
+    caplog.clear()
+    logic.end_session(_Request("idle"))  # nothing under way: nothing to log
+    assert caplog.records == []
+
+
 def test_a_stop_with_nothing_under_way_ends_the_sessions_next_run_unless_it_submits_anew():
     stops = logic.StopRequests()
     assert not stops.request("a")
@@ -646,7 +661,7 @@ def test_a_stop_with_nothing_under_way_ends_the_sessions_next_run_unless_it_subm
     stops.submitted("a")
     with _run(stops, "a") as fresh:
         stops.check(fresh, "never")
-    stops.end_session("a")  # a closed tab leaves no stop behind for the session
+    assert not stops.end_session("a")  # a closed tab leaves no stop behind for the session
     with _run(stops, "a") as reopened:
         stops.check(reopened, "never")
 
