@@ -685,7 +685,7 @@ def _generate(mesh_path: str | None, settings: GenerationSettings, session: str 
               progress: Any, run: int | None = None) -> tuple[GenerationResult, str]:
     """Render the reference views (CPU), sample on the GPU, write every output file (CPU).
 
-    `run` is the id under which a stop can end it (`StopRequests.running`). Returns the result
+    `run` is the id under which a stop can end it (`StopRequests.begin`). Returns the result
     and a status line."""
     from refany3d.alignment import candidate_record, choose_candidate
     from refany3d.outputs import pointcloud_from_pointmap, write_ply, write_settings_json
